@@ -1,0 +1,46 @@
+# dora_cli — every target installs what it needs first (`make setup` is idempotent).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+SMOLLM2 := .cache/models/SmolLM2-135M-Instruct
+
+.PHONY: setup test test-slow test-all demo bench lint fetch-model clean
+
+setup: $(STAMP)
+
+# The CPU build of torch goes in first and alone: a plain `torch` requirement on a
+# machine without it can pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip >/dev/null
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0 \
+	  || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/pip install -q -e '.[test,lint]'
+	touch $(STAMP)
+
+fetch-model: $(SMOLLM2)/config.json
+
+$(SMOLLM2)/config.json: | $(STAMP)
+	$(BIN)/python data/fetch_smollm2.py --out $(SMOLLM2)
+
+test: setup
+	$(BIN)/python -m pytest -q -x --durations=15
+
+# Real-model tests (SmolLM2-135M on the CPU, ../shared/data): minutes, not seconds.
+test-slow: setup fetch-model
+	$(BIN)/python -m pytest -q -m slow --durations=0
+
+test-all: test test-slow
+
+demo: setup fetch-model
+	$(BIN)/dora demo
+
+bench: setup fetch-model
+	$(BIN)/python bench/bench_adapters.py --model $(SMOLLM2) --out bench/results/adapters.json
+
+lint: setup
+	$(BIN)/ruff check dora_cli tests bench data
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,44 @@
+"""What the adapter engine takes: one pydantic model, shared with the recipe's `adapter:` section."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Method = Literal["lora", "dora", "vera", "dvora", "full"]
+
+
+class AdapterConfig(BaseModel):
+    """The adapter of a run, with PEFT-familiar names.
+
+    method: lora | dora | vera | dvora | full. DoRA at half rank (the paper's DoRA†) is just `r` halved.
+    target_modules: module-name patterns. A plain identifier (`q_proj`) matches modules whose name is
+        that or ends in `.q_proj`; anything else is a regular expression that must match the full name.
+    magnitude_only_modules: patterns of modules that train only the DoRA magnitude (paper Table 6).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    method: Method = "dora"
+    r: int = Field(8, gt=0)
+    alpha: float = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    magnitude_only_modules: list[str] = Field(default_factory=list)
+    rslora: bool = False
+    detach_norm: bool = True
+    """Treat the row norm as a constant in backward (paper Sec. 4.3); false = Table 7's full gradient."""
+    dropout_mode: Literal["fast", "delta"] = "fast"
+    """fast: one base GEMM, dropout on the low-rank branch only; delta: the official code's semantics."""
+    vera_seed: int = 0
+    """Seed of VeRA / DVoRA's shared frozen random matrices (PEFT: projection_prng_key)."""
+    vera_d_init: float = 0.1
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.r**0.5 if self.rslora else self.r)
+
+    @property
+    def uses_magnitude(self) -> bool:
+        return self.method in ("dora", "dvora")

@@ -1,0 +1,35 @@
+"""User errors: one clear line, exit status 2, no traceback.
+
+Anything the user can fix (a recipe, a path, a flag, a checkpoint that does not fit)
+raises `UserError`. The CLI prints `error: <message>` and exits with status 2.
+Every other exception is a bug in dora_cli and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as a single line."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, where: str | None = None):
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean "x"?)' for the closest choice, or '' when none is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def one_of(choices: Iterable[str]) -> str:
+    """'a, b or c' for error messages."""
+    items = sorted(str(c) for c in choices)
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " or " + items[-1]
