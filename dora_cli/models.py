@@ -1,0 +1,509 @@
+"""Load a base model and its tokenizer from the recipe's `model:` section.
+
+`model.name_or_path` is one of
+
+- a local directory in the Hugging Face layout (config.json + safetensors + tokenizer files);
+- a `.gguf` file: dequantised once and cached as a Hugging Face directory under
+  `$DORA_CACHE/gguf/<stem>-<key>/` (default `~/.cache/dora_cli`), where `<key>` hashes the file's
+  absolute path, size and mtime; later loads read the cached directory;
+- a Hugging Face Hub id (`owner/name`), loaded with `from_pretrained` (needs the network or the
+  local hub cache);
+- null, with `model.config` giving the architecture of a tiny random model (`model_type: llama`,
+  `hidden_size: 64`, ...; `seed:` seeds the initialisation) and `model.tokenizer` its tokenizer.
+
+Quantization (`model.quantization.mode`: nf4 / fp4 / int8) goes through transformers'
+`BitsAndBytesConfig` on every source, the random model included (saved to a temporary directory and
+loaded back through the same `from_pretrained` call). bitsandbytes >= 0.45 runs all three on the CPU.
+
+Also here: gradient checkpointing that works with frozen bases, meta-device models for parameter
+counting and the LLaMA configurations of the paper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from dora_cli.adapters.base_ops import prepare_base
+from dora_cli.errors import UserError, did_you_mean
+from dora_cli.recipe import ModelConfig, QuantizationConfig
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "DORA_CACHE"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+PaddingSide = Literal["left", "right"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where a model comes from
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A resolved `name_or_path`: kind is "dir", "gguf", "hub" or "random"."""
+
+    kind: Literal["dir", "gguf", "hub", "random"]
+    location: str  # absolute directory / .gguf path, hub id, or "" for a random model
+
+
+def resolve_source(name_or_path: str | None, *, where: str = "model.name_or_path") -> ModelSource:
+    """Classify `name_or_path` without loading anything; UserError for a missing local path."""
+    if name_or_path is None:
+        return ModelSource("random", "")
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if path.is_dir():
+            return ModelSource("dir", str(path.resolve()))
+        if path.suffix.lower() == ".gguf":
+            return ModelSource("gguf", str(path.resolve()))
+        raise UserError(f"{name_or_path!r} is a file; expected a model directory or a .gguf file", where=where)
+    if _looks_local(name_or_path):
+        raise UserError(f"{name_or_path!r} does not exist{_path_suggestion(path)}", where=where)
+    if _HUB_ID.match(name_or_path):
+        return ModelSource("hub", name_or_path)
+    raise UserError(
+        f"{name_or_path!r} is neither an existing local path nor a hub id (owner/name){_path_suggestion(path)}",
+        where=where,
+    )
+
+
+def _looks_local(name: str) -> bool:
+    if name.startswith(("./", "../", "/", "~", ".\\")) or name.lower().endswith(".gguf"):
+        return True
+    # "models/foo" with an existing "models/" directory is a local path, not the hub id models/foo
+    first = name.split("/", 1)[0]
+    return "/" in name and Path(first).is_dir()
+
+
+def _path_suggestion(path: Path) -> str:
+    parent = path.parent
+    if not parent.is_dir():
+        return f" (no directory {str(parent)!r} either)"
+    hint = did_you_mean(path.name, [p.name for p in parent.iterdir()])
+    if not hint:
+        return ""
+    close = hint.split('"')[1]
+    return f' (did you mean "{parent / close if str(parent) != "." else close}"?)'
+
+
+def model_source_description(cfg: ModelConfig) -> str:
+    """One line saying what `load_model(cfg)` loads, for logs and provenance records."""
+    source = resolve_source(cfg.name_or_path)
+    if source.kind == "random":
+        arch = dict(cfg.config or {})
+        seed = arch.pop("seed", 0)
+        model_type = arch.pop("model_type", "?")
+        shape = ", ".join(f"{k}={v}" for k, v in arch.items())
+        text = f"random {model_type} ({shape}; seed {seed}), tokenizer {cfg.tokenizer}"
+    elif source.kind == "gguf":
+        st = Path(source.location).stat()
+        text = f"gguf {source.location} ({st.st_size} bytes), cached at {gguf_cache_dir(source.location)}"
+    else:
+        text = f"{source.kind} {source.location}"
+    text += f", dtype {cfg.dtype}"
+    q = cfg.quantization
+    if q.mode != "none":
+        text += f", {q.mode}" + (" double-quant" if q.double_quant and q.mode != "int8" else "")
+        text += f" compute {q.compute_dtype}" if q.mode != "int8" else ""
+    if cfg.trust_remote_code:
+        text += ", trust_remote_code"
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# GGUF: convert once, cache as a Hugging Face directory
+
+
+def cache_root() -> Path:
+    """$DORA_CACHE, default ~/.cache/dora_cli."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dora_cli").expanduser()
+
+
+def gguf_cache_dir(gguf_path: str | os.PathLike) -> Path:
+    """The cache directory of a .gguf file, keyed by its absolute path, size and mtime."""
+    path = Path(gguf_path).resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{path.stem}-{key}"
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, max_shard_size: str = "5GB") -> Path:
+    """Dequantise a .gguf file to an fp32 Hugging Face directory `out_dir` (model + tokenizer), atomically.
+
+    Written to a temporary sibling and renamed, so `out_dir` is either absent or complete.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
+    kwargs = dict(gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+    # The weights are plain dequantised tensors by now, but the GGUF "quantizer" left on the model
+    # refuses save_pretrained ("quantized with gguf and is not serializable").
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary directory
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():  # safetensors shards come out 0600
+            os.chmod(f, 0o666 & ~umask)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def cached_gguf_dir(gguf_path: str | os.PathLike) -> Path:
+    """The Hugging Face directory of a .gguf file: converted on the first call, read from the cache after.
+
+    A file lock makes concurrent processes (torchrun) convert once and share the result.
+    """
+    out = gguf_cache_dir(gguf_path)
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(out.with_name(out.name + ".lock")):
+        if not (out / "config.json").is_file():
+            log.warning("converting %s to a Hugging Face directory (once) at %s", gguf_path, out)
+            convert_gguf(gguf_path, out)
+            meta = {"gguf": str(Path(gguf_path).resolve()), "size": Path(gguf_path).stat().st_size,
+                    "mtime_ns": Path(gguf_path).stat().st_mtime_ns}
+            (out / "dora_source.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the atomic rename still keeps the cache consistent
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(cfg: ModelConfig, *, padding_side: PaddingSide = "right"):
+    """The tokenizer of `cfg` (`cfg.tokenizer`, else `cfg.name_or_path`), with a pad token.
+
+    Training pads on the right; batched generation wants `padding_side="left"`.
+    Without a pad token the eos token (else unk) is used as pad.
+    """
+    if cfg.tokenizer is not None:
+        where, name = "model.tokenizer", cfg.tokenizer
+    elif cfg.name_or_path is not None:
+        where, name = "model.name_or_path", cfg.name_or_path
+    else:
+        raise UserError("required with model.config (a tokenizer directory or hub id)", where="model.tokenizer")
+    source = resolve_source(name, where=where)
+    tokenizer = _load_tokenizer_from(source, name, where=where, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise UserError(f"the tokenizer of {name!r} has no pad, eos or unk token to pad with", where=where)
+        tokenizer.pad_token = fallback
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _load_tokenizer_from(source: ModelSource, name: str, *, where: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    if source.kind == "gguf":
+        return AutoTokenizer.from_pretrained(str(cached_gguf_dir(source.location)))
+    if source.kind == "dir":
+        if not any((Path(source.location) / f).is_file() for f in _TOKENIZER_FILES):
+            raise UserError(f"{name!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})", where=where)
+        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+    with _hub_errors(name, where):
+        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+
+
+@contextlib.contextmanager
+def _hub_errors(name: str, where: str):
+    """Turn "hub unreachable / repository not found" (OSError from from_pretrained) into one line."""
+    try:
+        yield
+    except OSError as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"{name!r} is not a local path and could not be loaded from the Hugging Face Hub: {reason}",
+            where=where,
+        ) from e
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+
+def load_model(cfg: ModelConfig, *, for_training: bool = True, padding_side: PaddingSide | None = None):
+    """(model, tokenizer) for the recipe's `model:` section.
+
+    for_training: train mode, plus gradient checkpointing (and no KV cache) when `cfg.gradient_checkpointing`;
+    otherwise eval mode with every parameter frozen. The tokenizer pads on the right for training and
+    on the left for generation unless `padding_side` says otherwise.
+    """
+    if cfg.trust_remote_code:
+        log.warning("model.trust_remote_code is on: the model's own Python code from %s will run",
+                    cfg.name_or_path or cfg.tokenizer)
+    source = resolve_source(cfg.name_or_path)
+    if source.kind == "dir" and not (Path(source.location) / "config.json").is_file():
+        raise UserError(f"{cfg.name_or_path!r} is a directory without config.json", where="model.name_or_path")
+    tokenizer = load_tokenizer(cfg, padding_side=padding_side or ("right" if for_training else "left"))
+    dtype = getattr(torch, cfg.dtype)
+    quant = bnb_config(cfg.quantization)
+
+    if source.kind == "random":
+        config, seed = build_config(cfg.config, tokenizer=tokenizer)
+        model = _random_model(config, seed=seed, dtype=dtype, quant=quant)
+    else:
+        location = str(cached_gguf_dir(source.location)) if source.kind == "gguf" else source.location
+        hub = _hub_errors(cfg.name_or_path, "model.name_or_path") if source.kind == "hub" else contextlib.nullcontext()
+        with hub:
+            model = _from_pretrained(location, dtype=dtype, quant=quant, trust_remote_code=cfg.trust_remote_code)
+        if source.kind == "gguf":
+            model.config._name_or_path = source.location
+
+    _align_special_tokens(model, tokenizer)
+    if quant is not None:
+        for module in model.modules():
+            prepare_base(module)  # one differentiable 4-bit path in train and eval (see prepare_base)
+    if for_training:
+        model.train()
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return model, tokenizer
+
+
+def bnb_config(q: QuantizationConfig):
+    """transformers' BitsAndBytesConfig for nf4 / fp4 / int8, None for mode "none"."""
+    if q.mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if q.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.mode,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+    )
+
+
+def _from_pretrained(location: str, *, dtype: torch.dtype, quant, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    return AutoModelForCausalLM.from_pretrained(location, **kwargs)
+
+
+def _random_model(config, *, seed: int, dtype: torch.dtype, quant):
+    """A randomly initialised model; quantized ones go through save + from_pretrained like any other."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if quant else dtype)
+    if quant is None:
+        return model
+    with tempfile.TemporaryDirectory(prefix="dora-random-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        del model
+        model = _from_pretrained(tmp, dtype=dtype, quant=quant, trust_remote_code=False)
+    model.config._name_or_path = ""
+    return model
+
+
+def _align_special_tokens(model, tokenizer) -> None:
+    """Give the model a pad id when it has none (generation warns and guesses otherwise)."""
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = model.config.pad_token_id
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny random models: the architecture from a dict
+
+
+def build_config(spec: dict[str, Any], *, tokenizer=None, where: str = "model.config"):
+    """(PretrainedConfig, seed) from `{"model_type": "llama", "hidden_size": 64, ..., "seed": 0}`.
+
+    Unknown keys and model types are UserErrors (transformers would accept unknown keys silently).
+    With a tokenizer, vocab_size defaults to len(tokenizer) and bos / eos / pad ids to the tokenizer's.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    kwargs = dict(spec)
+    seed = kwargs.pop("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"seed: expected an integer, got {seed!r}", where=where)
+    model_type = kwargs.pop("model_type", None)
+    if model_type is None:
+        raise UserError("model_type is required (for example llama)", where=where)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        import difflib
+
+        close = difflib.get_close_matches(str(model_type), list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), n=5, cutoff=0.6)
+        hint = f" (closest: {', '.join(close)})" if close else " (for example llama, mistral, qwen2, gpt2)"
+        raise UserError(f"model_type: {model_type!r} is not a causal-LM model type of transformers{hint}",
+                        where=where)
+    config_class = AutoConfig.for_model(model_type).__class__
+    known = config_keys(config_class)
+    for key in kwargs:
+        if key not in known:
+            raise UserError(f"{key}: not a {config_class.__name__} setting{did_you_mean(key, known)}", where=where)
+    if "hidden_act" in kwargs:
+        from transformers.activations import ACT2FN
+
+        if kwargs["hidden_act"] not in ACT2FN:
+            raise UserError(f"hidden_act: unknown activation {kwargs['hidden_act']!r}"
+                            f"{did_you_mean(kwargs['hidden_act'], ACT2FN)}", where=where)
+
+    if tokenizer is not None:
+        n_tokens = len(tokenizer)
+        vocab_key = "vocab_size"
+        if vocab_key in kwargs and kwargs[vocab_key] < n_tokens:
+            raise UserError(f"vocab_size: {kwargs[vocab_key]} is smaller than the tokenizer's {n_tokens} tokens",
+                            where=where)
+        kwargs.setdefault(vocab_key, n_tokens)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            token_id = getattr(tokenizer, name, None)
+            if name in known and name not in kwargs and token_id is not None:
+                kwargs[name] = token_id
+    try:
+        config = AutoConfig.for_model(model_type, **kwargs)
+    except _config_validation_errors() as e:
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise UserError(reason, where=where) from e
+    return config, seed
+
+
+def config_keys(config_class) -> set[str]:
+    """The keyword arguments a config class understands (fields, aliases, legacy rope keys)."""
+    keys: set[str] = set(getattr(config_class, "attribute_map", {}) or {})
+    if dataclasses.is_dataclass(config_class):
+        keys |= {f.name for f in dataclasses.fields(config_class)}
+    keys |= {p for p in inspect.signature(config_class.__init__).parameters if p not in ("self", "kwargs")}
+    keys |= set(config_class().to_dict())
+    keys |= {"output_attentions", "torch_dtype"}
+    if any(c.__name__ == "RotaryEmbeddingConfigMixin" for c in config_class.__mro__):
+        keys |= {"rope_theta", "rope_scaling"}  # legacy names, folded into rope_parameters
+    return {k for k in keys if not k.startswith("_")}
+
+
+def _config_validation_errors() -> tuple[type[Exception], ...]:
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: configs are not strict dataclasses
+        return ()
+    return (StrictDataclassError,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training helpers
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing that works with a frozen base and adapters.
+
+    Inputs to the checkpointed blocks require grad (so even reentrant checkpointing would see a
+    graph when embeddings are frozen) and the KV cache is off (it conflicts with recomputation).
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Meta-device models and the paper's LLaMA shapes
+
+
+def build_meta_model(config):
+    """A causal LM on the `meta` device (shapes only, no memory) for parameter counting."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(config, dict):
+        config, _ = build_config(config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _llama(**kwargs):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**kwargs)
+
+
+def llama_7b_config():
+    """LLaMA-7B (Touvron et al. 2023): 6,738,415,616 parameters."""
+    return _llama(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6)
+
+
+def llama_13b_config():
+    """LLaMA-13B: 13,015,864,320 parameters."""
+    return _llama(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                  num_key_value_heads=40, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6)
+
+
+def llama2_7b_config():
+    """LLaMA-2-7B: the LLaMA-7B shapes, 4096 positions."""
+    return _llama(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def llama3_8b_config():
+    """Meta-Llama-3-8B: grouped-query attention (8 kv heads), vocab 128256; 8,030,261,248 parameters."""
+    return _llama(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                  bos_token_id=128000, eos_token_id=128001)
+
+
+PAPER_CONFIGS = {
+    "llama-7b": llama_7b_config,
+    "llama-13b": llama_13b_config,
+    "llama-2-7b": llama2_7b_config,
+    "llama-3-8b": llama3_8b_config,
+}
+"""Name -> config factory, for recipe tests and parameter-count tables."""
