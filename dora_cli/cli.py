@@ -22,6 +22,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+@app.callback()
+def _root() -> None:
+    """DoRA fine-tuning from YAML recipes."""
+
+
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted recipe overrides: adapter.r=8 train.max_steps=10")]
 
 
@@ -45,7 +50,7 @@ def main() -> None:
         app()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(UserError.exit_code)
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

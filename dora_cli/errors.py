@@ -33,3 +33,9 @@ def one_of(choices: Iterable[str]) -> str:
     if len(items) <= 1:
         return "".join(items)
     return ", ".join(items[:-1]) + " or " + items[-1]
+
+
+class RunFailure(UserError):
+    """A run that cannot go on (a non-finite loss, a failed write): one line, exit status 1."""
+
+    exit_code = 1

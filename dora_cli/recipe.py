@@ -13,19 +13,44 @@ Schema (pydantic, extra="forbid", so a typo is an error and never silently ignor
     eval:      what `dora eval` does with the result by default
     output_dir: where checkpoints and metrics go
     expected:  the paper's numbers for this row, carried into the metric JSON
+
+Loading (`load_recipe`), in this order:
+
+1. The file is read with `yaml.safe_load`; it must be a mapping.
+2. `base: other.yaml` (relative to the file that names it) is loaded first, recursively, and the file
+   is deep-merged over it: mappings merge key by key, lists and scalars (null included) replace.
+3. `${env:VAR}` in a string value is replaced by the environment variable (`${env:VAR,default}` when
+   it may be unset; `$${env:` is a literal `${env:`). The result is a string; the schema types it
+   (a free-form `model.config` value stays a string). Inside a YAML flow mapping `{...}` quote it.
+4. Dotted overrides `adapter.r=8 adapter.target_modules=[q_proj,v_proj] model.config.hidden_size=32`:
+   the value is parsed as YAML (`safe_load`), a mapping value merges into the section.
+5. Pydantic validates; the first error (unknown keys first) becomes a one-line `UserError` naming
+   the override that set the key, else the file of the base chain that wrote it, the key and what
+   was expected.
+
+Paths inside a recipe (data sources, output_dir, model directories, ...) are relative to the current
+working directory, not to the recipe file, and are never resolved here. Only `base:` is relative to
+the file that names it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dora_cli.adapters.config import AdapterConfig
+from dora_cli.errors import UserError, did_you_mean, one_of
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class QuantizationConfig(_Section):
@@ -163,3 +188,429 @@ class Recipe(_Section):
     output_dir: str = "runs/default"
     expected: dict[str, float] = Field(default_factory=dict)
     """The paper's numbers for this row (task name or `avg` -> value), carried into metric JSON."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe file, resolve `base:` and `${env:...}`, apply dotted overrides, validate.
+
+    Every problem the user can fix raises a one-line `UserError`.
+    """
+    path = Path(path)
+    layers = _read_layers(path, chain=())
+    data: dict[str, Any] = {}
+    for _, layer in layers:
+        data = _deep_merge(data, layer)
+    data = _resolve_env(data, ())
+    return _validate(data, str(path), overrides, layers)
+
+
+def recipe_from_dict(data: dict[str, Any], source: str, overrides: Sequence[str] = ()) -> Recipe:
+    """Apply dotted overrides to an already-resolved mapping and validate it into a Recipe.
+
+    `source` names where the mapping came from in error messages (a file name). The mapping is not
+    modified. A validation error becomes a one-line `UserError`.
+    """
+    return _validate(data, source, overrides, layers=[])
+
+
+def _validate(
+    data: dict[str, Any], source: str, overrides: Sequence[str], layers: list[tuple[str, dict[str, Any]]]
+) -> Recipe:
+    """Overrides, then pydantic; `layers` (file name, mapping) tell which file wrote a bad key."""
+    if not isinstance(data, dict):
+        raise UserError(f"expected a mapping of sections, got {_show(data)}", where=source)
+    applied: list[tuple[tuple[str, ...], str]] = []
+    for text in overrides:
+        parts, value = _parse_override(text)
+        data = _set_key(data, parts, value, f"override {_oneline(text)}")
+        applied.append((parts, text))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise _friendly(err, source, applied, layers) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (no `base:`), keys in schema order; `load_recipe` reads it back."""
+    data = recipe.model_dump(mode="python", exclude={"base"})
+    return yaml.safe_dump(_plain(data), sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def check_batch(recipe: Recipe, num_processes: int) -> int:
+    """Gradient accumulation steps: train.batch_size / (train.micro_batch_size * num_processes)."""
+    if num_processes < 1:
+        raise UserError(f"the number of processes must be at least 1, got {num_processes}")
+    batch, micro = recipe.train.batch_size, recipe.train.micro_batch_size
+    per_step = micro * num_processes
+    if batch % per_step:
+        nearest = max(per_step, round(batch / per_step) * per_step)
+        raise UserError(
+            f"train.batch_size={batch} is not divisible by train.micro_batch_size={micro} x "
+            f"{num_processes} process{'es' if num_processes != 1 else ''} (= {per_step}); "
+            f"use a multiple of {per_step} such as train.batch_size={nearest}"
+        )
+    return batch // per_step
+
+
+# --------------------------------------------------------------------------------------------------
+# Files and `base:` inheritance
+
+_MAX_DEPTH = 100
+
+
+def _read_layers(path: Path, chain: tuple[tuple[str, Path], ...]) -> list[tuple[str, dict[str, Any]]]:
+    """(file name, mapping) of the file and its bases, base first; `chain`: the files that led here."""
+    data = _read_mapping(path)
+    base = data.pop("base", None)
+    if base is None:
+        return [(str(path), data)]
+    if not isinstance(base, (str, _EnvText)):
+        raise UserError(f"base: expected a file name, got {_show(base)}", where=str(path))
+    if isinstance(base, _EnvText):
+        base = _interpolate(base, ("base",))
+    base_path = Path(os.path.normpath(path.parent / base))
+    chain = (*chain, (str(path), path.resolve()))
+    seen = [resolved for _, resolved in chain]
+    if base_path.resolve() in seen:
+        cycle = [name for name, _ in chain[seen.index(base_path.resolve()):]] + [str(base_path)]
+        raise UserError(f"base: cycle {' -> '.join(cycle)}", where=str(path))
+    if not base_path.is_file():
+        raise UserError(f"base: no such file {base_path}", where=str(path))
+    return [*_read_layers(base_path, chain), (str(path), data)]
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """One YAML file as a fresh mapping, strings with `${env:` wrapped for later interpolation."""
+    where = str(path)
+    if not path.exists():
+        raise UserError("no such file", where=where)
+    if path.is_dir():
+        raise UserError("is a directory, not a recipe file", where=where)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError("not a UTF-8 text file", where=where) from None
+    except OSError as err:
+        raise UserError(f"cannot read ({err.strerror})", where=where) from None
+    data = _parse_yaml(text, where)
+    if data is None:
+        raise UserError("empty recipe (a minimal one is `model: {name_or_path: some/model}`)", where=where)
+    if not isinstance(data, dict):
+        raise UserError(f"expected a mapping of sections (model:, adapter:, ...), got {_show(data)}", where=where)
+    return _copy_tree(data, where, (), _mark_env(where))
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, with errors as `file:line: malformed YAML: reason`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        line = f":{err.problem_mark.line + 1}" if err.problem_mark else ""
+        reason = err.problem or err.context or "cannot parse"
+        raise UserError(f"malformed YAML: {_oneline(reason)}", where=f"{where}{line}") from None
+    except yaml.reader.ReaderError as err:
+        line = text.count("\n", 0, err.position) + 1
+        raise UserError(f"malformed YAML: {_oneline(err.reason)}", where=f"{where}:{line}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"malformed YAML: {_oneline(str(err))}", where=where) from None
+    except ValueError as err:  # an integer literal over Python's digit limit
+        raise UserError(f"malformed YAML: {_oneline(str(err))}", where=where) from None
+    except RecursionError:
+        raise UserError("malformed YAML: nested too deeply", where=where) from None
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`: mappings merge recursively, everything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(merged.get(key), dict) and isinstance(value, dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# --------------------------------------------------------------------------------------------------
+# ${env:VAR} interpolation
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENV_REF = re.compile(r"\$\$\{env:|\$\{env:([^}]*)(\}?)")
+
+
+@dataclass(frozen=True)
+class _EnvText:
+    """A string value with `${env:` in it, remembered with its file until the merge is done."""
+
+    text: str
+    source: str
+
+
+def _copy_tree(node: Any, where: str, key: tuple, leaf: Callable[[Any], Any] = lambda x: x) -> Any:
+    """A copy of a YAML tree (no shared or recursive aliases left), `leaf` applied to every scalar."""
+    if len(key) > _MAX_DEPTH:
+        raise UserError(f"{_format_loc(key[:3])}...: nested more than {_MAX_DEPTH} levels", where=where)
+    if isinstance(node, dict):
+        return {k: _copy_tree(v, where, (*key, k), leaf) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_copy_tree(v, where, (*key, i), leaf) for i, v in enumerate(node)]
+    return leaf(node)
+
+
+def _mark_env(source: str) -> Callable[[Any], Any]:
+    """A leaf function that wraps strings containing `${env:` in `_EnvText`."""
+    return lambda value: _EnvText(value, source) if isinstance(value, str) and "${env:" in value else value
+
+
+def _resolve_env(node: Any, key: tuple) -> Any:
+    """The merged tree with every `_EnvText` interpolated."""
+    if isinstance(node, dict):
+        return {k: _resolve_env(v, (*key, k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_env(v, (*key, i)) for i, v in enumerate(node)]
+    if isinstance(node, _EnvText):
+        return _interpolate(node, key)
+    return node
+
+
+def _interpolate(value: _EnvText, key: tuple) -> str:
+    """Replace `${env:VAR}` / `${env:VAR,default}` in one string; `$${env:` stays a literal `${env:`."""
+
+    def replace(match: re.Match) -> str:
+        if match.group(0) == "$${env:":
+            return "${env:"
+        where = f"{value.source}: {_format_loc(key)}"
+        if not match.group(2):
+            raise UserError(f"unterminated ${{env:...}} in {_show(value.text)}", where=where)
+        name, comma, default = match.group(1).partition(",")
+        if not _ENV_NAME.fullmatch(name):
+            raise UserError(f"bad environment variable name {_show(name)} in ${{env:...}}", where=where)
+        if name in os.environ:
+            return os.environ[name]
+        if comma:
+            return default
+        raise UserError(f"environment variable {name} is not set (default: ${{env:{name},value}})", where=where)
+
+    return _ENV_REF.sub(replace, value.text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dotted overrides
+
+
+def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """`a.b=value` -> (("a", "b"), value parsed as YAML), with the key checked against the schema."""
+    label = f"override {_oneline(text)}"
+    key, eq, raw = text.partition("=")
+    parts = tuple(key.strip().split("."))
+    if not eq or not all(parts):
+        raise UserError("expected key=value with a dotted key, e.g. train.max_steps=10", where=label)
+    _check_key(parts, label)
+    try:
+        value = yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
+        reason = getattr(err, "problem", None) or str(err) or type(err).__name__
+        raise UserError(f"malformed YAML value: {_oneline(reason)}", where=label) from None
+    return parts, _copy_tree(value, label, parts)
+
+
+def _check_key(parts: tuple[str, ...], label: str) -> None:
+    """Raise unless `parts` names a field of the schema (or a key inside a free-form mapping)."""
+    model: type[BaseModel] | None = Recipe
+    for i, part in enumerate(parts):
+        if model is None:  # inside a free-form mapping: any key goes
+            return
+        dotted = _format_loc(parts[: i + 1])
+        if part == "base" and model is Recipe:
+            raise UserError("base: cannot be overridden (overrides apply after inheritance)", where=label)
+        fields = [name for name in model.model_fields if not (model is Recipe and name == "base")]
+        if part not in fields:
+            raise UserError(f"{dotted}: unknown key{did_you_mean(part, fields)}", where=label)
+        annotation = model.model_fields[part].annotation
+        model = _section_model(annotation, through_lists=False)
+        if model is None and i + 1 < len(parts) and not _is_mapping(annotation):
+            raise UserError(f"{dotted}: not a section; set {dotted}=<value> as a whole", where=label)
+
+
+def _set_key(data: dict[str, Any], parts: tuple[str, ...], value: Any, label: str, done: tuple = ()) -> dict:
+    """A copy of `data` with `value` at `parts`; a mapping value merges into an existing mapping."""
+    data = dict(data)
+    head, rest = parts[0], parts[1:]
+    current = data.get(head)
+    if not rest:
+        both = isinstance(current, dict) and isinstance(value, dict)
+        data[head] = _deep_merge(current, value) if both else value
+        return data
+    if current is None:
+        current = {}
+    if not isinstance(current, dict):
+        raise UserError(f"{_format_loc((*done, head))}: is {_show(current)}, not a mapping", where=label)
+    data[head] = _set_key(current, rest, value, label, (*done, head))
+    return data
+
+
+def _section_model(annotation: Any, through_lists: bool = True) -> type[BaseModel] | None:
+    """The pydantic model a field holds (directly, in Optional or, with through_lists, in a list)."""
+    if not through_lists and get_origin(annotation) is list:
+        return None
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _is_mapping(annotation: Any) -> bool:
+    """Whether a field is a free-form mapping (`dict[...]`, possibly Optional)."""
+    return any(candidate is dict or get_origin(candidate) is dict for candidate in (annotation, *get_args(annotation)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation errors as one line
+
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a string",
+    "list": "a list",
+    "tuple": "a list",
+    "dict": "a mapping",
+    "model": "a mapping",
+}
+
+
+def _friendly(
+    err: ValidationError,
+    source: str,
+    applied: list[tuple[tuple[str, ...], str]],
+    layers: list[tuple[str, dict[str, Any]]],
+) -> UserError:
+    """The first (unknown keys first) pydantic error as `where: key: what was expected`.
+
+    `where` is the override that set the key, else the file (of the base chain) that wrote it.
+    """
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
+    loc = tuple(first["loc"])
+    where = _file_of(loc, layers) or source
+    for parts, text in applied:
+        n = min(len(parts), len(loc))
+        if parts[:n] == loc[:n]:
+            where = f"override {_oneline(text)}"
+    message = _explain(first, loc)
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return UserError(f"{message}{more}", where=where)
+
+
+def _explain(error: dict[str, Any], loc: tuple) -> str:
+    """`key: what was expected, got what` for one pydantic error."""
+    kind, value = error["type"], error.get("input")
+    if "[key]" in loc:
+        loc = loc[: loc.index("[key]") - 1]
+        return f"{_format_loc(loc)}: keys must be strings, got {_show(error['loc'][len(loc)])}"
+    key = _format_loc(loc)
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        fields = [name for name in model.model_fields] if model else []
+        return f"{key}: unknown key{did_you_mean(loc[-1], fields)}"
+    if kind == "missing":
+        return f"{key}: missing item" if isinstance(loc[-1], int) else f"{key}: required, not set"
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
+        return f"{key}: expected one of {one_of(choices)}, got {_show(value)}{did_you_mean(value, choices)}"
+    if kind == "value_error":
+        return f"{key}: {_oneline(error['msg'].removeprefix('Value error, '))}"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(error["ctx"].values()))
+        return f"{key}: expected a value {bounds[kind]} {limit}, got {_show(value)}"
+    if kind == "finite_number":
+        return f"{key}: expected a finite number, got {_show(value)}"
+    word = _TYPE_WORDS.get(kind.split("_")[0])
+    if word and kind.endswith(("_type", "_parsing", "_from_float")):
+        return f"{key}: expected {word}, got {_show(value)}"
+    message = _oneline(error["msg"])
+    return f"{key}: {message[:1].lower()}{message[1:]}, got {_show(value)}"
+
+
+def _file_of(loc: tuple, layers: list[tuple[str, dict[str, Any]]]) -> str | None:
+    """The last file of the chain that wrote the longest part of `loc`, or None."""
+    best, best_depth = None, 0
+    for name, node in layers:
+        depth = 0
+        for part in loc:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                node = node[part]
+            else:
+                break
+            depth += 1
+        if depth and depth >= best_depth:
+            best, best_depth = name, depth
+    return best
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The section model at a location such as ("data", "sources", 0), or None."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        model = _section_model(model.model_fields[part].annotation)
+    return model
+
+
+def _format_loc(loc: tuple) -> str:
+    """("data", "sources", 0, "path") -> "data.sources[0].path"."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + _show_key(part)
+    return out or "(top level)"
+
+
+def _show_key(key: Any) -> str:
+    """A key as written, quoted only when it is not a plain word."""
+    if isinstance(key, str) and re.fullmatch(r"[\w\-]+", key):
+        return key
+    return _show(key)
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A short one-line rendering of a user value for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, _EnvText):
+        value = value.text
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _oneline(text: str) -> str:
+    """Collapse whitespace so that a message stays on one line."""
+    return " ".join(str(text).split())
+
+
+def _plain(node: Any) -> Any:
+    """Model dump -> YAML-safe tree: tuples become lists, `${env:` in strings is escaped."""
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(v) for v in node]
+    if isinstance(node, str):
+        return node.replace("${env:", "$${env:")
+    return node

@@ -33,7 +33,7 @@ from torch import nn
 from dora_cli.adapters.base_ops import base_kind, dequantized_weight
 from dora_cli.adapters.config import AdapterConfig
 from dora_cli.adapters.inject import VERA_ATTR, adapted_modules, apply_adapters
-from dora_cli.adapters.layers import LOW_RANK_KINDS, MAGNITUDE_KINDS, VERA_KINDS, AdaptedLinear
+from dora_cli.adapters.layers import LOW_RANK_KINDS, MAGNITUDE_KINDS, VERA_KINDS
 from dora_cli.errors import UserError
 
 CONFIG_NAME = "adapter_config.json"
@@ -195,6 +195,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -205,15 +206,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> AdapterConfig:
     """Apply the adapter saved in `directory` (ours or PEFT's) to a plain base model and load its weights."""
     directory = Path(directory)
     cfg, kinds = read_adapter_config(directory)
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        if (directory / "adapter_model.bin").is_file():
-            raise UserError(f"{directory}: only safetensors are loaded; adapter_model.bin (pickle) is refused")
-        raise UserError(f"{directory}: no {WEIGHTS_NAME}")
-    try:
-        state = load_file(str(weights))
-    except Exception as err:  # safetensors raises several types for a damaged file
-        raise UserError(f"{weights}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    state = _read_weights(directory)
 
     if kinds:  # our own checkpoint: the exact modules, whatever the patterns
         exact = cfg.model_copy(
@@ -227,6 +220,30 @@ def load_adapter(model: nn.Module, directory: str | Path) -> AdapterConfig:
         apply_adapters(model, cfg)
     _load_tensors(model, state, directory)
     return cfg
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
+    """Load saved adapter tensors into a model that already carries the same adapters (resume)."""
+    directory = Path(directory)
+    _load_tensors(model, _read_weights(directory), directory)
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        if (directory / "adapter_model.bin").is_file():
+            raise UserError(f"{directory}: only safetensors are loaded; adapter_model.bin (pickle) is refused")
+        raise UserError(f"{directory}: no {WEIGHTS_NAME}")
+    try:
+        return load_file(str(weights))
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise UserError(f"{weights}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
 
 
 @torch.no_grad()
