@@ -16,14 +16,14 @@ Schema (pydantic, extra="forbid", so a typo is an error and never silently ignor
 
 Loading (`load_recipe`), in this order:
 
-1. The file is read with `yaml.safe_load`; it must be a mapping.
+1. The file is read with a `yaml.SafeLoader` (that also reads `1e-4` as a float); it must be a mapping.
 2. `base: other.yaml` (relative to the file that names it) is loaded first, recursively, and the file
    is deep-merged over it: mappings merge key by key, lists and scalars (null included) replace.
 3. `${env:VAR}` in a string value is replaced by the environment variable (`${env:VAR,default}` when
    it may be unset; `$${env:` is a literal `${env:`). The result is a string; the schema types it
    (a free-form `model.config` value stays a string). Inside a YAML flow mapping `{...}` quote it.
 4. Dotted overrides `adapter.r=8 adapter.target_modules=[q_proj,v_proj] model.config.hidden_size=32`:
-   the value is parsed as YAML (`safe_load`), a mapping value merges into the section.
+   the value is parsed as YAML (the same safe loader), a mapping value merges into the section.
 5. Pydantic validates; the first error (unknown keys first) becomes a one-line `UserError` naming
    the override that set the key, else the file of the base chain that wrote it, the key and what
    was expected.
@@ -47,6 +47,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dora_cli.adapters.config import AdapterConfig
 from dora_cli.errors import UserError, did_you_mean, one_of
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads `1e-4` (no dot) as a float, as people write learning rates.
+
+    Only resolvers change; no tag constructs anything beyond plain data."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def safe_load(text: str):
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class _Section(BaseModel):
@@ -307,7 +324,7 @@ def _read_mapping(path: Path) -> dict[str, Any]:
 def _parse_yaml(text: str, where: str) -> Any:
     """yaml.safe_load, with errors as `file:line: malformed YAML: reason`."""
     try:
-        return yaml.safe_load(text)
+        return safe_load(text)
     except yaml.MarkedYAMLError as err:
         line = f":{err.problem_mark.line + 1}" if err.problem_mark else ""
         reason = err.problem or err.context or "cannot parse"
@@ -410,7 +427,7 @@ def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         raise UserError("expected key=value with a dotted key, e.g. train.max_steps=10", where=label)
     _check_key(parts, label)
     try:
-        value = yaml.safe_load(raw)
+        value = safe_load(raw)
     except (yaml.YAMLError, ValueError, RecursionError) as err:
         reason = getattr(err, "problem", None) or str(err) or type(err).__name__
         raise UserError(f"malformed YAML value: {_oneline(reason)}", where=label) from None

@@ -18,7 +18,7 @@ class AdapterConfig(BaseModel):
     magnitude_only_modules: patterns of modules that train only the DoRA magnitude (paper Table 6).
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     method: Method = "dora"
     r: int = Field(8, gt=0)
