@@ -106,7 +106,7 @@ class DataSource(_Section):
 class DataConfig(_Section):
     format: Literal["commonsense", "alpaca"] = "commonsense"
     sources: list[DataSource] = Field(default_factory=list)
-    template: Literal["llm_adapters", "chat"] = "llm_adapters"
+    template: Literal["llm_adapters", "alpaca", "chat"] = "llm_adapters"
     cutoff_len: int = Field(256, gt=0)
     train_on_inputs: bool = True
     add_eos_token: bool = True

@@ -1,0 +1,376 @@
+"""Training data: read commonsense / Alpaca records, tokenise them with label masking, collate batches.
+
+    records  = load_records(cfg.data)                        # sources -> validated, mixed, subset
+    train, val = split_train_val(records, cfg.data.val_set_size, cfg.data.seed)
+    example  = tokenize_record(record, tokenizer, cfg.data)  # {input_ids, labels, attention_mask}
+    batch    = make_collator(tokenizer)(examples)            # right-padded torch tensors
+    train_examples, val_examples = build_datasets(cfg.data, tokenizer)   # all of the above
+
+Sources (`data.sources[i].path`): a local .json file (a list of records), a .jsonl file (one record a
+line), a directory (its `<split>.json` / `<split>.jsonl`, else every *.json and *.jsonl in it, sorted), or a
+Hugging Face Hub dataset name (`datasets.load_dataset(name, split=...)`). Hub rows go through the same
+validation as local records. Every record needs string `instruction` and `output`; `input` is optional
+(missing or null means ""); `answer` is kept when present; other fields are dropped.
+
+Tokenisation follows LLM-Adapters `finetune.py` (`tokenize` / `generate_and_tokenize_prompt`):
+
+- the full text (prompt + output) is tokenised with the tokenizer's own special tokens (a LLaMA tokenizer
+  adds BOS, a GPT-2-style one adds nothing), truncated to `cutoff_len`;
+- EOS is appended when `add_eos_token`, the last token is not EOS already, and the text was shorter than
+  `cutoff_len` (a text cut at exactly `cutoff_len` gets no EOS, as upstream);
+- labels are a copy of input_ids; with `train_on_inputs: false` the first `len(tokenize(user prompt))`
+  labels are -100, the user prompt being the prompt without the output, tokenised the same way (with its
+  BOS, without EOS, truncated to `cutoff_len`);
+- chat templates write their own special tokens, so with `template: chat` the text is tokenised with
+  `add_special_tokens=False` (what `apply_chat_template(tokenize=True)` does).
+
+Two deliberate differences from upstream: the mask never makes labels longer than input_ids (upstream would,
+if the user prompt tokenised to more tokens than the full text), and the collator pads on the right
+(upstream trains with `padding_side="left"` through DataCollatorForSeq2Seq).
+
+Everything is deterministic: sampling uses `random.Random` seeded from `data.seed`, order is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dora_cli import prompts
+from dora_cli.errors import UserError, did_you_mean
+from dora_cli.recipe import DataConfig, DataSource
+
+IGNORE_INDEX = -100
+DATA_SUFFIXES = (".json", ".jsonl")
+REQUIRED_FIELDS = {"commonsense": ("instruction", "output"), "alpaca": ("instruction", "output")}
+OPTIONAL_FIELDS = ("input",)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_records(cfg: DataConfig) -> list[dict]:
+    """All sources, validated for `cfg.format`, each cut to its `weight`, then `max_samples` of the mix.
+
+    Records keep their order: sources in order, each in file order (a weighted subset keeps file order);
+    `max_samples` shuffles the mix with `cfg.seed` and takes the first N (the paper's 10K Alpaca subset).
+    """
+    if not cfg.sources:
+        raise UserError(
+            "no training data (expected a list of sources, each with a path)", where="data.sources"
+        )
+    mixed: list[dict] = []
+    for i, source in enumerate(cfg.sources):
+        records = read_source(source, cfg.format, where=f"data.sources[{i}]")
+        mixed.extend(
+            take_fraction(
+                records, source.weight, seed=cfg.seed * 1_000_003 + i, where=f"data.sources[{i}].weight"
+            )
+        )
+    if cfg.max_samples is not None and cfg.max_samples < len(mixed):
+        order = list(range(len(mixed)))
+        random.Random(cfg.seed).shuffle(order)
+        mixed = [mixed[j] for j in order[: cfg.max_samples]]
+    return mixed
+
+
+def read_source(source: DataSource, fmt: str = "commonsense", where: str = "data.sources") -> list[dict]:
+    """The validated records of one source (local file, directory or hub dataset name)."""
+    path = Path(source.path).expanduser()
+    if path.is_dir():
+        files = _files_of_dir(path, source.split, where)
+    elif path.is_file():
+        files = [path]
+    elif _looks_local(source.path):
+        raise UserError(f"{source.path}: no such file or directory{_near_names(path)}", where=f"{where}.path")
+    else:
+        rows = _load_hub(source.path, source.split, where=f"{where}.path")
+        records = validate_records(rows, fmt, origin=f"{source.path} (hub, split {source.split})")
+        if not records:
+            raise UserError(
+                f"{source.path}: split {source.split!r} has no records (empty dataset)", where=where
+            )
+        return records
+    records = []
+    for file in files:
+        records.extend(validate_records(read_records_file(file), fmt, origin=str(file)))
+    if not records:
+        raise UserError(f"{source.path}: no records (empty dataset)", where=f"{where}.path")
+    return records
+
+
+def read_records_file(path: str | Path) -> list[Any]:
+    """The raw rows of a .json file (a list) or a .jsonl file (one JSON value a line); UserError if malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such file{_near_names(path)}", where=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"not UTF-8 text (byte {err.start})", where=str(path)) from err
+    if path.suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"line {lineno}: invalid JSON: {err.msg} (column {err.colno})", where=str(path)
+                ) from err
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}", where=str(path)
+        ) from err
+    if not isinstance(data, list):
+        raise UserError(f"expected a JSON list of records, got {_type_name(data)}", where=str(path))
+    return data
+
+
+def validate_records(rows: Iterable[Any], fmt: str, origin: str) -> list[dict]:
+    """Normalised records {instruction, input, output[, answer]}; UserError naming origin, index and field."""
+    if fmt not in REQUIRED_FIELDS:
+        raise UserError(f"unknown format {fmt!r} (expected commonsense or alpaca)", where="data.format")
+    required = REQUIRED_FIELDS[fmt]
+    expected = f"a {fmt} record needs string fields {' and '.join(required)}; input is optional"
+    out = []
+    for idx, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(
+                f"record [{idx}]: expected an object, got {_type_name(row)} ({expected})", where=origin
+            )
+        rec = {}
+        for field in required:
+            if field not in row:
+                raise UserError(f"record [{idx}]: missing field {field!r} ({expected})", where=origin)
+            if not isinstance(row[field], str):
+                raise UserError(
+                    f"record [{idx}]: field {field!r} must be a string, got {_type_name(row[field])}",
+                    where=origin,
+                )
+            rec[field] = row[field]
+        for field in OPTIONAL_FIELDS:
+            value = row.get(field)
+            if value is None:
+                value = ""
+            if not isinstance(value, str):
+                raise UserError(
+                    f"record [{idx}]: field {field!r} must be a string, got {_type_name(value)}", where=origin
+                )
+            rec[field] = value
+        if "answer" in row:
+            rec["answer"] = row["answer"]
+        out.append(rec)
+    return out
+
+
+def take_fraction(records: list[dict], weight: float | None, seed: int, where: str = "weight") -> list[dict]:
+    """A seeded `weight` share of `records` in file order: None or 1 all, 0.25 a quarter, 2.5 all twice + half."""
+    if weight is None:
+        return list(records)
+    if not weight > 0:
+        raise UserError(f"{weight} is not a fraction to take (expected a number > 0)", where=where)
+    whole, frac = divmod(weight, 1.0)
+    n_frac = round(frac * len(records))
+    if whole == 0:
+        n_frac = max(1, n_frac)
+    picked = sorted(random.Random(seed).sample(range(len(records)), min(n_frac, len(records))))
+    return list(records) * int(whole) + [records[j] for j in picked]
+
+
+def split_train_val(records: Sequence[dict], val_set_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded split: `val_set_size` records for validation, the rest for training; both keep their order."""
+    if val_set_size <= 0:
+        return list(records), []
+    if val_set_size >= len(records):
+        raise UserError(
+            f"{val_set_size} leaves nothing to train on: the data has {len(records)} records "
+            f"(expected fewer than {len(records)})",
+            where="data.val_set_size",
+        )
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:val_set_size])
+    train = [r for j, r in enumerate(records) if j not in val_idx]
+    val = [records[j] for j in sorted(val_idx)]
+    return train, val
+
+
+def _files_of_dir(path: Path, split: str, where: str) -> list[Path]:
+    for suffix in DATA_SUFFIXES:
+        if (path / f"{split}{suffix}").is_file():
+            return [path / f"{split}{suffix}"]
+    files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(
+            f"{path}: no {split}.json, {split}.jsonl or other .json / .jsonl file in this directory",
+            where=f"{where}.path",
+        )
+    return files
+
+
+def _looks_local(name: str) -> bool:
+    """A path the user meant as local: a data-file suffix, an explicit path, or a parent that exists here."""
+    if name.endswith(DATA_SUFFIXES) or name.startswith(("/", "./", "../", "~")):
+        return True
+    parent = Path(name).expanduser().parent
+    return str(parent) not in ("", ".") and parent.is_dir()
+
+
+def _near_names(path: Path) -> str:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return f" (no directory {parent})" if str(parent) not in ("", ".") else ""
+    return did_you_mean(path.name, [p.name for p in parent.iterdir()])
+
+
+def _load_hub(name: str, split: str, where: str) -> list[dict]:
+    """Rows of a Hugging Face Hub dataset (or any name `datasets.load_dataset` resolves)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except (ConnectionError, FileNotFoundError) as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise UserError(
+            f"{name!r} is not a local file or directory and could not be loaded from the Hugging Face Hub "
+            f"({reason}){_near_names(Path(name))}",
+            where=where,
+        ) from err
+    return ds.to_list()
+
+
+def _type_name(value: Any) -> str:
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
+
+
+# --------------------------------------------------------------------------- tokenising
+
+
+def format_record(record: dict, cfg: DataConfig, tokenizer: Any = None) -> tuple[str, str]:
+    """(full training text, user prompt): the user prompt is the full text without the output."""
+    user = prompts.render(cfg.template, record["instruction"], record.get("input") or "", None, tokenizer)
+    return user + record["output"], user
+
+
+def tokenize_record(record: dict, tokenizer: Any, cfg: DataConfig) -> dict[str, list[int]]:
+    """input_ids, labels, attention_mask of one record (LLM-Adapters semantics, see the module docstring)."""
+    full, user = format_record(record, cfg, tokenizer)
+    kwargs = _tokenizer_kwargs(cfg)
+    ids = tokenizer(full, **kwargs)["input_ids"]
+    user_len = None if cfg.train_on_inputs else len(tokenizer(user, **kwargs)["input_ids"])
+    return _finish(ids, user_len, tokenizer.eos_token_id, cfg)
+
+
+def tokenize_records(
+    records: Sequence[dict], tokenizer: Any, cfg: DataConfig, chunk: int = 1024
+) -> list[dict[str, list[int]]]:
+    """`tokenize_record` over many records, in batched tokenizer calls; same result, same order."""
+    kwargs = _tokenizer_kwargs(cfg)
+    out = []
+    for start in range(0, len(records), chunk):
+        texts = [format_record(r, cfg, tokenizer) for r in records[start : start + chunk]]
+        full_ids = tokenizer([full for full, _ in texts], **kwargs)["input_ids"]
+        if cfg.train_on_inputs:
+            user_lens: list[int | None] = [None] * len(texts)
+        else:
+            user_lens = [len(ids) for ids in tokenizer([user for _, user in texts], **kwargs)["input_ids"]]
+        out.extend(
+            _finish(ids, n, tokenizer.eos_token_id, cfg) for ids, n in zip(full_ids, user_lens, strict=True)
+        )
+    return out
+
+
+def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[list[dict], list[dict]]:
+    """Tokenised (train, val) examples of the recipe's data: load, validate, mix, subset, split, tokenise."""
+    records = load_records(cfg)
+    train, val = split_train_val(records, cfg.val_set_size, cfg.seed)
+    if cfg.template == "chat":
+        prompts.chat_prompt(tokenizer, "")  # fail early and clearly when the tokenizer has no chat template
+    return tokenize_records(train, tokenizer, cfg), tokenize_records(val, tokenizer, cfg)
+
+
+def _tokenizer_kwargs(cfg: DataConfig) -> dict[str, Any]:
+    return dict(
+        truncation=True, max_length=cfg.cutoff_len, padding=False, add_special_tokens=cfg.template != "chat"
+    )
+
+
+def _finish(
+    ids: Sequence[int], user_len: int | None, eos_id: int | None, cfg: DataConfig
+) -> dict[str, list[int]]:
+    ids = list(ids)
+    if (
+        cfg.add_eos_token
+        and eos_id is not None
+        and (not ids or ids[-1] != eos_id)
+        and len(ids) < cfg.cutoff_len
+    ):
+        ids.append(eos_id)
+    labels = list(ids)
+    if user_len is not None:
+        n = min(user_len, len(labels))
+        labels[:n] = [IGNORE_INDEX] * n
+    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+
+
+# --------------------------------------------------------------------------- collating
+
+
+@dataclass
+class Collator:
+    """Pads a micro-batch on the right to its longest example (or the next multiple of `pad_to_multiple_of`).
+
+    input_ids get `pad_token_id`, labels -100, attention_mask 0. Returns int64 tensors [batch, seq].
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: Sequence[dict[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        longest = max(len(e["input_ids"]) for e in examples)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = -(-longest // m) * m
+        batch = len(examples)
+        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch, longest), dtype=torch.long)
+        for i, ex in enumerate(examples):
+            n = len(ex["input_ids"])
+            input_ids[i, :n] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
+            labels[i, :n] = torch.as_tensor(ex.get("labels", ex["input_ids"]), dtype=torch.long)
+            attention_mask[i, :n] = torch.as_tensor(ex.get("attention_mask", [1] * n), dtype=torch.long)
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0 (padding is masked out, the value does not matter)."""
+    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def make_collator(tokenizer: Any, pad_to_multiple_of: int | None = None) -> Collator:
+    return Collator(pad_token_id=pad_token_id(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
