@@ -45,6 +45,52 @@ def train(
     run_train(recipe, overrides or [], dry_run=dry_run, resume=resume, overwrite=overwrite, nproc=nproc)
 
 
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command()
+def merge(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (ours or a PEFT adapter directory).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output model directory (default: CHECKPOINT-merged).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp16, bf16 or fp32 (default: the base model's).")] = "auto",
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: the one the checkpoint names).")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Compare adapter and merged logits on a few prompts.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out directory.")] = False,
+) -> None:
+    """Fold the adapters (magnitude included) into the base weights: a plain model of the base architecture."""
+    from dora_cli.merge import run_merge
+
+    run_merge(checkpoint, out=out, dtype=dtype, base=base, verify=verify, force=force)
+
+
+@app.command("sweep-rank")
+def sweep_rank(
+    recipe: Annotated[Optional[str], typer.Argument(help="Recipe (default: recipes/commonsense_7b.yaml, Table 15).")] = None,
+    overrides: Overrides = None,
+    ranks: Annotated[str, typer.Option("--ranks", help="Comma-separated ranks.")] = "4,8,16,32,64",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = "lora,dora",
+    alpha_rule: Annotated[str, typer.Option("--alpha-rule", help="2r (alpha = 2r, as the paper) or fixed.")] = "2r",
+) -> None:
+    """The paper's rank study (Table 15, Figure 4): train and evaluate each method at each rank."""
+    from dora_cli.sweep import run_sweep
+
+    run_sweep(recipe, overrides or [], ranks=_csv(ranks) or [], methods=_csv(methods) or [], alpha_rule=alpha_rule)
+
+
+@app.command()
+def analyze(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to analyse (full, LoRA, DoRA; any steps).")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: from the checkpoints' recipe).")] = None,
+    modules: Annotated[str, typer.Option("--modules", help="Comma-separated module names.")] = "q_proj,v_proj",
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("analysis"),
+) -> None:
+    """The weight-decomposition analysis (paper Sec. 3.2, Figure 2): ΔM and ΔD per layer."""
+    from dora_cli.analyze import run_analyze
+
+    run_analyze(checkpoints, base=base, modules=_csv(modules) or [], out=out)
+
+
 def main() -> None:
     try:
         app()

@@ -468,6 +468,24 @@ def build_meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
+def model_config(cfg: ModelConfig):
+    """The architecture config of the recipe's model, without loading weights."""
+    from transformers import AutoConfig
+
+    source = resolve_source(cfg.name_or_path)
+    if source.kind == "random":
+        return build_config(cfg.config, tokenizer=load_tokenizer(cfg))[0]
+    location = str(cached_gguf_dir(source.location)) if source.kind == "gguf" else source.location
+    hub = _hub_errors(cfg.name_or_path, "model.name_or_path") if source.kind == "hub" else contextlib.nullcontext()
+    with hub:
+        return AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+
+
+def meta_model(cfg: ModelConfig):
+    """The recipe's model on the `meta` device: right shapes, no memory (for dry runs and counting)."""
+    return build_meta_model(model_config(cfg))
+
+
 def _llama(**kwargs):
     from transformers import LlamaConfig
 

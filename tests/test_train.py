@@ -1,0 +1,103 @@
+"""`dora train` end to end on the smoke recipe: through the real CLI, resume after SIGKILL, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from safetensors.torch import load_file
+
+SMOKE = "recipes/smoke.yaml"
+
+
+def dora(*args, timeout=300, check=True, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dora_cli.cli", *map(str, args)], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=timeout, **kw,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dora {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def weights(run: Path) -> dict:
+    return load_file(str(run / "final" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    dora("train", SMOKE, f"output_dir={out}")
+    return out
+
+
+def test_smoke_run_writes_checkpoints_and_metrics(smoke_run):
+    final = smoke_run / "final"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "manifest.json"):
+        assert (final / name).is_file(), name
+    assert sorted(p.name for p in smoke_run.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]  # keep_last 2
+    ckpt = smoke_run / "checkpoint-20"
+    assert (ckpt / "trainer_state" / "optimizer.pt").is_file() and (ckpt / "recipe.yaml").is_file()
+    lines = [json.loads(x) for x in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in lines if "loss" in x]
+    assert steps == [5, 10, 15, 20, 25, 30]
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb"} <= set(lines[0])
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    assert metrics["steps"] == 30 and metrics["tokens"] > 0 and metrics["val_loss"] is not None
+    assert metrics["trainable_params"] > 0 and 0 < metrics["trainable_percent"] < 100
+    # the loss goes down
+    assert metrics["train_loss"] < metrics["train_loss_first"] - 0.1
+
+
+def test_dry_run_prints_the_share_and_writes_nothing(tmp_path):
+    out = tmp_path / "never"
+    proc = dora("train", SMOKE, f"output_dir={out}", "adapter.r=4", "--dry-run")
+    assert "trainable%:" in proc.stdout and "r: 4" in proc.stdout
+    assert not out.exists()
+
+
+def test_sigkill_then_resume_is_bitwise_identical(smoke_run, tmp_path):
+    out = tmp_path / "killed"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    args = [sys.executable, "-m", "dora_cli.cli", "train", SMOKE, f"output_dir={out}", "train.save_every=5"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-10").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists()
+    resumed = dora("train", SMOKE, f"output_dir={out}", "train.save_every=5", "--resume")
+    assert "resuming from checkpoint-" in resumed.stderr
+    ours, ref = weights(out), weights(smoke_run)
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        assert (ours[key] == ref[key]).all(), key
+
+
+def test_two_processes_equal_one(smoke_run, tmp_path):
+    out = tmp_path / "ddp"
+    proc = dora("train", SMOKE, f"output_dir={out}", "--nproc", "2", timeout=600)
+    assert "launching 2 processes" in proc.stderr
+    ours, ref = weights(out), weights(smoke_run)
+    for key in ref:
+        assert (ours[key] - ref[key]).abs().max().item() <= 1e-5, key
+    assert json.loads((out / "metrics.json").read_text())["processes"] == 2
+
+
+def test_output_dir_of_another_recipe_is_refused(smoke_run):
+    proc = dora("train", SMOKE, f"output_dir={smoke_run}", "adapter.r=4", check=False)
+    assert proc.returncode == 2
+    assert "different recipe (adapter.r differs)" in proc.stderr and "Traceback" not in proc.stderr
+    proc = dora("train", SMOKE, f"output_dir={smoke_run}", check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
