@@ -293,18 +293,38 @@ class Trainer:
         r = self.recipe
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=r.train.mixed_precision)
         self.main = self.acc.is_main_process
+        set_seed(r.train.seed)
+        self._setup()  # everything that can refuse the run, before anything is written
         self.lock = rundir.RunLock(self.output_dir)
         if self.main:
             self.lock.acquire()
         try:
             self.acc.wait_for_everyone()
-            set_seed(r.train.seed)
-            self._setup()
+            self._claim_output_dir()
             return self._train()
         finally:
             self.acc.wait_for_everyone()
             if self.main:
                 self.lock.release()
+
+    def _claim_output_dir(self) -> None:
+        if self.main:
+            if self.overwrite:
+                for child in self.output_dir.iterdir():
+                    if child.name != rundir.LOCK_NAME:
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+            rundir.clean_temporaries(self.output_dir)
+        self.acc.wait_for_everyone()
+        if self.resume:
+            self._restore()
+        if self.main:
+            (self.output_dir / RECIPE_NAME).write_text(dump_recipe(self.recipe))
+            log(f"{self.report}")
+            log(
+                f"{len(self.train_set)} training examples, {len(self.val_set)} validation; "
+                f"{self.plan.total_steps} steps of {self.plan.batch} "
+                f"({self.plan.accumulation} x {self.plan.micro} x {self.plan.processes} processes)"
+            )
 
     def _setup(self) -> None:
         from dora_cli.adapters import apply_adapters, parameter_report
@@ -312,14 +332,8 @@ class Trainer:
         from dora_cli.models import load_model
 
         r, acc = self.recipe, self.acc
-        if self.main:
-            if self.overwrite and self.output_dir.exists():
-                for child in self.output_dir.iterdir():
-                    if child.name != rundir.LOCK_NAME:
-                        shutil.rmtree(child) if child.is_dir() else child.unlink()
-            rundir.clean_temporaries(self.output_dir)
-            if r.model.trust_remote_code:
-                log("model.trust_remote_code is on: the model's own Python code will run")
+        if r.model.trust_remote_code and self.main:
+            log("model.trust_remote_code is on: the model's own Python code will run")
         model, self.tokenizer = load_model(r.model, for_training=True)
         apply_adapters(model, r.adapter)
         self.report = parameter_report(model)
@@ -336,16 +350,6 @@ class Trainer:
         self.params = params
         self.step = 0
         self.tokens_seen = 0
-        if self.resume:
-            self._restore()
-        if self.main:
-            (self.output_dir / RECIPE_NAME).write_text(dump_recipe(r))
-            log(f"{self.report}")
-            log(
-                f"{len(self.train_set)} training examples, {len(self.val_set)} validation; "
-                f"{self.plan.total_steps} steps of {self.plan.batch} "
-                f"({self.plan.accumulation} x {self.plan.micro} x {self.plan.processes} processes)"
-            )
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _train(self) -> Path:
