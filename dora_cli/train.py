@@ -15,6 +15,7 @@ Features, top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,8 +44,15 @@ VOLATILE = {"output_dir", "eval", "expected", "launch"}
 VOLATILE_TRAIN = {"log_every", "eval_every", "save_every", "keep_last", "max_steps", "epochs", "skip_nonfinite"}
 
 
+_log_file: Path | None = None
+
+
 def log(message: str) -> None:
+    """A line for the user (stderr) and, once a run owns its output_dir, for output_dir/train.log."""
     print(message, file=sys.stderr, flush=True)
+    if _log_file is not None:
+        with _writing(_log_file), open(_log_file, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
 
 # ==================================================================================================
@@ -303,6 +311,8 @@ class Trainer:
             self._claim_output_dir()
             return self._train()
         finally:
+            global _log_file
+            _log_file = None
             self.acc.wait_for_everyone()
             if self.main:
                 self.lock.release()
@@ -314,6 +324,10 @@ class Trainer:
                     if child.name != rundir.LOCK_NAME:
                         shutil.rmtree(child) if child.is_dir() else child.unlink()
             rundir.clean_temporaries(self.output_dir)
+            global _log_file
+            _log_file = self.output_dir / "train.log"
+            if self.recipe.model.trust_remote_code:
+                log("model.trust_remote_code is on: the model's own Python code runs")
         self.acc.wait_for_everyone()
         if self.resume:
             self._restore()
@@ -332,8 +346,6 @@ class Trainer:
         from dora_cli.models import load_model
 
         r, acc = self.recipe, self.acc
-        if r.model.trust_remote_code and self.main:
-            log("model.trust_remote_code is on: the model's own Python code will run")
         model, self.tokenizer = load_model(r.model, for_training=True)
         apply_adapters(model, r.adapter)
         self.report = parameter_report(model)
@@ -444,7 +456,7 @@ class Trainer:
             batch = self.collate([self.train_set[i] for i in chunk])
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = j == len(chunks) - 1
-            with acc.no_sync(self.model) if not sync else _nullcontext():
+            with acc.no_sync(self.model) if not sync else contextlib.nullcontext():
                 with acc.autocast():
                     loss = self.model(**batch).loss
                 acc.backward(loss / len(chunks))
@@ -514,7 +526,8 @@ class Trainer:
 
     def _log_event(self, record: dict) -> None:
         if self.main:
-            with open(self.output_dir / "metrics.jsonl", "a") as f:
+            path = self.output_dir / "metrics.jsonl"
+            with _writing(path), open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def _write_metrics(self, started: float, first_loss: float | None, val_loss: float | None) -> None:
@@ -568,7 +581,7 @@ class Trainer:
     def _atomic(self, target: Path, *, trainer_state: bool) -> Path:
         """The main process writes the checkpoint under a temporary name and renames it into place."""
         if self.main:
-            with _deferred_signals():
+            with _deferred_signals(), _writing(target):
                 rundir.atomic_directory(target, lambda tmp: self._fill_checkpoint(tmp, trainer_state=trainer_state))
         self.acc.wait_for_everyone()
         return target
@@ -591,8 +604,7 @@ class Trainer:
             from dora_cli.adapters.checkpoint import load_adapter_weights
 
             load_adapter_weights(model, path)
-        optim_state = torch.load(path / STATE_DIR / "optimizer.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(optim_state)
+        self.optimizer.load_state_dict(load_tensors_only(path / STATE_DIR / "optimizer.pt"))
         state = json.loads((path / STATE_DIR / "state.json").read_text())
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         if self.main:
@@ -615,14 +627,6 @@ class Trainer:
             signal.signal(sig, handler)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 class _deferred_signals:
     """Hold SIGINT / SIGTERM while a checkpoint is renamed into place (they are delivered afterwards)."""
 
@@ -634,6 +638,16 @@ class _deferred_signals:
         return False
 
 
+def load_tensors_only(path: Path):
+    """torch.load restricted to tensors and plain containers: a file carrying other pickled objects is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise UserError(f"{path}: refused: not a plain tensor file ({str(err).splitlines()[0][:120]})") from None
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -642,8 +656,20 @@ def peak_memory_mb() -> float:
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    with _writing(path):
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """A failed write (disk full, read-only, permissions) ends the run with one line naming what failed."""
+    try:
+        yield
+    except OSError as err:
+        raise RunFailure(
+            f"could not write {path}: {err.strerror or err}; complete checkpoints already written are intact"
+        ) from None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

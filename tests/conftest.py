@@ -57,6 +57,29 @@ def smollm2_dir() -> Path:
     return SMOLLM2_DIR
 
 
+def run_dora(*args, timeout=600, check=True, **kw):
+    """`python -m dora_cli.cli ARGS` from the repository root, as a user would run it."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dora_cli.cli", *map(str, args)], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=timeout, **kw,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dora {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """One uninterrupted run of recipes/smoke.yaml: the reference for resume and multi-process tests."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    run_dora("train", "recipes/smoke.yaml", f"output_dir={out}")
+    return out
+
+
 def has_peft() -> bool:
     try:
         import peft  # noqa: F401

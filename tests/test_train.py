@@ -10,33 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import ROOT
+from conftest import run_dora as dora
 from safetensors.torch import load_file
 
 SMOKE = "recipes/smoke.yaml"
 
 
-def dora(*args, timeout=300, check=True, **kw):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "dora_cli.cli", *map(str, args)], cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=timeout, **kw,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dora {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stderr[-3000:]}")
-    return proc
-
-
 def weights(run: Path) -> dict:
     return load_file(str(run / "final" / "adapter_model.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    dora("train", SMOKE, f"output_dir={out}")
-    return out
 
 
 def test_smoke_run_writes_checkpoints_and_metrics(smoke_run):
