@@ -5,6 +5,7 @@ Each command module is imported inside its command so that `dora --help` stays f
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -47,6 +48,40 @@ def train(
 
 def _csv(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command("eval")
+def eval_(
+    target: Annotated[str, typer.Argument(help="A checkpoint (ours or PEFT's), a merged model dir, a model dir, a .gguf file or a hub id.")],
+    overrides: Overrides = None,
+    suite: Annotated[Optional[str], typer.Option("--suite", help="commonsense, mt_bench or math.")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated commonsense tasks.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="generate (the paper's protocol) or loglik.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="At most N examples per task.")] = None,
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Root of the LLM-Adapters layout (<root>/<task>/test.json).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per forward pass (1: the reference protocol).")] = None,
+    questions: Annotated[Optional[str], typer.Option("--questions", help="MT-Bench question.jsonl.")] = None,
+    judge_url: Annotated[Optional[str], typer.Option("--judge-url", help="OpenAI-compatible base URL of the MT-Bench judge.")] = None,
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge model name.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model of an adapter (default: from its recipe or config).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where metrics and predictions go (default: beside the checkpoint).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo predictions made with other settings.")] = False,
+) -> None:
+    """Score a model: the paper's commonsense suite (8 tasks), MT-Bench (answers + judge) or math exact match.
+
+    Flags are shorthands for dotted overrides of the recipe's eval section (eval.tasks, eval.mode, ...).
+    """
+    from dora_cli.evaluate import run_eval
+
+    flags = {
+        "eval.suite": suite, "eval.mode": mode, "eval.limit": limit, "eval.data_dir": data_dir,
+        "eval.batch_size": batch_size, "eval.mt_bench.questions": questions,
+        "eval.mt_bench.judge_url": judge_url, "eval.mt_bench.judge_model": judge_model,
+    }
+    extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if tasks:
+        extra.append(f"eval.tasks=[{','.join(_csv(tasks) or [])}]")
+    run_eval(target, [*extra, *(overrides or [])], base=base, out=out, overwrite=overwrite)
 
 
 @app.command()
@@ -92,6 +127,8 @@ def analyze(
 
 
 def main() -> None:
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # our own one-line errors say what failed
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         app()
     except UserError as err:

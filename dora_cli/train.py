@@ -292,6 +292,7 @@ class Trainer:
         self.overwrite = overwrite
         self.output_dir = Path(recipe.output_dir)
         self.stop_signal: int | None = None
+        self._saved_handlers: dict = {}
 
     # ---- setup --------------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -313,6 +314,7 @@ class Trainer:
         finally:
             global _log_file
             _log_file = None
+            self._restore_signal_handlers()
             self.acc.wait_for_everyone()
             if self.main:
                 self.lock.release()
@@ -624,7 +626,13 @@ class Trainer:
                     log(f"signal {signum}: saving a checkpoint at the end of the current step, then stopping")
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, handler)
+            self._saved_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signal_handlers(self) -> None:
+        """The caller's handlers come back when the run ends (a sweep keeps its own Ctrl-C)."""
+        for sig, handler in self._saved_handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._saved_handlers.clear()
 
 
 class _deferred_signals:

@@ -1,0 +1,155 @@
+"""Commonsense evaluation of a loaded (model, tokenizer): the 8 LLM-Adapters tasks, resumable.
+
+    metrics = evaluate_commonsense(model, tokenizer, "runs/x/eval", data_dir="../shared/data/commonsense",
+                                   tasks=["boolq", "ARC-Easy"], mode="generate", batch_size=8)
+
+Modes
+    generate  the LLM-Adapters protocol: evaluation prompt, deterministic beam search (4 beams, 32 new
+              tokens), first match of the task's answer pattern after the last "### Response:".
+    loglik    every candidate answer of an example ("the correct answer is answer1", ...) scored by
+              the summed log-probability of its tokens after the prompt; the best one is the prediction.
+
+Output directory
+    predictions/run.json        the settings the predictions were made with (checked on every run)
+    predictions/<task>.jsonl    one line per example: id, prompt, output, prediction, answer, correct
+                                (+ scores in loglik mode); appended after every batch
+    metrics.json                per task: accuracy (%), correct, n, no_answer_rate; macro average;
+                                settings; the paper's numbers and the differences
+    results.md                  Table 1 of the paper: this model's row (+ the paper's row)
+
+Resuming: a run that was killed is repeated with the same arguments; examples whose prediction is
+already in predictions/<task>.jsonl are not recomputed. Predictions made with other settings (mode,
+beams, new tokens, prompt template, model name and description) are never mixed in: the run is refused before anything is written,
+unless `overwrite=True`, which discards them. The batch size is not a setting of the predictions
+(batched and batch-1 predictions agree), so a run may be resumed with another batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from dora_cli.errors import UserError, one_of
+from dora_cli.eval.files import append_jsonl, guard_resume, read_jsonl_resumable, write_atomic, write_json
+from dora_cli.eval.predict import continuation, describe_model, encode, generate_batch, loglik_batch
+from dora_cli.eval.progress import progress_bar
+from dora_cli.eval.report import results_table, summarize, task_metrics
+from dora_cli.eval.tasks import TASKS, Example, extract_answer, load_task, validate_tasks
+from dora_cli.prompts import eval_prompt
+
+MODES = ("generate", "loglik")
+PROMPT = "llm_adapters"
+
+
+def predict_examples(
+    model, tokenizer, examples: list[Example], *, mode: str, num_beams: int, max_new_tokens: int
+) -> list[dict]:
+    """Prediction records for one batch of examples of one task."""
+    prompts = [eval_prompt(e.instruction) for e in examples]
+    records = []
+    if mode == "generate":
+        outputs = generate_batch(model, tokenizer, prompts, num_beams=num_beams, max_new_tokens=max_new_tokens)
+        for e, prompt, output in zip(examples, prompts, outputs):
+            pred = extract_answer(e.task, prompt + output)
+            records.append(_record(e, prompt, output, pred))
+    else:
+        all_scores = loglik_batch(model, tokenizer, prompts, [e.candidates for e in examples])
+        for e, prompt, scores in zip(examples, prompts, all_scores):
+            best = max(e.candidates, key=lambda c: scores[c])  # ties: the first candidate
+            records.append(_record(e, prompt, continuation(best), best, scores={c: round(s, 6) for c, s in scores.items()}))
+    return records
+
+
+def _record(e: Example, prompt: str, output: str, prediction: str, **extra) -> dict:
+    return {
+        "id": e.id, "prompt": prompt, "output": output, "prediction": prediction,
+        "answer": e.answer, "correct": prediction == e.answer, **extra,
+    }
+
+
+def _fingerprint(mode: str, num_beams: int, max_new_tokens: int, model: str) -> dict:
+    """What the predictions depend on; a run resumes only onto predictions with the same fingerprint."""
+    template = hashlib.sha256(eval_prompt("{instruction}").encode()).hexdigest()[:12]
+    fp = {"mode": mode, "prompt": f"{PROMPT} {template}", "model": model}
+    if mode == "generate":
+        fp.update(num_beams=num_beams, max_new_tokens=max_new_tokens)
+    return fp
+
+
+def evaluate_commonsense(
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    tasks: list[str] | tuple[str, ...] = tuple(TASKS),
+    data_dir: str | Path | None = None,
+    mode: str = "generate",
+    batch_size: int = 8,
+    limit: int | None = None,
+    num_beams: int = 4,
+    max_new_tokens: int = 32,
+    expected: dict[str, float] | None = None,
+    model_name: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Evaluate on the commonsense tasks; writes predictions, metrics.json, results.md; returns the metrics."""
+    # Everything is checked before anything is written.
+    if mode not in MODES:
+        raise UserError(f"unknown mode {mode!r}, expected {one_of(MODES)}", where="eval.mode")
+    if batch_size < 1 or num_beams < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
+        raise UserError("batch_size, num_beams, max_new_tokens and limit must be positive", where="eval")
+    tasks = validate_tasks(list(tasks))
+    if expected:
+        unknown = [k for k in expected if k not in TASKS and k != "avg"]
+        if unknown:
+            raise UserError(f"unknown task {unknown[0]!r} in expected; valid keys: {one_of([*TASKS, 'avg'])}", where="expected")
+    examples = {t: load_task(t, data_dir, limit) for t in tasks}
+    description = describe_model(model)
+    fingerprint = _fingerprint(mode, num_beams, max_new_tokens, f"{model_name} {description}" if model_name else description)
+    out = Path(out_dir)
+    pred_dir = out / "predictions"
+    previous = sorted(pred_dir.glob("*.jsonl")) if pred_dir.is_dir() else []
+    guard_resume(pred_dir / "run.json", previous, fingerprint, overwrite=overwrite)
+
+    model.eval()
+    per_task: dict[str, dict] = {}
+    total = sum(len(v) for v in examples.values())
+    with progress_bar(progress) as bar:
+        job = bar.add_task("commonsense", total=total)
+        for task in tasks:
+            pred_file = pred_dir / f"{task}.jsonl"
+            done = {r["id"]: r for r in read_jsonl_resumable(pred_file) if "id" in r}
+            todo = [e for e in examples[task] if e.id not in done]
+            bar.update(job, description=task, advance=len(examples[task]) - len(todo))
+            # Longest prompts first: batches of similar length pad little. Order does not change results.
+            todo.sort(key=lambda e: -len(encode(tokenizer, eval_prompt(e.instruction))))
+            for i in range(0, len(todo), batch_size):
+                batch = todo[i : i + batch_size]
+                records = predict_examples(
+                    model, tokenizer, batch, mode=mode, num_beams=num_beams, max_new_tokens=max_new_tokens
+                )
+                append_jsonl(pred_file, records)
+                done.update((r["id"], r) for r in records)
+                bar.update(job, advance=len(batch))
+            per_task[task] = task_metrics([done[e.id] for e in examples[task]])
+
+    settings = {
+        "mode": mode, "prompt": PROMPT, "num_beams": num_beams if mode == "generate" else None,
+        "max_new_tokens": max_new_tokens if mode == "generate" else None, "batch_size": batch_size,
+        "limit": limit, "tasks": tasks, "data_dir": None if data_dir is None else str(data_dir),
+        "model": model_name or description, "model_description": description,
+    }
+    metrics = summarize(per_task, settings, expected)
+    write_json(out / "metrics.json", metrics)
+    write_atomic(out / "results.md", results_table(metrics, model_name or description))
+    return metrics
+
+
+def evaluate_commonsense_config(model, tokenizer, eval_cfg, out_dir: str | Path, **kwargs) -> dict:
+    """`evaluate_commonsense` with the settings of a recipe's `eval:` section (EvalConfig)."""
+    return evaluate_commonsense(
+        model, tokenizer, out_dir, tasks=eval_cfg.tasks, data_dir=eval_cfg.data_dir, mode=eval_cfg.mode,
+        batch_size=eval_cfg.batch_size, limit=eval_cfg.limit, num_beams=eval_cfg.num_beams,
+        max_new_tokens=eval_cfg.max_new_tokens, **kwargs,
+    )

@@ -1,0 +1,242 @@
+"""MT-Bench single-answer grading by an LLM judge behind an OpenAI-compatible API; resumable.
+
+Follows FastChat `fastchat/llm_judge/common.py` (run_judge_single, chat_compeletion_openai) and
+`gen_judgment.py` (make_judge_single, NEED_REF_CATS) of lm-sys/FastChat:
+
+- turn 1 is graded with `single-v1`, turn 2 with `single-v1-multi-turn` (the whole conversation);
+  questions of the categories math, reasoning and coding use `single-math-v1` /
+  `single-math-v1-multi-turn` with the reference answers (`ref_answer_1`, `ref_answer_2`);
+- the template's `prompt_template` is filled with str.format (question / answer, or question_1,
+  question_2, answer_1, answer_2); the request is [system: `system_prompt`, user: the filled
+  template], temperature 0, max_tokens 2048, n 1;
+- the rating is the first match of `\\[\\[(\\d+\\.?\\d*)\\]\\]`, else of `\\[(\\d+\\.?\\d*)\\]`, read with
+  ast.literal_eval; no match is -1;
+- a judgment line: question_id, model, judge [judge model, template name], user_prompt, judgment,
+  score, turn, tstamp (and answer_id: the answer it judged, so that new answers are judged anew);
+- the MT-Bench score is the mean over judged turns with a valid score (FastChat show_result drops -1).
+
+HTTP: POST {judge_url}/chat/completions with urllib (no client library). Timeouts, connection errors,
+HTTP 408/409/429 and 5xx are retried with exponential backoff; other HTTP errors (401, 404, ...) are
+not. The API key is read from the environment, sent in the Authorization header, and never written:
+it is removed from every message that could reach a file or the terminal.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from dora_cli.errors import UserError, one_of
+from dora_cli.eval.files import append_jsonl, read_jsonl, read_jsonl_resumable
+from dora_cli.eval.progress import progress_bar
+
+NEED_REF_CATS = ("math", "reasoning", "coding")
+TEMPLATES = {  # (multi_turn, needs_reference) -> judge_prompts.jsonl name
+    (False, False): "single-v1",
+    (False, True): "single-math-v1",
+    (True, False): "single-v1-multi-turn",
+    (True, True): "single-math-v1-multi-turn",
+}
+ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
+RETRY_STATUS = {408, 409, 429}
+
+
+def parse_rating(judgment: str) -> float:
+    """FastChat's rating: `[[x]]`, else `[x]`; -1 when neither is there."""
+    match = ONE_SCORE.search(judgment) or ONE_SCORE_BACKUP.search(judgment)
+    if not match:
+        return -1
+    return ast.literal_eval(match.group(1))
+
+
+class JudgeUnavailable(Exception):
+    """The judge did not answer after all retries (or refused the request for good)."""
+
+
+@dataclass
+class JudgeClient:
+    """A chat-completions endpoint: `complete(system, user)` returns the judge's text."""
+
+    url: str
+    model: str
+    api_key: str | None = None
+    timeout: float = 120.0
+    max_retries: int = 8
+    backoff: float = 2.0
+    max_backoff: float = 60.0
+    temperature: float = 0.0
+    max_tokens: int = 2048
+
+    @property
+    def endpoint(self) -> str:
+        return self.url.rstrip("/") + "/chat/completions"
+
+    def _opener(self) -> urllib.request.OpenerDirector:
+        """A judge on this machine is reached directly, whatever proxy the environment names."""
+        host = urllib.parse.urlsplit(self.url).hostname or ""
+        if host in ("localhost", "127.0.0.1", "::1"):
+            return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        return urllib.request.build_opener()
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self.api_key, "***") if self.api_key else text
+
+    def complete(self, system: str, user: str) -> str:
+        body = json.dumps({
+            "model": self.model,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "temperature": self.temperature, "max_tokens": self.max_tokens, "n": 1,
+        }).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+            request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
+            try:
+                with self._opener().open(request, timeout=self.timeout) as response:
+                    payload = json.loads(response.read().decode("utf-8"))
+                return payload["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as err:
+                detail = err.read().decode("utf-8", "replace")[:200] if err.fp else ""
+                last = self._redact(f"HTTP {err.code} {err.reason} {detail}".strip())
+                if err.code not in RETRY_STATUS and err.code < 500:
+                    raise JudgeUnavailable(f"{last} (not retried)") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+                last = self._redact(f"{type(err).__name__}: {getattr(err, 'reason', err)}")
+            except (ValueError, KeyError, IndexError, TypeError) as err:  # not a chat-completions answer
+                last = self._redact(f"unexpected response ({type(err).__name__}: {err})")
+        raise JudgeUnavailable(f"{last}, after {self.max_retries + 1} tries")
+
+
+def load_judge_prompts(path: str | Path) -> dict[str, dict]:
+    """judge_prompts.jsonl by name; the four single-answer templates must be there."""
+    prompts = {p.get("name"): p for p in read_jsonl(path, "judge prompts")}
+    missing = [n for n in TEMPLATES.values() if n not in prompts]
+    if missing:
+        raise UserError(f"missing judge templates {one_of(missing)}", where=str(path))
+    return prompts
+
+
+def load_reference_answers(path: str | Path) -> dict[int, dict]:
+    """Reference answers (FastChat model_answer format) by question_id."""
+    refs = {}
+    for i, rec in enumerate(read_jsonl(path, "reference answers")):
+        try:
+            rec["choices"][0]["turns"]
+        except (KeyError, IndexError, TypeError):
+            raise UserError(f"line {i + 1}: expected choices[0].turns", where=str(path)) from None
+        refs[rec.get("question_id")] = rec
+    return refs
+
+
+def judge_request(question: dict, answer: dict, turn: int, prompts: dict, refs: dict) -> tuple[str, str, str]:
+    """(template name, system prompt, user prompt) for judging `turn` (1 or 2) of an answer."""
+    needs_ref = question["category"] in NEED_REF_CATS
+    template = prompts[TEMPLATES[(turn == 2, needs_ref)]]
+    kwargs = {}
+    if needs_ref:
+        ref_turns = refs[question["question_id"]]["choices"][0]["turns"]
+        kwargs["ref_answer_1"] = ref_turns[0]
+        if len(ref_turns) > 1:
+            kwargs["ref_answer_2"] = ref_turns[1]
+    turns = answer["choices"][0]["turns"]
+    if turn == 2:
+        user = template["prompt_template"].format(
+            question_1=question["turns"][0], question_2=question["turns"][1],
+            answer_1=turns[0], answer_2=turns[1], **kwargs,
+        )
+    else:
+        user = template["prompt_template"].format(question=question["turns"][0], answer=turns[0], **kwargs)
+    return template["name"], template["system_prompt"], user
+
+
+def check_judge_inputs(questions: list[dict], answers: dict[int, dict], prompts: dict, refs: dict) -> None:
+    """Everything judging needs is there, before the first request."""
+    for q in questions:
+        qid = q["question_id"]
+        if q["category"] in NEED_REF_CATS and qid not in refs:
+            raise UserError(f"question {qid} ({q['category']}) has no reference answer; the judge needs one")
+        if qid not in answers:
+            raise UserError(f"question {qid} has no answer to judge")
+
+
+def judge_answers(
+    questions: list[dict],
+    answers: dict[int, dict],
+    prompts: dict,
+    refs: dict,
+    client: JudgeClient,
+    judgment_file: str | Path,
+    *,
+    model_id: str,
+    progress: bool = True,
+) -> list[dict]:
+    """Grade turn 1 and turn 2 of every answer; one judgment line appended per turn; skips judged turns."""
+    check_judge_inputs(questions, answers, prompts, refs)
+    judgment_file = Path(judgment_file)
+    keys = [(q, t) for q in questions for t in (1, 2)[: min(2, len(q["turns"]))]]
+    previous = read_jsonl_resumable(judgment_file)
+    # A judgment counts for the answer it judged: answers made again (overwrite) are judged again.
+    answer_ids = {qid: a.get("answer_id") for qid, a in answers.items()}
+    done = {
+        (r.get("question_id"), r.get("turn")): r
+        for r in previous
+        if r.get("model") == model_id and r.get("answer_id") == answer_ids.get(r.get("question_id"))
+    }
+    todo = [(q, t) for q, t in keys if (q["question_id"], t) not in done]
+    with progress_bar(progress) as bar:
+        job = bar.add_task("MT-Bench judge", total=len(keys), completed=len(keys) - len(todo))
+        for q, turn in todo:
+            name, system, user = judge_request(q, answers[q["question_id"]], turn, prompts, refs)
+            try:
+                judgment = client.complete(system, user)
+            except JudgeUnavailable as err:
+                judged = len(keys) - len(todo) + todo.index((q, turn))
+                raise UserError(
+                    f"the judge at {client.endpoint} is not answering ({err}); {judged} of {len(keys)} turns "
+                    f"are judged and kept in {judgment_file}; run again to judge the rest"
+                ) from None
+            record = {
+                "question_id": q["question_id"], "model": model_id, "answer_id": answer_ids[q["question_id"]],
+                "judge": [client.model, name],
+                "user_prompt": user, "judgment": judgment, "score": parse_rating(judgment),
+                "turn": turn, "tstamp": time.time(),
+            }
+            append_jsonl(judgment_file, [record])
+            done[(q["question_id"], turn)] = record
+            bar.update(job, advance=1)
+    return [done[(q["question_id"], t)] for q, t in keys]
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def summarize_scores(judgments: list[dict], questions: list[dict]) -> dict:
+    """Mean score overall, per turn and per category, over judged turns with a valid score (not -1)."""
+    category = {q["question_id"]: q["category"] for q in questions}
+    valid = [j for j in judgments if j["score"] != -1]
+    turns = sorted({j["turn"] for j in judgments})
+    cats = sorted({category[j["question_id"]] for j in judgments})
+    per_question: dict[str, list] = {}
+    for j in judgments:
+        per_question.setdefault(str(j["question_id"]), [None, None])[j["turn"] - 1] = j["score"]
+    return {
+        "overall": _mean([j["score"] for j in valid]),
+        "turns": {str(t): _mean([j["score"] for j in valid if j["turn"] == t]) for t in turns},
+        "categories": {c: _mean([j["score"] for j in valid if category[j["question_id"]] == c]) for c in cats},
+        "judged_turns": len(judgments),
+        "invalid_turns": len(judgments) - len(valid),
+        "per_question": per_question,
+    }

@@ -1,0 +1,242 @@
+"""MT-Bench answers of a loaded (model, tokenizer), in FastChat's `model_answer` format; resumable.
+
+Follows FastChat `fastchat/llm_judge/gen_model_answer.py` (lm-sys/FastChat):
+
+- every question has 2 turns; turn 2 is asked with the conversation so far (turn 1 and the model's
+  answer to it);
+- the prompt is the tokenizer's chat template when it has one (FastChat uses its own conversation
+  templates; a fine-tuned model here knows its tokenizer's), else the LLM-Adapters / Alpaca text
+  (`prompts.eval_prompt`) with the earlier turns as "### Instruction:" / "### Response:" blocks;
+- temperature per category as FastChat's `temperature_config` (writing, roleplay 0.7; stem,
+  humanities 0.1; extraction, math, coding, reasoning 0.0; any other category 0.7); below 1e-4 the
+  decoding is greedy, else sampling with `torch.manual_seed(0)` before each question (FastChat seeds
+  with the choice index, 0), so an answer does not depend on which questions ran before it;
+- the answer is the decoded new tokens up to the end-of-sequence token, special tokens removed,
+  stripped (and, with the Alpaca text, cut before a "### Instruction:" the model writes itself);
+- one JSON line per question: question_id, answer_id, model_id, choices [{index: 0, turns}], tstamp.
+
+Resuming: a question whose answer line exists is not asked again; a `.run.json` beside the answer
+file keeps the settings, and answers made with other settings are refused (or discarded with
+`overwrite`). When all questions are answered the file is rewritten sorted by question_id, as
+FastChat's `reorg_answer_file` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.parse
+import uuid
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from dora_cli.errors import UserError
+from dora_cli.eval.files import (
+    append_jsonl,
+    guard_resume,
+    read_jsonl,
+    read_jsonl_resumable,
+    write_atomic,
+    write_json,
+)
+from dora_cli.eval.judge import (
+    NEED_REF_CATS,
+    JudgeClient,
+    check_judge_inputs,
+    judge_answers,
+    load_judge_prompts,
+    load_reference_answers,
+    summarize_scores,
+)
+from dora_cli.eval.predict import describe_model, eos_ids_of, pad_id_of
+from dora_cli.eval.progress import progress_bar
+from dora_cli.prompts import RESPONSE_MARKER, eval_prompt
+
+# FastChat fastchat/llm_judge/common.py `temperature_config`; other categories: 0.7.
+TEMPERATURE = {
+    "writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0,
+    "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1,
+}
+DEFAULT_TEMPERATURE = 0.7
+INSTRUCTION_MARKER = "### Instruction:"
+
+
+def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
+    """MT-Bench questions (FastChat question.jsonl): question_id, category, turns; checked."""
+    questions = read_jsonl(path, "questions")
+    seen = set()
+    for i, q in enumerate(questions):
+        turns = q.get("turns")
+        if not isinstance(q.get("question_id"), int) or not isinstance(q.get("category"), str):
+            raise UserError(f"line {i + 1}: needs an integer question_id and a category", where=str(path))
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise UserError(f"line {i + 1}: 'turns' must be a non-empty list of strings", where=str(path))
+        if q["question_id"] in seen:
+            raise UserError(f"line {i + 1}: question_id {q['question_id']} repeats", where=str(path))
+        seen.add(q["question_id"])
+    if not questions:
+        raise UserError("no questions", where=str(path))
+    return questions[:limit] if limit else questions
+
+
+def conversation_prompt(tokenizer, questions: list[str], answers: list[str]) -> tuple[str, bool]:
+    """The prompt for the last of `questions`, after earlier questions and their `answers`.
+
+    Returns (text, add_special_tokens): chat-template text already holds its special tokens.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = []
+        for i, q in enumerate(questions):
+            messages.append({"role": "user", "content": q})
+            if i < len(answers):
+                messages.append({"role": "assistant", "content": answers[i]})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+    text = eval_prompt(questions[0])
+    for answer, q in zip(answers, questions[1:]):
+        text += f"{answer}\n\n{INSTRUCTION_MARKER}\n{q}\n\n{RESPONSE_MARKER}\n"
+    return text, True
+
+
+@torch.inference_mode()
+def answer_turn(model, tokenizer, prompt: str, add_special_tokens: bool, *, temperature: float, max_new_tokens: int) -> str:
+    """One answer: greedy below temperature 1e-4, else sampling at `temperature`."""
+    ids = tokenizer(prompt, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"]
+    eos = eos_ids_of(model, tokenizer)
+    sample = temperature >= 1e-4
+    config = GenerationConfig(
+        do_sample=sample, num_beams=1, max_new_tokens=max_new_tokens,
+        eos_token_id=eos or None, pad_token_id=pad_id_of(tokenizer),
+        **({"temperature": temperature} if sample else {}),
+    )
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), generation_config=config)
+    new = out[0, ids.shape[1]:].tolist()
+    cut = next((i for i, t in enumerate(new) if t in eos), len(new))
+    text = tokenizer.decode(new[:cut], skip_special_tokens=True)
+    if add_special_tokens and INSTRUCTION_MARKER in text:  # Alpaca text: the model started a new turn itself
+        text = text[: text.index(INSTRUCTION_MARKER)]
+    return text.strip()
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    questions: list[dict],
+    answer_file: str | Path,
+    *,
+    model_id: str,
+    max_new_tokens: int = 1024,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[int, dict]:
+    """Answer every question (2 turns), appending one FastChat answer line per question; question_id -> record."""
+    answer_file = Path(answer_file)
+    fingerprint = {
+        "model_id": model_id, "model": describe_model(model), "max_new_tokens": max_new_tokens,
+        "template": "chat" if getattr(tokenizer, "chat_template", None) else "llm_adapters",
+    }
+    guard_resume(answer_file.with_suffix(".run.json"), [answer_file], fingerprint, overwrite=overwrite)
+    done = {r["question_id"]: r for r in read_jsonl_resumable(answer_file) if "question_id" in r}
+    todo = [q for q in questions if q["question_id"] not in done]
+    model.eval()
+    with progress_bar(progress) as bar:
+        job = bar.add_task("MT-Bench answers", total=len(questions), completed=len(questions) - len(todo))
+        for q in todo:
+            temperature = TEMPERATURE.get(q["category"], DEFAULT_TEMPERATURE)
+            torch.manual_seed(0)
+            turns: list[str] = []
+            for j in range(len(q["turns"])):
+                prompt, special = conversation_prompt(tokenizer, q["turns"][: j + 1], turns)
+                turns.append(
+                    answer_turn(model, tokenizer, prompt, special, temperature=temperature, max_new_tokens=max_new_tokens)
+                )
+            record = {
+                "question_id": q["question_id"], "answer_id": uuid.uuid4().hex[:22], "model_id": model_id,
+                "choices": [{"index": 0, "turns": turns}], "tstamp": time.time(),
+            }
+            append_jsonl(answer_file, [record])
+            done[q["question_id"]] = record
+            bar.update(job, advance=1)
+    # All answered: sorted by question id, one line each (FastChat reorg_answer_file).
+    lines = "".join(json.dumps(done[k], ensure_ascii=False) + "\n" for k in sorted(done))
+    write_atomic(answer_file, lines)
+    return {q["question_id"]: done[q["question_id"]] for q in questions}
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"
+
+
+def _public_url(url: str) -> str:
+    """The URL without user:password@, for files."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+
+
+def evaluate_mt_bench(
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    cfg,
+    *,
+    model_id: str,
+    limit: int | None = None,
+    expected: dict[str, float] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    judge_options: dict | None = None,
+) -> dict:
+    """Answers (always) and judgments (when cfg.judge_url is set) for MT-Bench; writes metrics.json.
+
+    `cfg` is a recipe's `eval.mt_bench` (MTBenchConfig). Judge prompts and reference answers default
+    to the files beside the questions: judge_prompts.jsonl and reference_answer/gpt-4.jsonl.
+    `judge_options` go to JudgeClient (timeout, max_retries, backoff, max_backoff). `expected`: the
+    paper's number as {"mt_bench": 5.5}; the difference is overall score minus it.
+
+    out_dir/model_answer/<model_id>.jsonl             FastChat answers
+    out_dir/model_judgment/<judge_model>_single.jsonl FastChat judgments, one line per turn
+    out_dir/metrics.json                              scores overall / per turn / per category
+    """
+    if not cfg.questions:
+        raise UserError("eval.mt_bench.questions is not set (FastChat question.jsonl)")
+    qpath = Path(cfg.questions)
+    questions = load_questions(qpath, limit)
+    judging = cfg.judge_url is not None
+    if judging:  # everything the judge needs is checked before the first answer is generated
+        if not cfg.judge_model:
+            raise UserError("set eval.mt_bench.judge_model (the judge's model name) with judge_url")
+        prompts = load_judge_prompts(cfg.judge_prompts or qpath.parent / "judge_prompts.jsonl")
+        refs = {}
+        if any(q["category"] in NEED_REF_CATS for q in questions):
+            refs = load_reference_answers(cfg.reference_answers or qpath.parent / "reference_answer" / "gpt-4.jsonl")
+        placeholder = {q["question_id"]: {} for q in questions}
+        check_judge_inputs(questions, placeholder, prompts, refs)
+        api_key = os.environ.get(cfg.judge_api_key_env) or None
+
+    out = Path(out_dir)
+    answer_file = out / "model_answer" / f"{_file_name(model_id)}.jsonl"
+    answers = generate_answers(
+        model, tokenizer, questions, answer_file, model_id=model_id, max_new_tokens=cfg.max_new_tokens,
+        overwrite=overwrite, progress=progress,
+    )
+    metrics = {
+        "suite": "mt_bench", "model_id": model_id, "questions": len(questions), "answers": str(answer_file),
+        "settings": {"max_new_tokens": cfg.max_new_tokens, "limit": limit, "model": describe_model(model)},
+        "judge": None, "scores": None, "expected": dict(expected or {}),
+    }
+    if judging:
+        client = JudgeClient(cfg.judge_url, cfg.judge_model, api_key, **(judge_options or {}))
+        judgment_file = out / "model_judgment" / f"{_file_name(cfg.judge_model)}_single.jsonl"
+        judgments = judge_answers(
+            questions, answers, prompts, refs, client, judgment_file, model_id=model_id, progress=progress
+        )
+        metrics["judge"] = {"url": _public_url(cfg.judge_url), "model": cfg.judge_model, "judgments": str(judgment_file)}
+        metrics["scores"] = summarize_scores(judgments, questions)
+        if expected and "mt_bench" in expected and metrics["scores"]["overall"] is not None:
+            metrics["difference"] = {"mt_bench": round(metrics["scores"]["overall"] - float(expected["mt_bench"]), 4)}
+    write_json(out / "metrics.json", metrics)
+    return metrics
