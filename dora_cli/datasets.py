@@ -9,8 +9,11 @@
 Sources (`data.sources[i].path`): a local .json file (a list of records), a .jsonl file (one record a
 line), a directory (its `<split>.json` / `<split>.jsonl`, else every *.json and *.jsonl in it, sorted), or a
 Hugging Face Hub dataset name (`datasets.load_dataset(name, split=...)`). Hub rows go through the same
-validation as local records. Every record needs string `instruction` and `output`; `input` is optional
-(missing or null means ""); `answer` is kept when present; other fields are dropped.
+validation as local records. A commonsense or Alpaca record needs string `instruction` and `output`;
+`input` is optional (missing or null means ""); `answer` is kept when present; other fields are dropped.
+An orca-math record (`data.format: orca_math`, microsoft/orca-math-word-problems-200k) needs string
+`question` and `answer`: the question becomes the instruction, the answer (a worked solution ending in the
+result) the output, and it is also kept as `answer` for the final-number exact match of `dora eval`.
 
 Tokenisation follows LLM-Adapters `finetune.py` (`tokenize` / `generate_and_tokenize_prompt`):
 
@@ -43,13 +46,19 @@ from typing import Any
 import torch
 
 from dora_cli import prompts
-from dora_cli.errors import UserError, did_you_mean
+from dora_cli.errors import UserError, did_you_mean, one_of
 from dora_cli.recipe import DataConfig, DataSource
 
 IGNORE_INDEX = -100
 DATA_SUFFIXES = (".json", ".jsonl")
-REQUIRED_FIELDS = {"commonsense": ("instruction", "output"), "alpaca": ("instruction", "output")}
+REQUIRED_FIELDS = {
+    "commonsense": ("instruction", "output"),
+    "alpaca": ("instruction", "output"),
+    "orca_math": ("question", "answer"),
+}
 OPTIONAL_FIELDS = ("input",)
+RENAMED_FIELDS = {"orca_math": {"question": "instruction", "answer": "output"}}
+"""Per format: source field -> normalised field (`answer` is also kept under its own name, as in every format)."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -140,9 +149,14 @@ def read_records_file(path: str | Path) -> list[Any]:
 def validate_records(rows: Iterable[Any], fmt: str, origin: str) -> list[dict]:
     """Normalised records {instruction, input, output[, answer]}; UserError naming origin, index and field."""
     if fmt not in REQUIRED_FIELDS:
-        raise UserError(f"unknown format {fmt!r} (expected commonsense or alpaca)", where="data.format")
+        raise UserError(
+            f"unknown format {fmt!r} (expected {one_of(REQUIRED_FIELDS)}){did_you_mean(fmt, REQUIRED_FIELDS)}",
+            where="data.format",
+        )
     required = REQUIRED_FIELDS[fmt]
-    expected = f"a {fmt} record needs string fields {' and '.join(required)}; input is optional"
+    renamed = RENAMED_FIELDS.get(fmt, {})
+    expected = f"a {fmt} record needs string fields {' and '.join(required)}"
+    expected += "" if renamed else "; input is optional"
     out = []
     for idx, row in enumerate(rows):
         if not isinstance(row, dict):
@@ -158,7 +172,7 @@ def validate_records(rows: Iterable[Any], fmt: str, origin: str) -> list[dict]:
                     f"record [{idx}]: field {field!r} must be a string, got {_type_name(row[field])}",
                     where=origin,
                 )
-            rec[field] = row[field]
+            rec[renamed.get(field, field)] = row[field]
         for field in OPTIONAL_FIELDS:
             value = row.get(field)
             if value is None:

@@ -482,8 +482,17 @@ def model_config(cfg: ModelConfig):
 
 
 def meta_model(cfg: ModelConfig):
-    """The recipe's model on the `meta` device: right shapes, no memory (for dry runs and counting)."""
-    return build_meta_model(model_config(cfg))
+    """The recipe's model on the `meta` device: right shapes, no memory (for dry runs and counting).
+
+    For the paper's models, an unreachable hub falls back to the architecture in PAPER_CONFIGS."""
+    try:
+        return build_meta_model(model_config(cfg))
+    except UserError:
+        known = PAPER_HUB_IDS.get(cfg.name_or_path or "")
+        if known is None:
+            raise
+        log.warning("%s: the hub is unreachable; using the known %s architecture", cfg.name_or_path, known)
+        return build_meta_model(PAPER_CONFIGS[known]())
 
 
 def _llama(**kwargs):
@@ -525,3 +534,11 @@ PAPER_CONFIGS = {
     "llama-3-8b": llama3_8b_config,
 }
 """Name -> config factory, for recipe tests and parameter-count tables."""
+
+PAPER_HUB_IDS = {
+    "yahma/llama-7b-hf": "llama-7b",
+    "yahma/llama-13b-hf": "llama-13b",
+    "meta-llama/Llama-2-7b-hf": "llama-2-7b",
+    "meta-llama/Meta-Llama-3-8B": "llama-3-8b",
+}
+"""The hub ids the paper's recipes name -> their PAPER_CONFIGS entry."""

@@ -50,11 +50,18 @@ from dora_cli.errors import UserError, did_you_mean, one_of
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that also reads `1e-4` (no dot) as a float, as people write learning rates.
+    """yaml.SafeLoader with YAML 1.2's plain scalars: `1e-4` is a float and only true / false are
+    booleans (`mixed_precision: no` stays the string "no"). Only resolvers change; no tag constructs
+    anything beyond plain data."""
 
-    Only resolvers change; no tag constructs anything beyond plain data."""
 
-
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -104,7 +111,9 @@ class DataSource(_Section):
 
 
 class DataConfig(_Section):
-    format: Literal["commonsense", "alpaca"] = "commonsense"
+    format: Literal["commonsense", "alpaca", "orca_math"] = "commonsense"
+    """Record layout: commonsense (LLM-Adapters: instruction/input/output/answer), alpaca
+    (instruction/input/output) or orca_math (question/answer)."""
     sources: list[DataSource] = Field(default_factory=list)
     template: Literal["llm_adapters", "alpaca", "chat"] = "llm_adapters"
     cutoff_len: int = Field(256, gt=0)
@@ -137,6 +146,7 @@ class ScheduleConfig(_Section):
 class TrainConfig(_Section):
     epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; wins over `epochs` when both are set."""
     batch_size: int = Field(16, gt=0)
     """Global batch: examples per optimizer step, over all processes."""
     micro_batch_size: int = Field(4, gt=0)
@@ -183,7 +193,8 @@ class EvalConfig(_Section):
         ]
     )
     data_dir: str | None = None
-    """Root of the LLM-Adapters layout (`<root>/<task>/test.json`); None: the hub."""
+    """Root of the LLM-Adapters layout (`<root>/<task>/test.json`) or a hub dataset `hf://owner/name`;
+    for the math suite, the records file."""
     mode: Literal["generate", "loglik"] = "generate"
     batch_size: int = Field(8, gt=0)
     limit: int | None = Field(None, gt=0)

@@ -35,7 +35,7 @@ import yaml
 
 from dora_cli import rundir
 from dora_cli.errors import RunFailure, UserError
-from dora_cli.recipe import Recipe, check_batch, dump_recipe, load_recipe
+from dora_cli.recipe import Recipe, check_batch, dump_recipe, load_recipe, safe_load
 
 RECIPE_NAME = "recipe.yaml"
 STATE_DIR = "trainer_state"
@@ -90,7 +90,7 @@ def _inside_launch() -> bool:
 
 def identity(recipe: Recipe) -> dict:
     """What makes two runs the same run (resumable into each other)."""
-    data = yaml.safe_load(dump_recipe(recipe))
+    data = safe_load(dump_recipe(recipe))
     for key in VOLATILE:
         data.pop(key, None)
     for key in VOLATILE_TRAIN:
@@ -104,7 +104,7 @@ def _check_output_dir(recipe: Recipe, output_dir: Path, *, resume: bool, overwri
     if not saved.is_file() or overwrite:
         return
     try:
-        previous = Recipe.model_validate(yaml.safe_load(saved.read_text()))
+        previous = Recipe.model_validate(safe_load(saved.read_text()))
     except Exception:  # an unreadable or foreign file: not a run we can resume
         raise UserError(
             f"{output_dir}: holds {RECIPE_NAME} that is not a dora_cli recipe; pass --overwrite to replace it"
@@ -351,9 +351,15 @@ class Trainer:
         model, self.tokenizer = load_model(r.model, for_training=True)
         apply_adapters(model, r.adapter)
         self.report = parameter_report(model)
-        self.train_set, self.val_set = build_datasets(r.data, self.tokenizer)
+        train_set, self.val_set = build_datasets(r.data, self.tokenizer)
+        # An example whose response is cut off entirely by cutoff_len (train_on_inputs false) has no
+        # token to learn from: its loss would be 0 / 0.
+        self.train_set = [e for e in train_set if any(label != -100 for label in e["labels"])]
+        if len(self.train_set) < len(train_set) and self.main:
+            log(f"{len(train_set) - len(self.train_set)} training examples have no response token within "
+                f"data.cutoff_len={r.data.cutoff_len} and are left out")
         if not self.train_set:
-            raise UserError("data: no training examples left after the validation split")
+            raise UserError("data: no training examples with a response token left (after the validation split and data.cutoff_len)")
         self.collate = make_collator(self.tokenizer)
         self.plan = make_plan(r, len(self.train_set), acc.num_processes)
 

@@ -284,8 +284,8 @@ def test_document_must_be_a_mapping(text, expected):
             "x.yaml: adapter.method: expected one of dora, dvora, full, lora or vera, got 'doro' (did you mean \"dora\"?)",
         ),
         (
-            MINIMAL + "train: {mixed_precision: no}\n",  # YAML 1.1: unquoted no is false
-            "x.yaml: train.mixed_precision: expected one of bf16, fp16 or no, got false",
+            MINIMAL + "train: {mixed_precision: off}\n",  # YAML 1.2: off is a string, not false
+            "x.yaml: train.mixed_precision: expected one of bf16, fp16 or no, got 'off'",
         ),
         ("adapter: {r: 4}\n", "x.yaml: model: required, not set"),
         (
@@ -306,6 +306,12 @@ def test_document_must_be_a_mapping(text, expected):
 )
 def test_schema_errors_are_one_line(text, expected):
     assert user_error(write("x.yaml", text)) == expected
+
+
+def test_yaml_1_2_scalars_no_is_a_string_and_1e_4_a_float():
+    recipe = load_recipe(write("x.yaml", MINIMAL + "train: {mixed_precision: no}\noptim: {lr: 1e-4}\n"))
+    assert recipe.train.mixed_precision == "no" and recipe.optim.lr == 1e-4
+    assert load_recipe(write("y.yaml", dump_recipe(recipe))) == recipe
 
 
 def test_an_error_in_a_base_file_names_that_file():
