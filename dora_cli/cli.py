@@ -92,11 +92,19 @@ def merge(
     base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: the one the checkpoint names).")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Compare adapter and merged logits on a few prompts.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out directory.")] = False,
+    into_original: Annotated[bool, typer.Option(
+        "--into-original",
+        help="For an adapter trained on a 4-/8-bit base: fold into the full-precision base weights "
+        "(the usual QLoRA export) instead of the dequantized ones the adapter was trained against.",
+    )] = False,
 ) -> None:
     """Fold the adapters (magnitude included) into the base weights: a plain model of the base architecture."""
     from dora_cli.merge import run_merge
 
-    run_merge(checkpoint, out=out, dtype=dtype, base=base, verify=verify, force=force)
+    run_merge(
+        checkpoint, out=out, dtype=dtype, base=base, verify=verify, force=force,
+        quantized_base="original" if into_original else "dequantized",
+    )
 
 
 @app.command("sweep-rank")

@@ -395,6 +395,17 @@ def test_extensions_round_trip_and_peft_refuses_them(method, tmp_path):
         assert max_diff(model(ids()).logits, reloaded(ids()).logits) == 0
 
 
+def test_adapters_join_the_mode_of_the_model(tmp_path):
+    model, cfg = adapted("dora", dropout=0.5)
+    perturb(model)
+    save_adapter(model, cfg, tmp_path)
+    frozen = tiny_llama().eval()
+    load_adapter(frozen, tmp_path)
+    assert all(not m.training for m in frozen.modules())
+    with torch.no_grad():  # dropout is off in eval mode: two forwards agree
+        assert max_diff(frozen(ids()).logits, frozen(ids()).logits) == 0
+
+
 def test_load_refuses_an_adapter_that_does_not_fit(tmp_path):
     model, cfg = adapted("dora", r=4)
     save_adapter(model, cfg, tmp_path)

@@ -122,6 +122,8 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where `name` was, in the same train / eval mode (eval keeps dropout off)."""
+    new.train(model.get_submodule(name).training)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
