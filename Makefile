@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 SMOLLM2 := .cache/models/SmolLM2-135M-Instruct
 
-.PHONY: setup test test-slow test-all demo bench lint fetch-model clean
+.PHONY: setup test test-slow test-kill test-all demo bench lint fetch-model clean
 
 setup: $(STAMP)
 
@@ -31,10 +31,14 @@ test: setup
 test-slow: setup fetch-model
 	$(BIN)/python -m pytest -q -m slow --durations=0
 
-test-all: test test-slow
+# SIGKILL at random points and during checkpoint writes; resumed runs must be bitwise identical.
+test-kill: setup
+	$(BIN)/python -m pytest -q -m kill --durations=0
+
+test-all: test test-kill test-slow
 
 demo: setup fetch-model
-	$(BIN)/dora demo
+	$(BIN)/python -m dora_cli.demo
 
 bench: setup fetch-model
 	$(BIN)/python bench/bench_adapters.py --model $(SMOLLM2) --out bench/results/adapters.json

@@ -200,4 +200,7 @@ def prune(output_dir: Path, keep_last: int | None) -> None:
     if keep_last is None:
         return
     for _, path in checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        # Renamed first: a kill during the deletion leaves a temporary, never a half checkpoint.
+        doomed = path.parent / f"{TMP_PREFIX}pruned-{path.name}"
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)

@@ -64,11 +64,10 @@ class VeraProjections(nn.Module):
 
 
 class _DoraScale(torch.autograd.Function):
-    """y = g ⊙ (base + delta) + bias, keeping y (or z when asked) for the backward pass."""
+    """y = g ⊙ z + bias, keeping y (or z when asked) for the backward pass."""
 
     @staticmethod
-    def forward(ctx, base, delta, g, bias, keep_z: bool):
-        z = base if delta is None else base + delta
+    def forward(ctx, z, g, bias, keep_z: bool):
         g = g.to(z.dtype)
         y = z * g
         if bias is not None:
@@ -80,8 +79,8 @@ class _DoraScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         saved, g, bias = ctx.saved_tensors
-        needs_base, needs_delta, needs_g, needs_bias, _ = ctx.needs_input_grad
-        grad_z = grad_y * g if (needs_base or needs_delta) else None
+        needs_z, needs_g, needs_bias, _ = ctx.needs_input_grad
+        grad_z = grad_y * g if needs_z else None
         grad_g = grad_bias = None
         flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
         if needs_g:
@@ -94,7 +93,7 @@ class _DoraScale(torch.autograd.Function):
             grad_g = dot
         if needs_bias:
             grad_bias = flat_grad.sum(dim=0).to(bias.dtype)
-        return grad_z, grad_z if needs_delta else None, grad_g, grad_bias, None
+        return grad_z, grad_g, grad_bias, None
 
 
 class AdaptedLinear(nn.Module):
@@ -173,6 +172,15 @@ class AdaptedLinear(nn.Module):
         u = F.linear(xd, self.vera.A[: self.r, :d_in].to(dt)) * self.vera_lambda_d.to(dt)
         return F.linear(u, self.vera.B[:d_out, : self.r].to(dt)) * self.vera_lambda_b.to(dt)
 
+    def _plus_delta(self, base: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
+        """base + ΔW · xd; for LoRA / DoRA the add rides in the second small GEMM (addmm)."""
+        if self.kind not in LOW_RANK_KINDS:
+            return base + self._delta(xd)
+        dt = xd.dtype
+        u = F.linear(xd, self.lora_A.to(dt)) * self.scaling  # [..., r]
+        out = torch.addmm(base.reshape(-1, base.shape[-1]), u.reshape(-1, u.shape[-1]), self.lora_B.to(dt).T)
+        return out.view(base.shape)
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW as a dense [out, in] fp32 tensor (merge and analysis only)."""
         if self.kind == "magnitude":
@@ -200,15 +208,17 @@ class AdaptedLinear(nn.Module):
             merged = self._merge_state.get("dense")
             return merged(x) if merged is not None else self.base_layer(x)
         if self.kind not in MAGNITUDE_KINDS:  # lora, vera
-            return self.base_layer(x) + self._delta(self.dropout(x))
+            return self._plus_delta(self.base_layer(x), self.dropout(x))
         g = self.magnitude_scale()
         bias = self.base_layer.bias
         if self.kind != "magnitude" and self.dropout_mode == "delta" and self.training and self.dropout.p > 0:
             xd = self.dropout(x)
             gx = g.to(x.dtype)
             return self.base_layer(x) + (gx - 1) * base_matmul(self.base_layer, xd) + gx * self._delta(xd)
-        delta = None if self.kind == "magnitude" else self._delta(self.dropout(x))
-        return _DoraScale.apply(base_matmul(self.base_layer, x), delta, g, bias, self.keep_z)
+        z = base_matmul(self.base_layer, x)
+        if self.kind != "magnitude":
+            z = self._plus_delta(z, self.dropout(x))
+        return _DoraScale.apply(z, g, bias, self.keep_z)
 
     # ---- merge ----------------------------------------------------------------------------------
     @torch.no_grad()
