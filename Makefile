@@ -33,7 +33,7 @@ test-slow: setup fetch-model
 
 # SIGKILL at random points and during checkpoint writes; resumed runs must be bitwise identical.
 test-kill: setup
-	$(BIN)/python -m pytest -q -m kill --durations=0
+	DORA_KILL_REPORT=bench/results/kill_loop.json $(BIN)/python -m pytest -q -m kill --durations=0
 
 test-all: test test-kill test-slow
 
