@@ -183,3 +183,22 @@ def test_a_live_lock_refuses_a_second_run_and_a_dead_one_is_taken_over(tmp_path)
         sleeper.wait()
     train_inproc(out, "train.max_steps=2")  # the owner is dead: its lock is stale
     assert (out / "final").is_dir() and not (out / ".lock").exists()
+
+
+# ---- 7. safety: nothing reaches a shell, nothing unsafe is deserialised ------------------------------
+def test_the_code_has_no_shell_and_no_unsafe_loader():
+    """A recipe value can only reach argv lists; checkpoints are read by safetensors or weights_only."""
+    import re
+
+    risky = re.compile(r"shell\s*=\s*True|os\.system\(|os\.popen\(|yaml\.unsafe_load|yaml\.load\((?!text, Loader=RecipeLoader)"
+                       r"|pickle\.loads?\(|torch\.load\((?![^)]*weights_only=True)")
+    hits = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in sorted((ROOT / "dora_cli").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if risky.search(line)
+    ]
+    assert hits == []
+    from dora_cli.recipe import RecipeLoader
+
+    assert issubclass(RecipeLoader, __import__("yaml").SafeLoader)
