@@ -43,7 +43,7 @@ def _check_suite_inputs(recipe: Recipe) -> None:
     if cfg.suite == "commonsense":
         from dora_cli.eval.tasks import load_task, validate_tasks
 
-        for task in validate_tasks(cfg.tasks):
+        for task in validate_tasks(cfg.tasks, cfg.data_dir):
             load_task(task, cfg.data_dir, cfg.limit)
     elif cfg.suite == "mt_bench":
         from dora_cli.eval.mtbench import load_questions

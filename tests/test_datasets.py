@@ -56,17 +56,23 @@ def _load_script(name: str):
 
 
 def test_demo_data_is_what_its_script_writes():
-    train, test = _load_script("make_demo_data").build()
+    module = _load_script("make_demo_data")
+    train, test = module.build()
     assert json.loads((DEMO / "train.json").read_text()) == train
     assert json.loads((DEMO / "test.json").read_text()) == test
     assert len(train) == 1000 and len(test) == 200
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in test}
     for split in (train, test):
-        counts = {f"answer{k}": 0 for k in range(1, 5)}
-        for r in split:
-            assert r["output"] == f"the correct answer is {r['answer']}"
-            counts[r["answer"]] += 1
-        assert len(set(counts.values())) == 1  # the correct position is exactly uniform
+        assert all(r["output"] == f"the correct answer is {r['answer']}" for r in split)
+        assert all(r["instruction"].endswith("\n\nAnswer format: true/false") for r in split)
+        assert sum(r["answer"] == "true" for r in split) == sum(r["answer"] == "false" for r in split)
+
+    def adjectives(split):
+        return {w.strip('.!"') for r in split for w in r["instruction"].split('"')[1].split()} & {
+            *module.POSITIVE, *module.NEGATIVE}
+
+    unseen = adjectives(test) - adjectives(train)  # words the adapter never saw in training
+    assert len(unseen) == 2 * module.HELD_OUT_PER_POLARITY
 
 
 def test_smoke_data_is_what_its_script_writes():

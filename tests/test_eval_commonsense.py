@@ -223,6 +223,7 @@ def test_resume_after_interruption_does_not_recompute(model, tok, data_root, tmp
     calls.clear()
     again = evaluate_commonsense(model, tok, out, **{**kwargs, "batch_size": 3})  # batch size is not a setting
     assert calls == [] and again["tasks"] == resumed["tasks"]
+    assert resumed["examples_per_s"]["piqa"] > 0 and again["examples_per_s"] == {"boolq": None, "piqa": None}
 
     fresh = evaluate_commonsense(model, tok, tmp_path / "fresh", **kwargs)
     assert fresh["tasks"] == resumed["tasks"]

@@ -27,6 +27,7 @@ unless `overwrite=True`, which discards them. The batch size is not a setting of
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 from dora_cli.errors import UserError, one_of
@@ -99,7 +100,7 @@ def evaluate_commonsense(
         raise UserError(f"unknown mode {mode!r}, expected {one_of(MODES)}", where="eval.mode")
     if batch_size < 1 or num_beams < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
         raise UserError("batch_size, num_beams, max_new_tokens and limit must be positive", where="eval")
-    tasks = validate_tasks(list(tasks))
+    tasks = validate_tasks(list(tasks), data_dir)
     if expected:
         unknown = [k for k in expected if k not in TASKS and k != "avg"]
         if unknown:
@@ -114,6 +115,7 @@ def evaluate_commonsense(
 
     model.eval()
     per_task: dict[str, dict] = {}
+    speed: dict[str, float | None] = {}
     total = sum(len(v) for v in examples.values())
     with progress_bar(progress) as bar:
         job = bar.add_task("commonsense", total=total)
@@ -124,6 +126,7 @@ def evaluate_commonsense(
             bar.update(job, description=task, advance=len(examples[task]) - len(todo))
             # Longest prompts first: batches of similar length pad little. Order does not change results.
             todo.sort(key=lambda e: -len(encode(tokenizer, eval_prompt(e.instruction))))
+            started = time.perf_counter()
             for i in range(0, len(todo), batch_size):
                 batch = todo[i : i + batch_size]
                 records = predict_examples(
@@ -133,6 +136,9 @@ def evaluate_commonsense(
                 done.update((r["id"], r) for r in records)
                 bar.update(job, advance=len(batch))
             per_task[task] = task_metrics([done[e.id] for e in examples[task]])
+            # Throughput of this run's predictions (None when every one was resumed from disk).
+            elapsed = time.perf_counter() - started
+            speed[task] = round(len(todo) / elapsed, 3) if todo and elapsed > 0 else None
 
     settings = {
         "mode": mode, "prompt": PROMPT, "num_beams": num_beams if mode == "generate" else None,
@@ -140,7 +146,7 @@ def evaluate_commonsense(
         "limit": limit, "tasks": tasks, "data_dir": None if data_dir is None else str(data_dir),
         "model": model_name or description, "model_description": description,
     }
-    metrics = summarize(per_task, settings, expected)
+    metrics = {**summarize(per_task, settings, expected), "examples_per_s": speed}
     write_json(out / "metrics.json", metrics)
     write_atomic(out / "results.md", results_table(metrics, model_name or description))
     return metrics

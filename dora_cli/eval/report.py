@@ -42,13 +42,14 @@ def _cell(value: float | None) -> str:
 
 def results_table(metrics: dict, model_label: str, paper_label: str = "paper") -> str:
     """Markdown in the layout of the paper's Table 1: a row for this model, and one for the paper's numbers."""
-    columns = [spec.column for spec in TASKS.values()] + ["Avg"]
+    names = [*TASKS, *(t for t in metrics["tasks"] if t not in TASKS)]  # the eight, then custom tasks
+    columns = [TASKS[t].column if t in TASKS else t for t in names] + ["Avg"]
     lines = ["| Model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    ours = [metrics["tasks"].get(t, {}).get("accuracy") for t in TASKS] + [metrics["average"]]
+    ours = [metrics["tasks"].get(t, {}).get("accuracy") for t in names] + [metrics["average"]]
     lines.append(f"| {model_label} | " + " | ".join(_cell(v) for v in ours) + " |")
     expected = metrics.get("expected") or {}
     if expected:
-        paper = [expected.get(t) for t in TASKS] + [expected.get("avg")]
+        paper = [expected.get(t) for t in names] + [expected.get("avg")]
         lines.append(f"| {paper_label} | " + " | ".join(_cell(v) for v in paper) + " |")
     evaluated = ", ".join(metrics["tasks"]) or "none"
     settings = metrics.get("settings", {})

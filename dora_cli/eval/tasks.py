@@ -9,6 +9,13 @@ Test sets are read in the LLM-Adapters layout `<root>/<task>/test.json` (a JSON 
 `{"instruction", "input", "output", "answer"}` records) from a local directory, or from a Hugging
 Face dataset repository with the same layout (`hf://owner/name`, or `owner/name` when no such local
 directory exists).
+
+Custom tasks: a name that is not one of the eight is accepted when the data directory is local and
+holds `<root>/<name>/test.json` (e.g. `--data-dir data --tasks demo` reads data/demo/test.json). Its
+answers are the options of the records' `Answer format: a/b/c` lines (all the lines' options, in the
+order first seen) and its pattern is their alternation (`answer1|answer2|answer3|answer4`), applied
+like the built-in ones: case-sensitive, first match. `validate_tasks(..., data_dir)` and `load_task`
+register the spec under the name, so `extract_answer` / `spec_of` find it afterwards.
 """
 
 from __future__ import annotations
@@ -55,28 +62,94 @@ TASKS: dict[str, TaskSpec] = {
 
 _FORMAT_LINE = re.compile(r"Answer format:\s*(\S+)\s*$")
 
+# Custom tasks seen by `validate_tasks` / `load_task` with a data directory: name -> spec (the latest wins).
+_CUSTOM: dict[str, TaskSpec] = {}
+
+
+def spec_of(task: str) -> TaskSpec:
+    """The spec of a built-in task, or of a custom task already validated with its data directory."""
+    if task in TASKS:
+        return TASKS[task]
+    if task in _CUSTOM:
+        return _CUSTOM[task]
+    raise UserError(f'unknown task "{task}"; valid tasks: {one_of(TASKS)}')
+
 
 def extract_answer(task: str, text: str) -> str:
     """The first match of the task's pattern in the response part of `text`, or "" (= wrong)."""
-    match = re.search(TASKS[task].pattern, response_of(text))
+    match = re.search(spec_of(task).pattern, response_of(text))
     return match.group(0) if match else ""
 
 
-def validate_tasks(tasks: list[str] | tuple[str, ...]) -> list[str]:
-    """The task names in order, without repeats; an unknown name is a UserError listing the valid ones."""
+def _local_root(data_dir: str | Path | None) -> Path | None:
+    """The data directory when it is a local directory (custom tasks are local only), else None."""
+    if data_dir is None or _is_hub_name(str(data_dir)):
+        return None
+    root = Path(str(data_dir)).expanduser()
+    return root if root.is_dir() else None
+
+
+def custom_task(task: str, data_dir: str | Path | None) -> TaskSpec | None:
+    """The spec of a custom task: `<data_dir>/<task>/test.json` exists locally, None when it does not.
+
+    Labels: the options of every record's `Answer format:` line, in the order first seen; the pattern
+    is their alternation (longer labels first, so that `answer1` never shadows `answer10`). A file
+    whose records name no answer format is a UserError.
+    """
+    root = _local_root(data_dir)
+    if root is None or not task or task in (".", "..") or "/" in task or "\\" in task:
+        return None
+    path = root / task / "test.json"
+    if not path.is_file():
+        return None
+    labels: list[str] = []
+    for rec in _read_records(path):
+        instruction = rec.get("instruction") if isinstance(rec, dict) else None
+        match = _FORMAT_LINE.search(instruction) if isinstance(instruction, str) else None
+        if match:
+            labels += [o for o in match.group(1).split("/") if o and o not in labels]
+    if len(labels) < 2:
+        raise UserError(
+            f"custom task {task}: cannot infer its answers: no record's instruction ends with an "
+            "'Answer format: a/b/...' line naming two or more answers",
+            where=str(path),
+        )
+    pattern = "|".join(re.escape(x) for x in sorted(labels, key=len, reverse=True))
+    spec = TaskSpec(task, task, pattern, tuple(labels))
+    _CUSTOM[task] = spec
+    return spec
+
+
+def validate_tasks(tasks: list[str] | tuple[str, ...], data_dir: str | Path | None = None) -> list[str]:
+    """The task names in order, without repeats; an unknown name is a UserError listing the valid ones.
+
+    With `data_dir`, a name outside the eight is a custom task when `<data_dir>/<name>/test.json`
+    exists (see `custom_task`).
+    """
     out: list[str] = []
     for t in tasks:
-        if t not in TASKS:
-            by_lower = {name.lower(): name for name in TASKS}  # "arc-easy" suggests "ARC-Easy"
-            hint = did_you_mean(str(t).lower(), by_lower)
-            for low, name in by_lower.items():
-                hint = hint.replace(f'"{low}"', f'"{name}"')
-            raise UserError(f'unknown task "{t}"{hint}; valid tasks: {one_of(TASKS)}')
+        if t not in TASKS and custom_task(str(t), data_dir) is None:
+            raise UserError(_unknown_task_message(str(t), data_dir))
         if t not in out:
             out.append(t)
     if not out:
         raise UserError(f"no task given; valid tasks: {one_of(TASKS)}")
     return out
+
+
+def _unknown_task_message(task: str, data_dir: str | Path | None) -> str:
+    root = _local_root(data_dir)
+    present = sorted(p.name for p in root.iterdir() if (p / "test.json").is_file() and p.name not in TASKS) if root else []
+    by_lower = {name.lower(): name for name in [*TASKS, *present]}  # "arc-easy" suggests "ARC-Easy"
+    hint = did_you_mean(task.lower(), by_lower)
+    for low, name in by_lower.items():
+        hint = hint.replace(f'"{low}"', f'"{name}"')
+    msg = f'unknown task "{task}"{hint}; valid tasks: {one_of(TASKS)}'
+    if present:
+        msg += f"; custom tasks in {root}: {one_of(present)}"
+    elif root is not None:
+        msg += f" (or a custom task: {root / task / 'test.json'} with 'Answer format:' lines)"
+    return msg
 
 
 @dataclass(frozen=True)
@@ -92,7 +165,7 @@ class Example:
 
 def candidates_of(task: str, instruction: str) -> tuple[str, ...]:
     """The answers an instruction offers (`Answer format: answer1/answer2/answer3`), else the task's labels."""
-    spec = TASKS[task]
+    spec = spec_of(task)
     match = _FORMAT_LINE.search(instruction)
     if match:
         offered = tuple(match.group(1).split("/"))
@@ -151,8 +224,8 @@ def task_file(task: str, data_dir: str | Path | None) -> Path:
     return path
 
 
-def read_examples(task: str, path: Path, limit: int | None = None) -> list[Example]:
-    """Parse and check a test.json of `task`; a malformed record is a UserError naming file and index."""
+def _read_records(path: Path) -> list:
+    """The JSON list of a test file; unreadable, not a list or empty is a UserError."""
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -161,7 +234,13 @@ def read_examples(task: str, path: Path, limit: int | None = None) -> list[Examp
         raise UserError("expected a JSON list of {instruction, answer} records", where=str(path))
     if not records:
         raise UserError("the test set is empty", where=str(path))
-    spec = TASKS[task]
+    return records
+
+
+def read_examples(task: str, path: Path, limit: int | None = None) -> list[Example]:
+    """Parse and check a test.json of `task`; a malformed record is a UserError naming file and index."""
+    records = _read_records(path)
+    spec = spec_of(task)
     examples = []
     for i, rec in enumerate(records[:limit] if limit else records):
         if not isinstance(rec, dict):
@@ -182,6 +261,6 @@ def read_examples(task: str, path: Path, limit: int | None = None) -> list[Examp
 
 
 def load_task(task: str, data_dir: str | Path | None, limit: int | None = None) -> list[Example]:
-    """The first `limit` (all when None) examples of a task's test set, checked."""
-    validate_tasks([task])
+    """The first `limit` (all when None) examples of a task's test set (built-in or custom), checked."""
+    validate_tasks([task], data_dir)
     return read_examples(task, task_file(task, data_dir), limit)
