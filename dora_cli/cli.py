@@ -5,14 +5,12 @@ Each command module is imported inside its command so that `dora --help` stays f
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from dora_cli.errors import UserError
+from dora_cli.errors import run_main
 
 app = typer.Typer(
     name="dora",
@@ -135,16 +133,7 @@ def analyze(
 
 
 def main() -> None:
-    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # our own one-line errors say what failed
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        app()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(app)
 
 
 if __name__ == "__main__":

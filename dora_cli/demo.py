@@ -39,7 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-from dora_cli.errors import UserError
+from dora_cli.errors import UserError, run_main
+from dora_cli.eval.files import write_atomic, write_json
 
 DEFAULT_RECIPE = "recipes/smollm2_demo.yaml"
 DEFAULT_OUT = "runs/demo"
@@ -57,12 +58,6 @@ def log(message: str) -> None:
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ==================================================================================================
@@ -264,7 +259,7 @@ def run_demo(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path = DEFAULT
     load_start = os.getloadavg()
 
     state = {"recipe": str(recipe_path), "fingerprint": fingerprint, "phases": dict(reused)}
-    _write_json(out / STATE_NAME, state)  # claims OUT for this recipe before any phase writes
+    write_json(out / STATE_NAME, state)  # claims OUT for this recipe before any phase writes
 
     ran: set[str] = set()
     for i, phase in enumerate(PHASES, 1):
@@ -288,7 +283,7 @@ def run_demo(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path = DEFAULT
             record = phase_merged(recipe, out, stale)
         record["seconds"] = round(time.perf_counter() - t0, 1)
         state["phases"][phase] = record
-        _write_json(out / STATE_NAME, state)
+        write_json(out / STATE_NAME, state)
         ran.add(phase)
         log(f"{tag}: done in {_duration(record['seconds'])}")
 
@@ -302,8 +297,8 @@ def run_demo(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path = DEFAULT
         "cpu_count": os.cpu_count(),
     }
     text = table(doc)
-    _write_json(out / "demo.json", doc)
-    (out / "demo.md").write_text(text)
+    write_json(out / "demo.json", doc)
+    write_atomic(out / "demo.md", text)
     log("")
     log(text.rstrip())
     log(f"\n(table in {out / 'demo.md'} and {out / 'demo.json'}; the adapter in {out / 'train' / 'final'}, "
@@ -333,16 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--overwrite", action="store_true", help="start over: redo every phase, replace its outputs")
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        run_demo(args.recipe, args.out, overwrite=args.overwrite)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue", file=sys.stderr)
-        sys.exit(130)
+    run_main(lambda: run_demo(args.recipe, args.out, overwrite=args.overwrite),
+             interrupted="interrupted: run the same command again to continue")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Every other exception is a bug in dora_cli and keeps its traceback.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import os
+import sys
+from collections.abc import Callable, Iterable
 
 
 class UserError(Exception):
@@ -39,3 +41,17 @@ class RunFailure(UserError):
     """A run that cannot go on (a non-finite loss, a failed write): one line, exit status 1."""
 
     exit_code = 1
+
+
+def run_main(body: Callable[[], object], interrupted: str = "interrupted") -> None:
+    """Run a command-line entry point: a UserError is one line on stderr and its exit status, Ctrl-C 130."""
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # our own one-line errors say what failed
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        body()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        sys.exit(130)
