@@ -57,6 +57,15 @@ def smollm2_dir() -> Path:
     return SMOLLM2_DIR
 
 
+@pytest.fixture
+def real_recipe_env(smollm2_dir, shared_data, monkeypatch) -> tuple[Path, Path]:
+    """The shipped SmolLM2 recipes' environment: cwd the repository, SMOLLM2_DIR and DORA_SHARED_DATA set."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("SMOLLM2_DIR", str(smollm2_dir))
+    monkeypatch.setenv("DORA_SHARED_DATA", str(shared_data))
+    return smollm2_dir, shared_data
+
+
 def run_dora(*args, timeout=600, check=True, **kw):
     """`python -m dora_cli.cli ARGS` from the repository root, as a user would run it."""
     import subprocess

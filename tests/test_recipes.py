@@ -319,13 +319,10 @@ def test_the_math_eval_reads_the_gold_number_from_orca_answers():
 
 
 @pytest.mark.slow
-def test_loss_decreases_on_a_smollm2_dora_run_of_50_steps(smollm2_dir, shared_data, tmp_path, monkeypatch):
+def test_loss_decreases_on_a_smollm2_dora_run_of_50_steps(real_recipe_env, tmp_path):
     """The issue's slow test: recipes/smollm2_arc_easy.yaml as shipped (SmolLM2-135M, DoRA, 50 steps)."""
     from dora_cli.train import run_train
 
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("SMOLLM2_DIR", str(smollm2_dir))
-    monkeypatch.setenv("DORA_SHARED_DATA", str(shared_data))
     out = tmp_path / "run"
     run_train(RECIPE_DIR / "smollm2_arc_easy.yaml", [f"output_dir={out}", "train.save_every=null"])
     metrics = json.loads((out / "metrics.json").read_text())
