@@ -1,8 +1,8 @@
 """SIGKILL at arbitrary points: training, evaluation and sweeps pick up where they were, losing nothing.
 
-`make test-kill` (CI runs it once after `make test`). Kill points are random times and the moments a
-checkpoint is being written (a temporary directory exists); each trained run ends bitwise equal to
-an uninterrupted one.
+`make test-kill` (CI runs it once after `make test`). Kill points are random moments of a random step
+after the newest checkpoint and the moments a checkpoint is being written (a temporary directory
+exists); each trained run ends bitwise equal to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from conftest import ROOT, run_dora
 from safetensors.torch import load_file
 
 from dora_cli import rundir
+from dora_cli.recipe import load_recipe
 
 pytestmark = pytest.mark.kill
 
@@ -50,9 +52,22 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> bool:
     return True
 
 
+def writing_checkpoint(out: Path, k: int, pid: int) -> bool:
+    """Process `pid` is writing checkpoint-<s>, s >= k (its temporary directory exists)."""
+    return any(int(p.name.split("-")[2]) >= k for p in out.glob(f".tmp-checkpoint-*-{pid}"))
+
+
+def after_checkpoint(out: Path, k: int, delay: float, seen: list) -> bool:
+    """`delay` seconds have passed since checkpoint-<s>, s >= k, was first seen complete."""
+    if not seen and any(step >= k for step, _ in rundir.checkpoints(out)):
+        seen.append(time.time())
+    return bool(seen) and time.time() - seen[0] > delay
+
+
 def test_sigkill_at_random_points_and_during_checkpoint_writes(smoke_run, tmp_path):
     rng = random.Random(1234)
     args = ["train.save_every=1", "train.keep_last=2"]
+    steps = load_recipe(ROOT / SMOKE).train.max_steps
     reference = load_file(str(smoke_run / "final" / "adapter_model.safetensors"))
     log = []
     for trial in range(KILL_POINTS):
@@ -60,15 +75,15 @@ def test_sigkill_at_random_points_and_during_checkpoint_writes(smoke_run, tmp_pa
         cmd = ["train", SMOKE, f"output_dir={out}", *args]
         during_write = trial % 2 == 0
         for attempt in range(2):  # killed twice, then left to finish
+            # The kill point is a step past the newest checkpoint, so it falls inside this attempt's
+            # training whatever the machine's speed: k random in the next 1-8 steps.
+            done = max((step for step, _ in rundir.checkpoints(out)), default=0)
+            k = min(done + rng.randint(1, 8), steps - 1)
             proc = start(*cmd, *(["--resume"] if attempt else []))
-            if during_write:  # while checkpoint-(k+1) is being written, k random
-                k = rng.randint(1, 20)
-                ready = lambda k=k, out=out: (  # noqa: E731
-                    any(s >= k for s, _ in rundir.checkpoints(out)) and any(out.glob(".tmp-checkpoint-*"))
-                )
-            else:
-                t0, delay = time.time(), rng.uniform(2.0, 8.0)
-                ready = lambda t0=t0, delay=delay: time.time() - t0 > delay  # noqa: E731
+            if during_write:  # while this process writes checkpoint-k or a later one
+                ready = partial(writing_checkpoint, out, k, proc.pid)
+            else:  # a random moment of the step after checkpoint-k
+                ready = partial(after_checkpoint, out, k, rng.uniform(0.0, 0.3), [])
             killed = kill_when(proc, ready)
             leftovers = [p.name for p in out.glob(".tmp-*")]
             intact = [p.name for _, p in rundir.checkpoints(out) if rundir.verify(p) is None]
