@@ -255,7 +255,7 @@ def _check_trial_dir(trial: Trial) -> None:
     """A trial directory holding a run of another recipe (an override changed since) is not resumed into."""
     from pydantic import ValidationError
 
-    from dora_cli.train import identity
+    from dora_cli.train import first_difference, identity
 
     saved = trial.dir / "recipe.yaml"
     if not saved.is_file():
@@ -267,17 +267,9 @@ def _check_trial_dir(trial: Trial) -> None:
     mine, theirs = identity(trial.recipe), identity(previous)
     if mine != theirs:
         raise UserError(
-            f"{trial.dir}: holds a trial of a different recipe ({_first_difference(mine, theirs)} differs); "
+            f"{trial.dir}: holds a trial of a different recipe ({first_difference(mine, theirs)} differs); "
             "delete the directory to redo the trial with the new settings, or choose another output_dir"
         )
-
-
-def _first_difference(a, b, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-    return prefix.rstrip(".") or "the recipe"
 
 
 # ==================================================================================================

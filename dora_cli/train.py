@@ -111,7 +111,7 @@ def _check_output_dir(recipe: Recipe, output_dir: Path, *, resume: bool, overwri
         ) from None
     mine, theirs = identity(recipe), identity(previous)
     if mine != theirs:
-        key = _first_difference(mine, theirs)
+        key = first_difference(mine, theirs)
         raise UserError(
             f"{output_dir}: holds a run of a different recipe ({key} differs); "
             "choose another output_dir or pass --overwrite to replace it"
@@ -120,11 +120,12 @@ def _check_output_dir(recipe: Recipe, output_dir: Path, *, resume: bool, overwri
         raise UserError(f"{output_dir}: holds a run of this recipe; pass --resume to continue it or --overwrite to start over")
 
 
-def _first_difference(a, b, prefix: str = "") -> str:
+def first_difference(a, b, prefix: str = "") -> str:
+    """The dotted key of the first difference between two recipe documents ("the recipe" at the top)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in list(a) + [k for k in b if k not in a]:
             if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+                return first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
     return prefix.rstrip(".") or "the recipe"
 
 

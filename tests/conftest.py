@@ -11,6 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SMOLLM2_DIR = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
+TINY_TOKENIZER = ROOT / "data" / "tiny_tokenizer"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,6 +42,26 @@ def tiny_llama(seed: int = 0, **overrides):
 @pytest.fixture
 def tiny_model():
     return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The project's tiny byte-level tokenizer (data/tiny_tokenizer, vocab 512)."""
+    from transformers import AutoTokenizer
+
+    if not (TINY_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip("data/tiny_tokenizer is absent (data/make_tiny_tokenizer.py)")
+    return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for the module: tiny models run much faster without a thread wake-up per small
+    op, on a busy machine too. Opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

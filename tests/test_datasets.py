@@ -19,13 +19,6 @@ SMOKE = ROOT / "data" / "smoke"
 DEMO = ROOT / "data" / "demo"
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(ROOT / "data" / "tiny_tokenizer"))
-
-
 def cfg(*paths, **kwargs) -> DataConfig:
     sources = [p if isinstance(p, DataSource) else DataSource(path=str(p)) for p in paths]
     return DataConfig(sources=sources, **kwargs)

@@ -20,26 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "data" / "smoke" / "commonsense"
 FAST = dict(num_beams=2, max_new_tokens=6, progress=False)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread (no thread wake-ups per small op), on a busy machine too."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    path = ROOT / "data" / "tiny_tokenizer"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip("data/tiny_tokenizer is absent (data/make_tiny_tokenizer.py)")
-    return AutoTokenizer.from_pretrained(str(path))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

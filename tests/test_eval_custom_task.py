@@ -110,10 +110,7 @@ def test_custom_task_without_answer_format_or_with_a_foreign_answer_is_a_user_er
         validate_tasks(["broken"], tmp_path)
 
 
-def test_custom_task_evaluates_end_to_end_in_both_modes(quiz, tmp_path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(ROOT / "data" / "tiny_tokenizer"))
+def test_custom_task_evaluates_end_to_end_in_both_modes(quiz, tok, tmp_path):
     model = tiny_llama(vocab_size=512)
     for mode in ("loglik", "generate"):
         m = evaluate_commonsense(

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_llama
 
 from dora_cli.errors import UserError
@@ -21,23 +20,7 @@ RECORDS = [
     {"question": "Half of 9?", "answer": "9 / 2 = 4.5"},
 ]
 
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    path = ROOT / "data" / "tiny_tokenizer"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip("data/tiny_tokenizer is absent")
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write(path: Path, rows) -> Path:

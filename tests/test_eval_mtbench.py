@@ -51,6 +51,8 @@ JUDGE_PROMPTS = [
      "prompt_template": "[Ref] {ref_answer_1} | {ref_answer_2} [/Ref]\n" + MULTI, "output_format": "[[rating]]"},
 ]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,27 +67,6 @@ def bench_files(tmp_path) -> Path:
     write_jsonl(d / "judge_prompts.jsonl", JUDGE_PROMPTS)
     write_jsonl(d / "reference_answer" / "gpt-4.jsonl", REFS)
     return d
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread (no thread wake-ups per small op), on a busy machine too."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    path = ROOT / "data" / "tiny_tokenizer"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip("data/tiny_tokenizer is absent (data/make_tiny_tokenizer.py)")
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 @pytest.fixture(scope="module")
