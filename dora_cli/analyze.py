@@ -24,41 +24,36 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dora_cli.adapters.layers import VERA_KINDS
-from dora_cli.errors import UserError, did_you_mean
-from dora_cli.merge import (
+from dora_cli.adapters import METHODS, linear_module_names, matches, read_adapter_config
+from dora_cli.checkpoints import (
     Base,
     Checkpoint,
-    adapter_base_model,
     check_fits,
     fold,
     inspect_checkpoint,
-    plan_stream,
     read_adapter,
     read_recipe,
+    read_shapes,
+    read_tensors,
     resolve_base,
-    shard_map,
 )
+from dora_cli.console import say
+from dora_cli.errors import UserError, did_you_mean
+from dora_cli.files import atomic_file, write_json
 
 JSON_NAME = "analysis.json"
 PNG_NAME = "analysis.png"
 STATE_FILE = Path("trainer_state") / "state.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LAYER_RE = re.compile(r"\.(\d+)\.")
-DISPLAY = {"full": "FT", "lora": "LoRA", "dora": "DoRA", "vera": "VeRA", "dvora": "DVoRA"}
+DISPLAY = {"full": "FT", **{name: m.display for name, m in METHODS.items()}}
 PAPER = {"model": "VL-BART", "FT": -0.62, "DoRA": -0.31, "LoRA": 0.83}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ==================================================================================================
@@ -84,7 +79,7 @@ def run_analyze(
 
     w0, shapes = base_weights(src, modules)  # the base, read once
     names = sorted(w0, key=_order)
-    log(f"analysing {len(names)} modules of {src.description} in {len(ckpts)} checkpoints")
+    say(f"analysing {len(names)} modules of {src.description} in {len(ckpts)} checkpoints")
 
     points: list[dict] = []
     for c in ckpts:
@@ -92,12 +87,12 @@ def run_analyze(
 
     result = summarize(ckpts, points, src, modules)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / JSON_NAME, lambda p: Path(p).write_text(json.dumps(result, indent=2) + "\n"))
-    _write_atomic(out / PNG_NAME, lambda p: plot(result, p))
+    write_json(out / JSON_NAME, result)
+    atomic_file(out / PNG_NAME, lambda p: plot(result, p))
     for label, g in result["methods"].items():
         corr = "n/a" if g["correlation"] is None else f"{g['correlation']:+.3f}"
-        log(f"{label}: {len(g['points'])} points, corr(ΔD, ΔM) = {corr}")
-    log(f"wrote {out / JSON_NAME} and {out / PNG_NAME}")
+        say(f"{label}: {len(g['points'])} points, corr(ΔD, ΔM) = {corr}")
+    say(f"wrote {out / JSON_NAME} and {out / PNG_NAME}")
     return result
 
 
@@ -135,16 +130,10 @@ def describe(path: Path) -> Analysed:
     elif ckpt.kind == "full":
         method = "full"
     else:
-        method = read_adapter_config_method(path)
+        method = read_adapter_config(path)[0].method
     named = CHECKPOINT_RE.match(path.name) or path.name == "final"
     run = path.resolve().parent if named else path.resolve()
     return Analysed(ckpt, method, run, checkpoint_step(path))
-
-
-def read_adapter_config_method(path: Path) -> str:
-    from dora_cli.adapters.checkpoint import read_adapter_config
-
-    return read_adapter_config(path)[0].method
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -179,7 +168,7 @@ def _dedupe_and_group(ckpts: list[Analysed]) -> list[Analysed]:
     for c in ckpts:
         key = (c.run, c.step, c.method) if c.step is not None else (c.ckpt.path.resolve(),)
         if key in seen:
-            log(f"skipping {c.ckpt.path}: same run and step as {seen[key]}")
+            say(f"skipping {c.ckpt.path}: same run and step as {seen[key]}")
             continue
         seen[key] = c.ckpt.path
         kept.append(c)
@@ -201,19 +190,14 @@ def _dedupe_and_group(ckpts: list[Analysed]) -> list[Analysed]:
 
 def _common_base(ckpts: list[Analysed], base: str | None) -> Base:
     """The one base every checkpoint was trained on (--base, else their recipes / adapter configs must agree)."""
-    def adapter_base(c: Analysed) -> str | None:
-        if c.ckpt.kind != "adapter":
-            return None
-        return adapter_base_model(c.ckpt.path)
-
     first = ckpts[0]
     if base is not None:
-        return resolve_base(first.ckpt, adapter_base(first), base)
+        return resolve_base(first.ckpt, base)
     resolved = []
     for c in ckpts:
         if c.ckpt.recipe is None and c.ckpt.kind == "full":
             raise UserError(f"{c.ckpt.path}: a full fine-tuning checkpoint without recipe.yaml: pass --base MODEL")
-        resolved.append((c, resolve_base(c.ckpt, adapter_base(c), None)))
+        resolved.append((c, resolve_base(c.ckpt)))
     key = lambda b: (b.model.name_or_path, b.model.config, b.model.tokenizer, b.model.quantization.mode)  # noqa: E731
     for c, b in resolved[1:]:
         if key(b) != key(resolved[0][1]):
@@ -234,8 +218,6 @@ def _order(name: str) -> tuple:
 
 def select(names: list[str], patterns: list[str]) -> list[str]:
     """Module names matched by the patterns (PEFT's rule: a name, a dotted suffix, or a full regex)."""
-    from dora_cli.adapters.inject import matches
-
     chosen = []
     for pattern in patterns:
         hits = [n for n in names if matches(n, pattern)]
@@ -252,14 +234,12 @@ def select(names: list[str], patterns: list[str]) -> list[str]:
 def base_weights(src: Base, patterns: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
     """({module: W0 as the trained forward saw it}, {module: weight shape} of every linear module)."""
     if src.directory is not None:
-        plan = plan_stream(src.directory, None)
-        shapes = {n: s for n, s in plan.shapes.items() if len(s) == 2}
+        shapes = {n: s for n, s in read_shapes(src.directory).shapes.items() if len(s) == 2}
         chosen = select(list(shapes), patterns)
         tensors = read_tensors(src.directory, [f"{n}.weight" for n in chosen])
         return {n: _cast(tensors[f"{n}.weight"], src.cast) for n in chosen}, shapes
 
     from dora_cli.adapters.base_ops import dequantized_weight
-    from dora_cli.adapters.inject import linear_module_names
     from dora_cli.models import load_model
 
     model, _ = load_model(src.model, for_training=False)
@@ -275,32 +255,6 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
-def read_tensors(directory: Path, keys: list[str]) -> dict[str, torch.Tensor]:
-    """Just these tensors of a safetensors model directory (single file or sharded)."""
-    from safetensors import safe_open
-
-    shards, sharded = shard_map(directory)
-    where: dict[str, str] = {}
-    for name, names in shards.items():
-        for k in names:
-            where[k] = name
-    out: dict[str, torch.Tensor] = {}
-    by_file: dict[str, list[str]] = {}
-    for key in keys:
-        name = where.get(key, "model.safetensors" if not sharded else None)
-        if name is None:
-            raise UserError(f"{directory}: holds no tensor {key}")
-        by_file.setdefault(name, []).append(key)
-    for name, wanted in by_file.items():
-        with safe_open(str(directory / name), framework="pt") as f:
-            present = set(f.keys())
-            for key in wanted:
-                if key not in present:
-                    raise UserError(f"{directory}: holds no tensor {key} (is it a full fine-tuning checkpoint of this base?)")
-                out[key] = f.get_tensor(key)
-    return out
-
-
 def effective_weights(c: Analysed, w0: dict[str, torch.Tensor], shapes: dict, names: list[str]) -> dict[str, torch.Tensor]:
     """{module: Wt in fp32} of the analysed modules the checkpoint changes."""
     if c.ckpt.kind == "full":
@@ -308,10 +262,10 @@ def effective_weights(c: Analysed, w0: dict[str, torch.Tensor], shapes: dict, na
         return {n: tensors[f"{n}.weight"].float() for n in names}
     adapter = read_adapter(c.ckpt.path)
     check_fits(adapter, shapes, base="the base")
-    vera = adapter.vera(shapes) if any(k in VERA_KINDS for k in adapter.modules.values()) else None
+    vera = adapter.vera(shapes)
     skipped = [n for n in names if n not in adapter.modules]
     if skipped:
-        log(f"{c.ckpt.path}: {len(skipped)} analysed modules have no adapter (for example {skipped[0]}); left out")
+        say(f"{c.ckpt.path}: {len(skipped)} analysed modules have no adapter (for example {skipped[0]}); left out")
     return {n: fold(w0[n], n, adapter, vera) for n in names if n in adapter.modules}
 
 
@@ -423,12 +377,3 @@ def plot(result: dict, path: str | Path) -> None:
     fig.suptitle(f"Weight decomposition: {', '.join(result['modules'])} of {Path(result['base']).name}", fontsize=10)
     fig.savefig(path, dpi=120, format="png")
 
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

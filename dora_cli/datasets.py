@@ -47,6 +47,7 @@ import torch
 
 from dora_cli import prompts
 from dora_cli.errors import UserError, did_you_mean, one_of
+from dora_cli.files import looks_local
 from dora_cli.recipe import DataConfig, DataSource
 
 IGNORE_INDEX = -100
@@ -96,7 +97,7 @@ def read_source(source: DataSource, fmt: str = "commonsense", where: str = "data
         files = _files_of_dir(path, source.split, where)
     elif path.is_file():
         files = [path]
-    elif _looks_local(source.path):
+    elif looks_local(source.path, DATA_SUFFIXES):
         raise UserError(f"{source.path}: no such file or directory{_near_names(path)}", where=f"{where}.path")
     else:
         rows = _load_hub(source.path, source.split, where=f"{where}.path")
@@ -231,14 +232,6 @@ def _files_of_dir(path: Path, split: str, where: str) -> list[Path]:
             where=f"{where}.path",
         )
     return files
-
-
-def _looks_local(name: str) -> bool:
-    """A path the user meant as local: a data-file suffix, an explicit path, or a parent that exists here."""
-    if name.endswith(DATA_SUFFIXES) or name.startswith(("/", "./", "../", "~")):
-        return True
-    parent = Path(name).expanduser().parent
-    return str(parent) not in ("", ".") and parent.is_dir()
 
 
 def _near_names(path: Path) -> str:

@@ -18,7 +18,7 @@ Every evaluation runs two protocols on the same questions, each a `dora eval` of
     loglik    the same with `eval.mode=loglik`: the answer X whose `the correct answer is X` is most
               likely (never "no answer": it shows what the model knows, whatever it writes)
 
-The evaluation code is `dora eval`'s (`load_for_eval` / `load_model`, `evaluate_commonsense_config`);
+The evaluation code is `dora eval`'s (`load_for_eval` / `load_model`, the commonsense suite of `eval.suites`);
 predictions and metrics go to OUT/eval-<phase>/<protocol>/. At the end: a table (phase, accuracy,
 no-answer rate, wall time) printed and written to OUT/demo.md and OUT/demo.json.
 
@@ -35,12 +35,12 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
+from dora_cli.console import stderr_is_terminal
 from dora_cli.errors import UserError, run_main
-from dora_cli.eval.files import write_atomic, write_json
+from dora_cli.files import write_json, write_text
 
 DEFAULT_RECIPE = "recipes/smollm2_demo.yaml"
 DEFAULT_OUT = "runs/demo"
@@ -49,10 +49,6 @@ PHASES = ("before", "train", "after", "merge", "merged")
 EVAL_PHASES = ("before", "after", "merged")
 PROTOCOLS = ("generate", "loglik")
 DEPENDS = {"after": "train", "merge": "train", "merged": "merge"}
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 def _duration(seconds: float) -> str:
@@ -123,22 +119,21 @@ def _previous_phases(out: Path, fingerprint: str, recipe_path, overwrite: bool) 
 # ==================================================================================================
 def _evaluate(model, tokenizer, recipe, out_dir: Path, label: str, overwrite: bool) -> dict:
     """Both protocols on a loaded model; per protocol the demo task's accuracy, no-answer rate, n."""
-    from dora_cli.eval.commonsense import evaluate_commonsense_config
+    from dora_cli.eval.suites import SuiteRun, suite_of
 
     results = {}
     for protocol in PROTOCOLS:
-        cfg = recipe.eval.model_copy(update={"mode": protocol})
-        metrics = evaluate_commonsense_config(
-            model, tokenizer, cfg, out_dir / protocol, model_name=label, overwrite=overwrite,
-            progress=sys.stderr.isatty(),
-        )
+        graded = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"mode": protocol})})
+        run = SuiteRun(graded, model, tokenizer, out_dir / protocol, model_name=label, model_id=label,
+                       overwrite=overwrite, progress=stderr_is_terminal())
+        metrics = suite_of(graded).run(run)
         tasks = metrics["tasks"]
         results[protocol] = {
             "accuracy": metrics["average"],
             "no_answer_rate": round(sum(m["no_answer_rate"] * m["n"] for m in tasks.values()) / sum(m["n"] for m in tasks.values()), 4),
             "n": sum(m["n"] for m in tasks.values()),
         }
-        log(f"         {protocol:8s} accuracy {results[protocol]['accuracy']:5.1f}%   "
+        print(f"         {protocol:8s} accuracy {results[protocol]['accuracy']:5.1f}%   "
             f"no answer {100 * results[protocol]['no_answer_rate']:5.1f}%   (n={results[protocol]['n']})")
     return results
 
@@ -157,14 +152,15 @@ def _model_name(recipe) -> str:
 
 
 def phase_train(recipe_path, out: Path, overwrite: bool) -> dict:
-    from dora_cli.train import RECIPE_NAME, run_train
+    from dora_cli.recipe import load_recipe
+    from dora_cli.rundir import RunDir
+    from dora_cli.train import train
 
-    overrides = [f"output_dir={out / 'train'}"]
+    recipe = load_recipe(recipe_path, [f"output_dir={out / 'train'}"])
+    run_dir = RunDir(recipe.output_dir)
     # An interrupted run resumes from its newest checkpoint (none left: it starts again from step 0).
-    resume = not overwrite and (out / "train" / RECIPE_NAME).is_file()
-    final = run_train(recipe_path, overrides, overwrite=overwrite, resume=resume)
-    records = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train_records = [r for r in records if "loss" in r]
+    final = train(recipe, overwrite=overwrite, resume=not overwrite and run_dir.is_a_run())
+    train_records = [r for r in run_dir.events() if "loss" in r]
     return {
         "final": str(final),
         "steps": train_records[-1]["step"] if train_records else None,
@@ -174,10 +170,10 @@ def phase_train(recipe_path, out: Path, overwrite: bool) -> dict:
 
 
 def phase_after(recipe, out: Path, overwrite: bool) -> dict:
-    from dora_cli.evaluate import load_for_eval
+    from dora_cli.evaluate import find_target, load_for_eval
 
     final = out / "train" / "final"
-    model, tokenizer = load_for_eval(final, recipe)
+    model, tokenizer = load_for_eval(find_target(final), recipe)
     return {"model": str(final), "eval": _evaluate(model, tokenizer, recipe, out / "eval-after", f"adapter {final}", overwrite)}
 
 
@@ -189,10 +185,10 @@ def phase_merge(out: Path) -> dict:
 
 
 def phase_merged(recipe, out: Path, overwrite: bool) -> dict:
-    from dora_cli.evaluate import load_for_eval
+    from dora_cli.evaluate import find_target, load_for_eval
 
     merged = out / "merged"
-    model, tokenizer = load_for_eval(merged, recipe)
+    model, tokenizer = load_for_eval(find_target(merged), recipe)
     return {"model": str(merged), "eval": _evaluate(model, tokenizer, recipe, out / "eval-merged", f"merged {merged}", overwrite)}
 
 
@@ -267,9 +263,9 @@ def run_demo(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path = DEFAULT
         stale = overwrite or DEPENDS.get(phase) in ran  # its input was just (re)made: start it from scratch
         if phase in reused and not stale:
             state["phases"][phase] = {**reused[phase], "reused": True}
-            log(f"{tag}: reused from a previous run ({_duration(reused[phase]['seconds'])}); --overwrite to redo")
+            print(f"{tag}: reused from a previous run ({_duration(reused[phase]['seconds'])}); --overwrite to redo")
             continue
-        log(f"{tag}: {_describe(phase, recipe, out, n)}")
+        print(f"{tag}: {_describe(phase, recipe, out, n)}")
         t0 = time.perf_counter()
         if phase == "before":
             record = phase_before(recipe, out, stale)
@@ -285,7 +281,7 @@ def run_demo(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path = DEFAULT
         state["phases"][phase] = record
         write_json(out / STATE_NAME, state)
         ran.add(phase)
-        log(f"{tag}: done in {_duration(record['seconds'])}")
+        print(f"{tag}: done in {_duration(record['seconds'])}")
 
     doc = {
         **state,
@@ -298,10 +294,10 @@ def run_demo(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path = DEFAULT
     }
     text = table(doc)
     write_json(out / "demo.json", doc)
-    write_atomic(out / "demo.md", text)
-    log("")
-    log(text.rstrip())
-    log(f"\n(table in {out / 'demo.md'} and {out / 'demo.json'}; the adapter in {out / 'train' / 'final'}, "
+    write_text(out / "demo.md", text)
+    print("")
+    print(text.rstrip())
+    print(f"\n(table in {out / 'demo.md'} and {out / 'demo.json'}; the adapter in {out / 'train' / 'final'}, "
         f"the merged model in {out / 'merged'})")
     return doc
 

@@ -19,46 +19,43 @@ Features, top to bottom:
   the weights the training forward saw, so the merged model reproduces the trained adapter model
   exactly (up to float rounding). `quantized_base="original"` folds them into the full-precision
   weights of `model.name_or_path` instead (what QLoRA users usually ship: better base, but not the
-  function that was trained); the CLI does not expose it yet.
+  function that was trained): `dora merge --into-original`.
 - the output directory: shards (+ `model.safetensors.index.json`), `config.json` without
   `quantization_config`, `generation_config.json`, the tokenizer and `dora_merge.json` (where it came
   from). Written into a temporary sibling and renamed: never half-written; an existing `--out` is
-  refused unless `--force`.
+  refused unless `--force`; an `--out` that could not be written is refused before any work; what an
+  interrupted merge left beside `--out` is removed by the next one.
 - `--verify`: logits of the adapter model and of the merged model on fixed prompts; max |diff|.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from dora_cli.adapters.checkpoint import (
-    CONFIG_NAME,
-    OURS_NAME,
-    PREFIX,
-    _read_json,
-    _read_weights,
-    read_adapter_config,
+from dora_cli.checkpoints import (
+    SAFE_INDEX,
+    Adapter,
+    Base,
+    Checkpoint,
+    ShardPlan,
+    check_fits,
+    fold,
+    inspect_checkpoint,
+    read_adapter,
+    read_shapes,
+    resolve_base,
 )
-from dora_cli.adapters.config import AdapterConfig
-from dora_cli.adapters.inject import matches
-from dora_cli.adapters.layers import VERA_KINDS, AdaptedLinear, VeraProjections
+from dora_cli.console import say
 from dora_cli.errors import RunFailure, UserError, did_you_mean, one_of
-from dora_cli.recipe import ModelConfig, Recipe
+from dora_cli.files import atomic_directory, check_output_dir, clean_stale, write_json
+from dora_cli.recipe import ModelConfig
 
-RECIPE_NAME = "recipe.yaml"
 PROVENANCE_NAME = "dora_merge.json"
-SAFE_SINGLE = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "spiece.model", "vocab.txt",
@@ -69,25 +66,8 @@ DTYPES = {
 }
 QUANTIZED_BASE = ("dequantized", "original")
 
-# PEFT key suffix -> AdaptedLinear attribute; the tensors each kind carries (as checkpoint._adapter_tensors)
-SUFFIXES = {
-    "lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "vera_lambda_b": "vera_lambda_b",
-    "vera_lambda_d": "vera_lambda_d", "lora_magnitude_vector": "magnitude",
-}
-KIND_TENSORS = {
-    "lora": {"lora_A", "lora_B"},
-    "dora": {"lora_A", "lora_B", "magnitude"},
-    "vera": {"vera_lambda_b", "vera_lambda_d"},
-    "dvora": {"vera_lambda_b", "vera_lambda_d", "magnitude"},
-    "magnitude": {"magnitude"},
-}
-VERA_KEYS = ("base_model.vera_A", "base_model.vera_B")
 # The fixed prompts of --verify: token ids drawn from this seed (3 prompts of 16 tokens).
 VERIFY_SEED, VERIFY_PROMPTS, VERIFY_TOKENS = 1234, 3, 16
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ==================================================================================================
@@ -120,6 +100,7 @@ def run_merge(
         out = resolved.with_name(resolved.name + "-merged")
     out = Path(out)
     _check_out(out, force, protected=[ckpt.path])
+    clean_stale(out.parent, out.name)  # what an interrupted merge into the same --out left behind
 
     if ckpt.kind == "full":
         if base is not None:
@@ -132,10 +113,10 @@ def run_merge(
         )
     else:
         adapter = read_adapter(ckpt.path)
-        src = resolve_base(ckpt, adapter.base_model, base, quantized_base=quantized_base)
+        src = resolve_base(ckpt, base, quantized_base=quantized_base)
     if src.directory is not None:
         _check_out(out, force, protected=[ckpt.path, src.directory])
-    out_dtype = target if target is not None else src.auto_dtype()
+    out_dtype = target if target is not None else src.cast  # auto: the dtype the trained forward saw
 
     record = {
         "checkpoint": str(ckpt.path.resolve()),
@@ -155,13 +136,15 @@ def run_merge(
     }
 
     if src.directory is not None:
-        plan = plan_stream(src.directory, adapter)  # validates the adapter against the base: nothing written yet
+        plan = read_shapes(src.directory)
+        if adapter is not None:  # validated against the base before anything is written
+            check_fits(adapter, plan.shapes, base=str(src.directory))
         what = f"converting {ckpt.path} (nothing to fold)" if adapter is None else f"merging {ckpt.path} into {src.description}"
-        log(f"{what}: {len(plan.shards)} shard(s), streamed")
+        say(f"{what}: {len(plan.shards)} shard(s), streamed")
         fill = lambda tmp: _stream_merge(plan, adapter, src, out_dtype, tmp)  # noqa: E731
     else:
         model, tokenizer = _load_adapted(src, ckpt.path if adapter is not None else None)  # validates, writes nothing
-        log(f"merging {ckpt.path} into {src.description} (loaded in memory)")
+        say(f"merging {ckpt.path} into {src.description} (loaded in memory)")
         fill = lambda tmp: _save_unwrapped(model, tokenizer, out_dtype, tmp)  # noqa: E731
 
     def write(tmp: Path) -> None:
@@ -169,10 +152,10 @@ def run_merge(
         if verify:
             record["verify"] = verify_merge(src.model, ckpt.path if adapter is not None else None, tmp)
         record["seconds"] = round(time.time() - started, 3)
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(tmp / PROVENANCE_NAME, record)
 
-    _atomic_output(out, write, force=force)
-    log(f"merged model written to {out}")
+    atomic_directory(out, write, replace=force)
+    say(f"merged model written to {out}")
     print(out)
     return out
 
@@ -204,318 +187,9 @@ def _version() -> str:
 
 
 # ==================================================================================================
-# What the checkpoint is
-# ==================================================================================================
-@dataclass(frozen=True)
-class Checkpoint:
-    path: Path
-    kind: str  # "adapter" (ours or PEFT's) or "full" (a whole model: method full)
-    recipe: Recipe | None
-
-
-def inspect_checkpoint(path: str | Path) -> Checkpoint:
-    """Classify a checkpoint directory; UserError for anything that holds neither an adapter nor a model."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: does not exist")
-    if not path.is_dir():
-        raise UserError(f"{path}: expected a checkpoint directory, got a file")
-    recipe = read_recipe(path)
-    if (path / CONFIG_NAME).is_file():
-        return Checkpoint(path, "adapter", recipe)
-    if (path / "config.json").is_file() and ((path / SAFE_SINGLE).is_file() or (path / SAFE_INDEX).is_file()):
-        return Checkpoint(path, "full", recipe)
-    if (path / "config.json").is_file() and any(path.glob("pytorch_model*.bin")):
-        raise UserError(f"{path}: only safetensors weights are read; this model has pytorch_model*.bin (pickle)")
-    hint = ""
-    if (path / "final").is_dir() or any(path.glob("checkpoint-*")):
-        hint = f" (a run directory: pass {path / 'final'} or one of its checkpoint-<step> directories)"
-    raise UserError(
-        f"{path}: no {CONFIG_NAME} (adapter) and no config.json + safetensors (full fine-tuning checkpoint){hint}"
-    )
-
-
-def read_recipe(directory: Path) -> Recipe | None:
-    """The resolved recipe a checkpoint was trained with (recipe.yaml), or None."""
-    if not (directory / RECIPE_NAME).is_file():
-        return None
-    from dora_cli.recipe import load_recipe
-
-    return load_recipe(directory / RECIPE_NAME)
-
-
-# ==================================================================================================
-# The adapter: tensors per module, and the fold of one module
-# ==================================================================================================
-@dataclass
-class Adapter:
-    directory: Path
-    config: AdapterConfig
-    modules: dict[str, str]  # module name -> kind
-    tensors: dict[str, dict[str, torch.Tensor]]  # module name -> AdaptedLinear attribute -> tensor
-    vera_a: torch.Tensor | None = None
-    vera_b: torch.Tensor | None = None
-    declared: bool = True  # module kinds from dora_cli_adapter.json (else derived from a PEFT config)
-    base_model: str | None = None  # adapter_config.json's base_model_name_or_path
-    _vera: VeraProjections | None = field(default=None, repr=False)
-
-    def vera(self, shapes: dict[str, tuple[int, int]]) -> VeraProjections | None:
-        """VeRA's shared projections: the saved ones, else regenerated from the seed (PEFT's save_projection=False)."""
-        if self._vera is not None or not any(k in VERA_KINDS for k in self.modules.values()):
-            return self._vera
-        r = self.config.r
-        if self.vera_a is not None:
-            proj = VeraProjections(r, self.vera_a.shape[1], self.vera_b.shape[0], self.config.vera_seed, device="meta")
-            proj.A, proj.B = self.vera_a, self.vera_b
-        else:
-            names = [n for n, k in self.modules.items() if k in VERA_KINDS]
-            proj = VeraProjections(
-                r, in_max=max(shapes[n][1] for n in names), out_max=max(shapes[n][0] for n in names),
-                seed=self.config.vera_seed,
-            )
-        self._vera = proj
-        return proj
-
-
-def read_adapter(directory: str | Path) -> Adapter:
-    """Read an adapter directory (ours or PEFT's) without a model: its config and tensors per module."""
-    directory = Path(directory)
-    cfg, kinds = read_adapter_config(directory)
-    state = _read_weights(directory)
-    where = f"{directory}: adapter_model.safetensors"
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    vera = {k: state.pop(k) for k in VERA_KEYS if k in state}
-    for key, tensor in state.items():
-        module, attr = _split_key(key)
-        if module is None:
-            raise UserError(f"{where}: unexpected tensor {key!r} (not a LoRA / DoRA / VeRA key of the PEFT layout)")
-        tensors.setdefault(module, {})[attr] = tensor
-    if not tensors:
-        raise UserError(f"{where}: holds no adapter tensors")
-
-    declared = kinds is not None
-    if kinds is None:  # PEFT's own adapter: every module carries the config's method
-        if cfg.method == "full":
-            raise UserError(f"{directory}: method full has no adapter to merge")
-        kinds = {name: cfg.method for name in tensors}
-    for name in sorted(set(kinds) | set(tensors)):
-        have = set(tensors.get(name, {}))
-        kind = kinds.get(name)
-        if kind is None:
-            raise UserError(f"{where}: tensors for {name!r}, which {OURS_NAME} does not list")
-        if kind not in KIND_TENSORS:
-            raise UserError(f"{directory / OURS_NAME}: {name}: unknown adapter kind {kind!r}")
-        want = KIND_TENSORS[kind]
-        if have != want:
-            missing, extra = sorted(want - have), sorted(have - want)
-            what = f"{', '.join(missing)} missing" if missing else f"unexpected {', '.join(extra)}"
-            raise UserError(f"{where}: {name} is a {kind} module but its tensors do not match ({what})")
-    if any(k in VERA_KINDS for k in kinds.values()) and len(vera) == 1:
-        raise UserError(f"{where}: holds only one of {' and '.join(VERA_KEYS)}")
-    return Adapter(
-        directory=directory, config=cfg, modules=dict(kinds), tensors=tensors,
-        vera_a=vera.get(VERA_KEYS[0]), vera_b=vera.get(VERA_KEYS[1]), declared=declared,
-        base_model=adapter_base_model(directory),
-    )
-
-
-def adapter_base_model(directory: Path) -> str | None:
-    """adapter_config.json's base_model_name_or_path (None when absent or not a string)."""
-    name = _read_json(Path(directory) / CONFIG_NAME).get("base_model_name_or_path")
-    return name if isinstance(name, str) and name else None
-
-
-def _split_key(key: str) -> tuple[str | None, str | None]:
-    if not key.startswith(PREFIX):
-        return None, None
-    rest = key[len(PREFIX):]
-    for suffix, attr in SUFFIXES.items():
-        if rest.endswith("." + suffix):
-            return rest[: -len(suffix) - 1], attr
-    return None, None
-
-
-def check_fits(adapter: Adapter, shapes: dict[str, tuple[int, ...]], *, base: str) -> None:
-    """UserError unless every adapted module exists in the base with shapes that fit (nothing loaded).
-
-    shapes: module name -> weight shape, for every module of the base that has a `.weight`.
-    For a PEFT adapter, every linear module its target_modules match must carry tensors.
-    """
-    prefix = f"{adapter.directory}: the adapter does not fit {base}"
-    linear = {n: s for n, s in shapes.items() if len(s) == 2}
-    for name in sorted(adapter.modules):
-        if name not in linear:
-            hint = did_you_mean(name, list(linear))
-            raise UserError(f"{prefix}: {name} is not a linear module of the base{hint}")
-    if not adapter.declared:
-        patterns = adapter.config.target_modules
-        wanted = sorted(n for n in linear if any(matches(n, p) for p in patterns))
-        missing = [n for n in wanted if n not in adapter.modules]
-        if missing:
-            raise UserError(f"{prefix}: target_modules match {missing[0]}, which has no tensors in the adapter")
-    r = adapter.config.r
-    for name, kind in sorted(adapter.modules.items()):
-        d_out, d_in = linear[name]
-        want = {"magnitude": (d_out,), "vera_lambda_b": (d_out,), "vera_lambda_d": (r,)}
-        if kind in ("lora", "dora"):
-            rank = adapter.tensors[name]["lora_A"].shape[0]
-            want.update(lora_A=(rank, d_in), lora_B=(d_out, rank))
-            if rank != r:
-                raise UserError(f"{prefix}: {name}.lora_A has rank {rank}, the adapter config says r={r}")
-        for attr, tensor in adapter.tensors[name].items():
-            if tuple(tensor.shape) != want[attr]:
-                raise UserError(
-                    f"{prefix}: {name} {attr} has shape {tuple(tensor.shape)}, the base layer {tuple(linear[name])} needs {want[attr]}"
-                )
-    if adapter.vera_a is not None:
-        vera_names = [n for n, k in adapter.modules.items() if k in VERA_KINDS]
-        a, b = adapter.vera_a.shape, adapter.vera_b.shape
-        in_max = max(linear[n][1] for n in vera_names)
-        out_max = max(linear[n][0] for n in vera_names)
-        if a[0] < r or a[1] < in_max or b[0] < out_max or b[1] < r:
-            raise UserError(
-                f"{prefix}: VeRA projections A {tuple(a)} / B {tuple(b)} are smaller than r={r}, "
-                f"in {in_max}, out {out_max}"
-            )
-
-
-@torch.no_grad()
-def fold(w0: torch.Tensor, name: str, adapter: Adapter, vera: VeraProjections | None = None) -> torch.Tensor:
-    """The effective weight of module `name` as an fp32 [out, in] tensor: `w0` with its adapter folded in.
-
-    Uses AdaptedLinear's own merge on a throw-away nn.Linear that holds just `w0` (in the dtype the
-    trained forward saw it), so the formula is the one the training forward was tested against.
-    """
-    kind, cfg = adapter.modules[name], adapter.config
-    d_out, d_in = w0.shape
-    with torch.device("meta"):
-        linear = nn.Linear(d_in, d_out, bias=False)
-    linear.weight = nn.Parameter(w0.detach(), requires_grad=False)
-    layer = AdaptedLinear(linear, kind, r=cfg.r, scaling=cfg.scaling, vera=vera, d_init=cfg.vera_d_init)
-    for attr, tensor in adapter.tensors[name].items():
-        getattr(layer, attr).copy_(tensor)
-    return layer.merged_weight()
-
-
-# ==================================================================================================
-# The base model
-# ==================================================================================================
-@dataclass
-class Base:
-    model: ModelConfig  # what load_model builds: the model the adapter was trained on
-    description: str
-    directory: Path | None  # a local Hugging Face directory of safetensors to stream from, else None
-    cast: torch.dtype | None  # the dtype the trained forward saw W0 in (None: as stored)
-    tokenizer_dir: Path | None = None  # a local directory to copy the tokenizer files from
-
-    def auto_dtype(self) -> torch.dtype | None:
-        """--dtype auto: the recipe's model.dtype when known, else each tensor as stored (None)."""
-        return self.cast
-
-
-def resolve_base(ckpt: Checkpoint, adapter_base: str | None, base: str | None, *, quantized_base: str = "dequantized") -> Base:
-    """Where the base weights come from: --base, else recipe.yaml's model section, else the adapter's config."""
-    from dora_cli.models import resolve_source
-
-    recipe = ckpt.recipe
-    if recipe is not None:
-        cfg = recipe.model
-        if base is not None:
-            cfg = cfg.model_copy(update={"name_or_path": base, "config": None})
-        cast: torch.dtype | None = getattr(torch, cfg.dtype)
-    else:
-        name = base or adapter_base
-        if not name:
-            raise UserError(
-                f"{ckpt.path}: no recipe.yaml and no base_model_name_or_path in {CONFIG_NAME}: pass --base MODEL"
-            )
-        cfg, cast = ModelConfig(name_or_path=name), None
-    original = cfg.quantization.mode != "none" and quantized_base == "original"
-    if original:
-        cfg = cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"mode": "none"})})
-    where = "--base" if base is not None else (f"{ckpt.path / RECIPE_NAME}: model.name_or_path" if recipe else f"{ckpt.path / CONFIG_NAME}: base_model_name_or_path")
-    source = resolve_source(cfg.name_or_path, where=where)
-    directory = None
-    if cfg.quantization.mode == "none":
-        if source.kind == "dir" and _has_safetensors(Path(source.location)):
-            directory = Path(source.location)
-        elif source.kind == "gguf":
-            from dora_cli.models import cached_gguf_dir
-
-            directory = cached_gguf_dir(source.location)
-    if source.kind == "dir" and not (Path(source.location) / "config.json").is_file():
-        raise UserError(f"{cfg.name_or_path!r} is a directory without config.json", where=where)
-    description = {"random": "a random model from model.config", "dir": source.location, "gguf": source.location, "hub": source.location}[source.kind]
-    if cfg.quantization.mode != "none":
-        description += f" ({cfg.quantization.mode}, dequantized)"
-    elif original:
-        description += " (its original weights; the adapter was trained on a quantized copy)"
-    return Base(model=cfg, description=description, directory=directory, cast=cast, tokenizer_dir=_tokenizer_dir(cfg, directory))
-
-
-def _has_safetensors(directory: Path) -> bool:
-    return (directory / SAFE_SINGLE).is_file() or (directory / SAFE_INDEX).is_file()
-
-
-def _tokenizer_dir(cfg: ModelConfig, directory: Path | None) -> Path | None:
-    """A local directory holding the tokenizer of `cfg`, or None (hub tokenizers are loaded instead)."""
-    if cfg.tokenizer is None:
-        return directory
-    path = Path(cfg.tokenizer).expanduser()
-    return path if path.is_dir() else None
-
-
-# ==================================================================================================
 # Streaming: one shard at a time
 # ==================================================================================================
-@dataclass
-class StreamPlan:
-    directory: Path
-    shards: dict[str, list[str]]  # shard file -> tensor names, in file order
-    sharded: bool  # an index file (else the single model.safetensors)
-    shapes: dict[str, tuple[int, ...]]  # module name -> weight shape
-
-
-def shard_map(directory: Path) -> tuple[dict[str, list[str]], bool]:
-    """(shard file -> tensor names, sharded?) of a safetensors model directory."""
-    index = directory / SAFE_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise UserError(f"{index}: not a safetensors index ({err})") from None
-        shards: dict[str, list[str]] = {}
-        for key, name in weight_map.items():
-            shards.setdefault(name, []).append(key)
-        for name in shards:
-            if not (directory / name).is_file():
-                raise UserError(f"{index}: names {name}, which is missing")
-        return shards, True
-    return {SAFE_SINGLE: []}, False
-
-
-def plan_stream(directory: Path, adapter: Adapter | None) -> StreamPlan:
-    """Read the shard headers (no weights) and check that the adapter fits."""
-    from safetensors import safe_open
-
-    shards, sharded = shard_map(directory)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in list(shards):
-        with safe_open(str(directory / name), framework="pt") as f:
-            keys = list(f.keys())
-            if sharded and set(shards[name]) - set(keys):
-                missing = sorted(set(shards[name]) - set(keys))[0]
-                raise UserError(f"{directory / SAFE_INDEX}: maps {missing} to {name}, which does not hold it")
-            shards[name] = [k for k in keys if k in set(shards[name])] if sharded else keys
-            for key in shards[name]:
-                if key.endswith(".weight"):
-                    shapes[key[: -len(".weight")]] = tuple(f.get_slice(key).get_shape())
-    if adapter is not None:
-        check_fits(adapter, shapes, base=str(directory))
-    return StreamPlan(directory, shards, sharded, shapes)
-
-
-def _stream_merge(plan: StreamPlan, adapter: Adapter | None, src: Base, dtype: torch.dtype | None, tmp: Path) -> None:
+def _stream_merge(plan: ShardPlan, adapter: Adapter | None, src: Base, dtype: torch.dtype | None, tmp: Path) -> None:
     """Write every shard of the base into `tmp`, with the adapted modules folded, one shard in memory at a time."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -539,7 +213,7 @@ def _stream_merge(plan: StreamPlan, adapter: Adapter | None, src: Base, dtype: t
                 total += t.numel() * t.element_size()
         save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         del tensors
-        log(f"  {name}: {len(keys)} tensors")
+        say(f"  {name}: {len(keys)} tensors")
     if plan.sharded:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -577,7 +251,7 @@ def _copy_tokenizer(src: Base, tmp: Path) -> None:
     try:
         tokenizer = load_tokenizer(src.model)
     except UserError as err:
-        log(f"warning: no tokenizer written ({err})")
+        say(f"warning: no tokenizer written ({err})")
         return
     tokenizer.save_pretrained(tmp)
 
@@ -634,35 +308,9 @@ def _check_out(out: Path, force: bool, protected: list[Path]) -> None:
     for p in protected:
         if _inside(out, p):
             raise UserError(f"--out {out}: is (or contains) {p}, which the merge reads; choose another directory")
-    if out.exists() and not force:
+    if out.is_dir() and not force:
         raise UserError(f"--out {out}: already exists; pass --force to replace it")
-
-
-def _atomic_output(out: Path, fill, *, force: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: the result is an ordinary directory
-    old = None
-    try:
-        fill(tmp)
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.chmod(f, 0o666 & ~umask)
-        if out.exists() or out.is_symlink():
-            if not force:  # appeared while we worked
-                raise UserError(f"--out {out}: already exists; pass --force to replace it")
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    check_output_dir(out, label=f"--out {out}", exists_ok=True)
 
 
 # ==================================================================================================
@@ -699,7 +347,7 @@ def verify_merge(model_cfg: ModelConfig, adapter_dir: Path | None, merged_dir: P
         "prompts": VERIFY_PROMPTS, "tokens": VERIFY_TOKENS, "seed": VERIFY_SEED,
         "max_abs_logit_diff": diff, "max_abs_logit": scale, "tolerance": tolerance,
     }
-    log(f"verify: max |logit difference| {diff:.3g} (logits up to {scale:.3g}) on {VERIFY_PROMPTS} prompts")
+    say(f"verify: max |logit difference| {diff:.3g} (logits up to {scale:.3g}) on {VERIFY_PROMPTS} prompts")
     if tolerance is not None and not diff <= tolerance:
         raise RunFailure(f"--verify: the merged model differs from the adapter model by {diff:.3g} (> {tolerance:.3g}); nothing written")
     return result

@@ -26,10 +26,8 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import logging
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -37,10 +35,10 @@ from typing import Any, Literal
 import torch
 
 from dora_cli.adapters.base_ops import prepare_base
+from dora_cli.console import say
 from dora_cli.errors import UserError, did_you_mean
+from dora_cli.files import atomic_directory, looks_local
 from dora_cli.recipe import ModelConfig, QuantizationConfig
-
-log = logging.getLogger(__name__)
 
 CACHE_ENV = "DORA_CACHE"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -72,7 +70,7 @@ def resolve_source(name_or_path: str | None, *, where: str = "model.name_or_path
         if path.suffix.lower() == ".gguf":
             return ModelSource("gguf", str(path.resolve()))
         raise UserError(f"{name_or_path!r} is a file; expected a model directory or a .gguf file", where=where)
-    if _looks_local(name_or_path):
+    if looks_local(name_or_path, (".gguf",)):
         raise UserError(f"{name_or_path!r} does not exist{_path_suggestion(path)}", where=where)
     if _HUB_ID.match(name_or_path):
         return ModelSource("hub", name_or_path)
@@ -80,14 +78,6 @@ def resolve_source(name_or_path: str | None, *, where: str = "model.name_or_path
         f"{name_or_path!r} is neither an existing local path nor a hub id (owner/name){_path_suggestion(path)}",
         where=where,
     )
-
-
-def _looks_local(name: str) -> bool:
-    if name.startswith(("./", "../", "/", "~", ".\\")) or name.lower().endswith(".gguf"):
-        return True
-    # "models/foo" with an existing "models/" directory is a local path, not the hub id models/foo
-    first = name.split("/", 1)[0]
-    return "/" in name and Path(first).is_dir()
 
 
 def _path_suggestion(path: Path) -> str:
@@ -159,20 +149,11 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary directory
-    try:
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():  # safetensors shards come out 0600
-            os.chmod(f, 0o666 & ~umask)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_directory(out_dir, fill, replace=False)
     return out_dir
 
 
@@ -187,7 +168,7 @@ def cached_gguf_dir(gguf_path: str | os.PathLike) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(out.with_name(out.name + ".lock")):
         if not (out / "config.json").is_file():
-            log.warning("converting %s to a Hugging Face directory (once) at %s", gguf_path, out)
+            say(f"converting {gguf_path} to a Hugging Face directory (once) at {out}")
             convert_gguf(gguf_path, out)
             meta = {"gguf": str(Path(gguf_path).resolve()), "size": Path(gguf_path).stat().st_size,
                     "mtime_ns": Path(gguf_path).stat().st_mtime_ns}
@@ -275,8 +256,7 @@ def load_model(cfg: ModelConfig, *, for_training: bool = True, padding_side: Pad
     on the left for generation unless `padding_side` says otherwise.
     """
     if cfg.trust_remote_code:
-        log.warning("model.trust_remote_code is on: the model's own Python code from %s will run",
-                    cfg.name_or_path or cfg.tokenizer)
+        say(f"model.trust_remote_code is on: the model's own Python code from {cfg.name_or_path or cfg.tokenizer} will run")
     source = resolve_source(cfg.name_or_path)
     if source.kind == "dir" and not (Path(source.location) / "config.json").is_file():
         raise UserError(f"{cfg.name_or_path!r} is a directory without config.json", where="model.name_or_path")
@@ -491,7 +471,7 @@ def meta_model(cfg: ModelConfig):
         known = PAPER_HUB_IDS.get(cfg.name_or_path or "")
         if known is None:
             raise
-        log.warning("%s: the hub is unreachable; using the known %s architecture", cfg.name_or_path, known)
+        say(f"{cfg.name_or_path}: the hub is unreachable; using the known {known} architecture")
         return build_meta_model(PAPER_CONFIGS[known]())
 
 

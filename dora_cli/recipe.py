@@ -198,8 +198,10 @@ class EvalConfig(_Section):
     mode: Literal["generate", "loglik"] = "generate"
     batch_size: int = Field(8, gt=0)
     limit: int | None = Field(None, gt=0)
-    num_beams: int = Field(4, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
+    num_beams: int | None = Field(None, gt=0)
+    """Beams of generate mode; null: the suite's default (commonsense 4, math 1)."""
+    max_new_tokens: int | None = Field(None, gt=0)
+    """New tokens of generate mode; null: the suite's default (commonsense 32, math 1024)."""
     mt_bench: MTBenchConfig = Field(default_factory=MTBenchConfig)
 
 

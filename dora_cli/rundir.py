@@ -1,35 +1,56 @@
-"""The output directory of a run: one owner at a time, one recipe, checkpoints that are whole or absent.
+"""The output directory of a run, and everything in it: nobody else spells these paths.
 
     output_dir/
+      .dora_run                marks a directory dora_cli made: the only kind --overwrite may clear
       .lock                    pid and host of the run using the directory (a dead owner's lock is taken over)
       recipe.yaml              the resolved recipe of the run that owns the directory
+      train.log                every line the run printed, with time stamps
+      metrics.jsonl            one record per log step / validation / skipped step
+      metrics.json             the summary, written at the end
       checkpoint-<step>/       complete checkpoints only: written under a temporary name, then renamed
-        manifest.json          size and sha256 of every other file: written last, checked on resume
-      final/
-      metrics.jsonl, metrics.json
+        adapter_config.json, adapter_model.safetensors, dora_cli_adapter.json (or a whole model: method full)
+        recipe.yaml
+        trainer_state/         optimizer.pt (tensors only) and state.json (the step); the schedule, the data
+                               order and the dropout masks are functions of the step
+        manifest.json          size and sha256 of every other file: written last, checked on resume and by
+                               every command that reads the checkpoint
+      final/                   the same, without trainer_state/
 
-A checkpoint directory is "complete" when its manifest exists and every file matches it. `--resume`
-takes the newest complete one and names every damaged one it passes over.
+`RunDir` is the run's handle on all of it: the identity check (is this the same recipe?), clearing,
+the recipe, the run log, metrics, checkpoints and the trainer state. Writes that fail (disk full,
+read-only) end the run with one line naming the file; complete checkpoints already written stay intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dora_cli.errors import UserError
+from dora_cli.console import say
+from dora_cli.errors import RunFailure, UserError
+from dora_cli.files import TMP_PREFIX, atomic_directory, fsync_path, remove, write_json
 
 LOCK_NAME = ".lock"
+MARKER_NAME = ".dora_run"
 MANIFEST_NAME = "manifest.json"
+RECIPE_NAME = "recipe.yaml"
+LOG_NAME = "train.log"
+METRICS_LOG_NAME = "metrics.jsonl"
+METRICS_NAME = "metrics.json"
+STATE_DIR = "trainer_state"
+FINAL_NAME = "final"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-TMP_PREFIX = ".tmp-"
+
+# Keys that may change between a run and its resumption without changing what is trained.
+VOLATILE = {"output_dir", "eval", "expected", "launch"}
+VOLATILE_TRAIN = {"log_every", "eval_every", "save_every", "keep_last", "max_steps", "epochs", "skip_nonfinite"}
 
 
 # ---- lock ---------------------------------------------------------------------------------------
@@ -44,14 +65,22 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    """An exclusive claim on an output directory, released on exit; a crashed owner's lock is stale."""
+    """An exclusive claim on a directory, released on exit; a crashed owner's lock is stale.
 
-    def __init__(self, output_dir: Path):
-        self.path = Path(output_dir) / LOCK_NAME
+    A directory the lock had to create is removed again on release when nothing was written into it,
+    so a command refused after taking the lock leaves the disk as it was."""
+
+    def __init__(self, directory: Path, what: str = "dora run", noun: str = "output_dir"):
+        self.path = Path(directory) / LOCK_NAME
+        self.what, self.noun = what, noun
         self.held = False
+        self.created: Path | None = None
 
     def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        directory = self.path.parent
+        if not directory.exists():
+            self.created = directory
+        directory.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         for _ in range(2):
             try:
@@ -60,12 +89,12 @@ class RunLock:
                 owner = self._owner()
                 if owner and owner.get("host") == me["host"] and _alive(int(owner.get("pid", -1))):
                     raise UserError(
-                        f"{self.path.parent}: another dora run (pid {owner['pid']}) is using this output_dir; "
-                        "wait for it or choose another output_dir"
+                        f"{directory}: another {self.what} (pid {owner['pid']}) is using this {self.noun}; "
+                        f"wait for it or choose another {self.noun}"
                     ) from None
                 if owner and owner.get("host") != me["host"]:
                     raise UserError(
-                        f"{self.path.parent}: locked by a run on host {owner.get('host')!r} (pid {owner.get('pid')}); "
+                        f"{directory}: locked by a run on host {owner.get('host')!r} (pid {owner.get('pid')}); "
                         f"if that run is gone, delete {self.path}"
                     ) from None
                 self.path.unlink(missing_ok=True)  # stale: its owner is dead
@@ -88,6 +117,9 @@ class RunLock:
             if owner and owner.get("pid") == os.getpid():
                 self.path.unlink(missing_ok=True)
             self.held = False
+            if self.created is not None:
+                with contextlib.suppress(OSError):
+                    self.created.rmdir()  # only when empty
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -96,7 +128,7 @@ class RunLock:
         self.release()
 
 
-# ---- manifests and atomic directories ---------------------------------------------------------------
+# ---- manifests ----------------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -105,23 +137,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(directory: Path) -> None:
     """Record size and sha256 of every file under `directory` (fsynced), then the manifest itself."""
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
-        _fsync(path)
+        fsync_path(path)
         files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
     manifest = directory / MANIFEST_NAME
     manifest.write_text(json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
-    _fsync(manifest)
+    fsync_path(manifest)
 
 
 def verify(directory: Path) -> str | None:
@@ -131,52 +155,21 @@ def verify(directory: Path) -> str | None:
         return "no manifest (incomplete write)"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        entries = [(str(name), int(meta["size"]), str(meta["sha256"])) for name, meta in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return f"{MANIFEST_NAME} is damaged"
-    for name, meta in files.items():
+    for name, size, digest in entries:
         path = directory / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != meta["size"]:
-            return f"{name} has {path.stat().st_size} bytes, {meta['size']} were written"
-        if _sha256(path) != meta["sha256"]:
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if _sha256(path) != digest:
             return f"{name} does not match its checksum"
     return None
 
 
-def atomic_directory(target: Path, fill: Callable[[Path], None]) -> Path:
-    """Create `target` whole or not at all: `fill` writes into a temporary sibling, a manifest is
-    added, and the directory is renamed into place (replacing an older `target`)."""
-    target = Path(target)
-    tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        fill(tmp)
-        write_manifest(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f"{TMP_PREFIX}old-{target.name}-{os.getpid()}"
-            os.rename(target, old)
-        os.rename(tmp, target)
-        _fsync(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def clean_temporaries(output_dir: Path) -> None:
-    """Remove what interrupted writes left behind (never a complete checkpoint)."""
-    if output_dir.is_dir():
-        for path in output_dir.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-# ---- checkpoints ----------------------------------------------------------------------------------------
+# ---- checkpoints --------------------------------------------------------------------------------------
 def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every checkpoint-<step> directory, oldest first (complete or not)."""
     if not output_dir.is_dir():
@@ -203,4 +196,245 @@ def prune(output_dir: Path, keep_last: int | None) -> None:
         # Renamed first: a kill during the deletion leaves a temporary, never a half checkpoint.
         doomed = path.parent / f"{TMP_PREFIX}pruned-{path.name}"
         os.rename(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        remove(doomed)
+
+
+def clean_temporaries(output_dir: Path) -> None:
+    """Remove what interrupted writes left behind (never a complete checkpoint); the run holds the lock."""
+    if output_dir.is_dir():
+        for path in output_dir.glob(f"{TMP_PREFIX}*"):
+            remove(path)
+
+
+def inside_a_checkpoint(path: Path) -> Path | None:
+    """The checkpoint directory (one with a manifest) that `path` is or lies inside, else None."""
+    for candidate in (path, *path.parents):
+        if (candidate / MANIFEST_NAME).is_file():
+            return candidate
+    return None
+
+
+# ---- the identity of a run ------------------------------------------------------------------------------
+def identity(recipe) -> dict:
+    """What makes two runs the same run (resumable into each other): the recipe without volatile keys."""
+    from dora_cli.recipe import dump_recipe, safe_load
+
+    data = safe_load(dump_recipe(recipe))
+    for key in VOLATILE:
+        data.pop(key, None)
+    for key in VOLATILE_TRAIN:
+        data["train"].pop(key, None)
+    return data
+
+
+def first_difference(a, b, prefix: str = "") -> str:
+    """The dotted key of the first difference between two recipe documents ("the recipe" at the top)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return prefix.rstrip(".") or "the recipe"
+
+
+def saved_recipe(directory: Path):
+    """The recipe a run directory holds (its recipe.yaml), None without one; UserError if it is not ours."""
+    import yaml
+    from pydantic import ValidationError
+
+    from dora_cli.recipe import Recipe, safe_load
+
+    path = directory / RECIPE_NAME
+    if not path.is_file():
+        return None
+    try:
+        return Recipe.model_validate(safe_load(path.read_text()))
+    except (OSError, ValueError, ValidationError, yaml.YAMLError, RecursionError):
+        raise UserError(f"{directory}: holds {RECIPE_NAME} that is not a dora_cli recipe; choose another directory") from None
+
+
+def writing(path: Path):
+    """A failed write (disk full, read-only, permissions) ends the run with one line naming what failed."""
+    return _Writing(path)
+
+
+class _Writing(contextlib.AbstractContextManager):
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __exit__(self, kind, err, tb):
+        if isinstance(err, OSError):
+            raise RunFailure(
+                f"could not write {self.path}: {err.strerror or err}; complete checkpoints already written are intact"
+            ) from None
+        return False
+
+
+# ---- the run's handle on its directory ---------------------------------------------------------------------
+class RunDir:
+    """output_dir of one run: checked before anything is written, claimed under the lock, then written."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.recipe_file = self.path / RECIPE_NAME
+        self.metrics_log = self.path / METRICS_LOG_NAME
+        self.metrics_file = self.path / METRICS_NAME
+        self.final = self.path / FINAL_NAME
+        self.log_file: Path | None = None  # set when the run owns the directory
+
+    def checkpoint(self, step: int) -> Path:
+        return self.path / f"checkpoint-{step}"
+
+    # ---- before anything is written ----------------------------------------------------------
+    def check(self, recipe, *, resume: bool, overwrite: bool) -> None:
+        """Refuse, before any work, an output_dir this run may not use: inside a checkpoint, not a
+        directory, not ours (for --overwrite), another recipe's run (unless --overwrite), or a finished
+        run of this recipe without --resume."""
+        from dora_cli.files import check_output_dir
+
+        label = f"output_dir {self.path}"
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite exclude each other")
+        owner = inside_a_checkpoint(self.path.resolve()) if self.path.exists() or self.path.parent.exists() else None
+        if owner is not None:
+            raise UserError(f"{label}: lies inside the checkpoint {owner}; choose a directory outside it")
+        if self.path.is_symlink() and overwrite:
+            raise UserError(f"{label}: is a symbolic link; --overwrite never follows one (give the real directory)")
+        check_output_dir(self.path, label=label, exists_ok=True)
+        if overwrite:
+            if self.path.is_dir() and any(self.path.iterdir()) and not self.is_a_run():
+                raise UserError(
+                    f"{label}: holds files that no dora_cli run wrote; --overwrite only replaces a run's own "
+                    "directory: choose another output_dir"
+                )
+            return
+        key = self.difference(recipe)
+        if key is not None:
+            raise UserError(
+                f"{self.path}: holds a run of a different recipe ({key} differs); "
+                "choose another output_dir or pass --overwrite to replace it"
+            )
+        if saved_recipe(self.path) is not None and not resume and (checkpoints(self.path) or self.final.exists()):
+            raise UserError(f"{self.path}: holds a run of this recipe; pass --resume to continue it or --overwrite to start over")
+
+    def difference(self, recipe) -> str | None:
+        """The first key in which the run this directory holds differs from `recipe` (None: no run, or the
+        same run, resumable into each other)."""
+        previous = saved_recipe(self.path)
+        if previous is None:
+            return None
+        mine, theirs = identity(recipe), identity(previous)
+        return first_difference(mine, theirs) if mine != theirs else None
+
+    def is_a_run(self) -> bool:
+        """A directory a run of ours made: the marker, or (runs older than the marker) a valid recipe.yaml."""
+        if (self.path / MARKER_NAME).is_file():
+            return True
+        try:
+            return saved_recipe(self.path) is not None
+        except UserError:
+            return False
+
+    # ---- claiming ------------------------------------------------------------------------------------
+    def claim(self, *, overwrite: bool) -> None:
+        """Under the lock: clear a previous run (--overwrite: only what runs write, never through links),
+        remove interrupted writes, mark the directory as a run, and start the run log."""
+        if overwrite:
+            for child in self.path.iterdir():
+                if child.name != LOCK_NAME:
+                    remove(child)
+        clean_temporaries(self.path)
+        with writing(self.path / MARKER_NAME):
+            (self.path / MARKER_NAME).write_text("a dora_cli run directory (dora train --overwrite may clear it)\n")
+        self.log_file = self.path / LOG_NAME
+
+    def log(self, message: str) -> None:
+        """A line for the user (stderr) and, once the run owns the directory, for train.log."""
+        say(message)
+        if self.log_file is not None:
+            with writing(self.log_file), open(self.log_file, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    def close(self) -> None:
+        self.log_file = None
+
+    # ---- recipe and metrics ----------------------------------------------------------------------------
+    def write_recipe(self, text: str, directory: Path | None = None) -> None:
+        path = (directory or self.path) / RECIPE_NAME
+        with writing(path):
+            path.write_text(text)
+
+    def log_event(self, record: dict) -> None:
+        with writing(self.metrics_log), open(self.metrics_log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def events(self) -> list[dict]:
+        if not self.metrics_log.is_file():
+            return []
+        return [json.loads(x) for x in self.metrics_log.read_text().splitlines() if x.strip()]
+
+    def truncate_events(self, step: int) -> None:
+        """Drop log lines of steps after the checkpoint a run resumes from (the killed run wrote them)."""
+        if self.metrics_log.is_file():
+            kept = [json.dumps(e) for e in self.events() if e.get("step", 0) <= step]
+            with writing(self.metrics_log):
+                self.metrics_log.write_text("".join(k + "\n" for k in kept))
+
+    def write_metrics(self, metrics: dict) -> None:
+        with writing(self.metrics_file):
+            write_json(self.metrics_file, metrics)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def write_checkpoint(self, target: Path, fill: Callable[[Path], None]) -> Path:
+        """`target` (a checkpoint-<step> or final/) whole or not at all, with its manifest; SIGINT / SIGTERM
+        are held while it is renamed into place."""
+        def fill_and_seal(tmp: Path) -> None:
+            fill(tmp)
+            write_manifest(tmp)
+
+        with _deferred_signals(), writing(target):
+            return atomic_directory(target, fill_and_seal)
+
+    def write_state(self, directory: Path, optimizer_state: dict, state: dict) -> None:
+        """trainer_state/ of a checkpoint: the optimizer's tensors and the step (no RNG state: the data
+        order and the dropout masks are functions of the step)."""
+        import torch
+
+        path = directory / STATE_DIR
+        path.mkdir()
+        torch.save(optimizer_state, path / "optimizer.pt")
+        write_json(path / "state.json", state)
+
+    @staticmethod
+    def read_state(directory: Path) -> tuple[dict, dict]:
+        """(optimizer state, state.json) of a checkpoint; the optimizer file holds tensors only."""
+        from dora_cli.files import read_json_object
+
+        path = directory / STATE_DIR
+        return load_tensors_only(path / "optimizer.pt"), read_json_object(path / "state.json")
+
+
+class _deferred_signals:
+    """Hold SIGINT / SIGTERM while a checkpoint is renamed into place (they are delivered afterwards)."""
+
+    def __enter__(self):
+        import signal
+
+        self.blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.blocked)
+        return False
+
+
+def load_tensors_only(path: Path):
+    """torch.load restricted to tensors and plain containers: a file carrying other pickled objects is refused."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise UserError(f"{path}: refused: not a plain tensor file ({str(err).splitlines()[0][:120]})") from None

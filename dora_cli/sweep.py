@@ -36,22 +36,21 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from dora_cli.adapters import METHODS
+from dora_cli.console import say, stderr_is_terminal
 from dora_cli.errors import RunFailure, UserError, did_you_mean, one_of
-from dora_cli.recipe import Recipe, check_batch, dump_recipe, load_recipe
+from dora_cli.files import atomic_file, write_json, write_text
+from dora_cli.recipe import Recipe, check_batch, load_recipe
+from dora_cli.rundir import RunDir
 
 DEFAULT_RECIPE = Path("recipes") / "commonsense_7b.yaml"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("lora", "dora", "vera", "dvora")
-DISPLAY = {"lora": "LoRA", "dora": "DoRA", "vera": "VeRA", "dvora": "DVoRA"}
+SWEPT = tuple(name for name, m in METHODS.items() if m.ranked)
+"""The methods with a rank (a direction update): lora, dora, vera, dvora."""
 ALPHA_RULES = ("2r", "fixed")
 SWEEP_DIR = "sweep"
 
@@ -92,7 +91,7 @@ def parse_ranks(values: list[str]) -> list[int]:
     ranks: list[int] = []
     for value in values:
         text = str(value).strip()
-        if not text.isdigit() or int(text) < 1:
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
             raise UserError(f"--ranks: {text!r} is not a positive integer (e.g. --ranks 4,8,16,32,64)")
         ranks.append(int(text))
     if not ranks:
@@ -105,12 +104,12 @@ def parse_methods(values: list[str]) -> list[str]:
     methods: list[str] = []
     for value in values:
         method = str(value).strip().lower()
-        if method not in METHODS:
-            raise UserError(f"--methods: unknown method {value!r}{did_you_mean(method, METHODS)}; expected {one_of(METHODS)}")
+        if method not in SWEPT:
+            raise UserError(f"--methods: unknown method {value!r}{did_you_mean(method, SWEPT)}; expected {one_of(SWEPT)}")
         if method not in methods:
             methods.append(method)
     if not methods:
-        raise UserError(f"--methods: expected at least one of {one_of(METHODS)}")
+        raise UserError(f"--methods: expected at least one of {one_of(SWEPT)}")
     return methods
 
 
@@ -171,7 +170,7 @@ class Trial:
         return self.trained() and self.eval_metrics.is_file() and _same_eval(self.recipe, self.eval_metrics)
 
     def holds_run(self) -> bool:
-        return (self.dir / "recipe.yaml").is_file()
+        return RunDir(self.dir).is_a_run()
 
 
 @dataclass
@@ -238,38 +237,21 @@ def _expected(base: Recipe, trial: Recipe, paper_average: float | None) -> dict[
 def _check_inputs(sweep: Sweep) -> None:
     """What would stop every trial (or a trial directory that belongs to another run), found before hours of training."""
     from dora_cli.datasets import load_records
-    from dora_cli.eval.tasks import load_task, validate_tasks
+    from dora_cli.eval.suites import suite_of
     from dora_cli.models import resolve_source
 
     base = sweep.base
     check_batch(base, base.launch.num_processes)
     resolve_source(base.model.name_or_path)
     load_records(base.data)
-    for task in validate_tasks(base.eval.tasks):
-        load_task(task, base.eval.data_dir, base.eval.limit)
+    suite_of(base).check_inputs(base)  # every task `dora eval` accepts, custom ones included
     for trial in sweep.trials:
-        _check_trial_dir(trial)
-
-
-def _check_trial_dir(trial: Trial) -> None:
-    """A trial directory holding a run of another recipe (an override changed since) is not resumed into."""
-    from pydantic import ValidationError
-
-    from dora_cli.train import first_difference, identity
-
-    saved = trial.dir / "recipe.yaml"
-    if not saved.is_file():
-        return
-    try:
-        previous = Recipe.model_validate(yaml.safe_load(saved.read_text()))
-    except (OSError, ValueError, yaml.YAMLError, ValidationError):
-        raise UserError(f"{trial.dir}: holds a recipe.yaml that is not a dora_cli recipe; delete the directory to redo this trial") from None
-    mine, theirs = identity(trial.recipe), identity(previous)
-    if mine != theirs:
-        raise UserError(
-            f"{trial.dir}: holds a trial of a different recipe ({first_difference(mine, theirs)} differs); "
-            "delete the directory to redo the trial with the new settings, or choose another output_dir"
-        )
+        key = RunDir(trial.dir).difference(trial.recipe)
+        if key is not None:
+            raise UserError(
+                f"{trial.dir}: holds a trial of a different recipe ({key} differs); delete the directory "
+                "to redo the trial with the new settings, or choose another output_dir"
+            )
 
 
 # ==================================================================================================
@@ -288,34 +270,33 @@ def execute(sweep: Sweep) -> dict:
     failures = _trial_failures()
     n = len(sweep.trials)
     say(f"sweep: {n} trials ({', '.join(sweep.methods)} x r = {', '.join(map(str, sweep.ranks))}) in {sweep.dir}")
-    with tempfile.TemporaryDirectory(prefix="dora-sweep-") as tmp:
-        for i, trial in enumerate(sweep.trials, 1):
-            head = f"sweep [{i}/{n}] {trial.label}"
-            if trial.done():
-                records[trial.name] = _collect(trial)
-                say(f"{head}: skipped (done: avg {_cell(records[trial.name]['average'])})")
-                write_reports(sweep, records)
-                continue
-            started = time.perf_counter()
-            try:
-                _run_trial(trial, Path(tmp), head)
-                records[trial.name] = _collect(trial)
-            except failures as err:
-                records[trial.name] = _failed(trial, _one_line(err))
-            except SystemExit as err:  # a multi-process training that failed exits with its status
-                if err.code in (0, None, 2, 130, 143):  # user error or a signal: stop the sweep
-                    raise
-                records[trial.name] = _failed(trial, f"training exited with status {err.code} (see {trial.dir / 'train.log'})")
-            finally:
-                gc.collect()
-                _empty_cuda_cache()
-            record = records[trial.name]
-            seconds = time.perf_counter() - started
-            if record["status"] == "ok":
-                say(f"{head}: ok, avg {_cell(record['average'])}, {_percent(record['trainable_percent'])}% trainable ({seconds:.0f} s)")
-            else:
-                say(f"{head}: FAILED: {record['error']}")
+    for i, trial in enumerate(sweep.trials, 1):
+        head = f"sweep [{i}/{n}] {trial.label}"
+        if trial.done():
+            records[trial.name] = _collect(trial)
+            say(f"{head}: skipped (done: avg {_cell(records[trial.name]['average'])})")
             write_reports(sweep, records)
+            continue
+        started = time.perf_counter()
+        try:
+            _run_trial(trial, head)
+            records[trial.name] = _collect(trial)
+        except failures as err:
+            records[trial.name] = _failed(trial, _one_line(err))
+        except SystemExit as err:  # a multi-process training that failed exits with its status
+            if err.code in (0, None, 2, 130, 143):  # user error or a signal: stop the sweep
+                raise
+            records[trial.name] = _failed(trial, f"training exited with status {err.code} (see {trial.dir / 'train.log'})")
+        finally:
+            gc.collect()
+            _empty_cuda_cache()
+        record = records[trial.name]
+        seconds = time.perf_counter() - started
+        if record["status"] == "ok":
+            say(f"{head}: ok, avg {_cell(record['average'])}, {_percent(record['trainable_percent'])}% trainable ({seconds:.0f} s)")
+        else:
+            say(f"{head}: FAILED: {record['error']}")
+        write_reports(sweep, records)
     doc = sweep_document(sweep, records)
     summary = doc["summary"]
     print(render_table(doc), end="")
@@ -325,35 +306,32 @@ def execute(sweep: Sweep) -> dict:
     return doc
 
 
-def _run_trial(trial: Trial, tmp: Path, head: str) -> None:
+def _run_trial(trial: Trial, head: str) -> None:
     """Train (or resume) unless final/ exists, then evaluate (resumable) into the trial's eval/."""
-    from dora_cli.evaluate import run_eval
-    from dora_cli.train import run_train
+    from dora_cli import evaluate, train
 
     trained_now = False
     if not trial.trained():
-        recipe_file = tmp / f"{trial.name}.yaml"  # the trial's resolved recipe; the run saves it as recipe.yaml
-        recipe_file.write_text(dump_recipe(trial.recipe))
         resume = trial.holds_run()
         say(f"{head}: {'resuming' if resume else 'training'} -> {trial.dir}")
-        run_train(recipe_file, [], resume=resume)
+        train.train(trial.recipe, resume=resume)
         trained_now = True
     # Predictions of an earlier final/, or a finished evaluation with other settings, are discarded;
     # an interrupted evaluation of this final/ (predictions, no metrics yet) resumes.
     redo = trained_now or trial.eval_metrics.is_file()
     say(f"{head}: evaluating{' again (eval settings changed)' if redo and not trained_now else ''} -> {trial.eval_dir}")
     # The sweep's current eval settings (not the ones saved with final/ when it was trained).
-    eval_section = json.dumps(trial.recipe.eval.model_dump(mode="json"))
-    run_eval(trial.final, [f"eval={eval_section}"], out=trial.eval_dir, overwrite=redo, progress=sys.stderr.isatty())
+    evaluate.evaluate(trial.final, trial.recipe, out=trial.eval_dir, overwrite=redo, progress=stderr_is_terminal())
 
 
 def _same_eval(recipe: Recipe, metrics_file: Path) -> bool:
     """Whether the evaluation in `metrics_file` was made with the recipe's eval settings (else it is redone)."""
+    from dora_cli.eval.suites import settings
     from dora_cli.eval.tasks import validate_tasks
 
-    cfg = recipe.eval
+    cfg = settings(recipe)
     done = json.loads(metrics_file.read_text()).get("settings", {})
-    wanted = {"mode": cfg.mode, "limit": cfg.limit, "tasks": validate_tasks(cfg.tasks), "data_dir": cfg.data_dir}
+    wanted = {"mode": cfg.mode, "limit": cfg.limit, "tasks": validate_tasks(cfg.tasks, cfg.data_dir), "data_dir": cfg.data_dir}
     if cfg.mode == "generate":
         wanted.update(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens)
     return all(done.get(key) == value for key, value in wanted.items())
@@ -438,11 +416,9 @@ def sweep_document(sweep: Sweep, records: dict[str, dict]) -> dict:
 
 def write_reports(sweep: Sweep, records: dict[str, dict]) -> dict:
     """sweep.json, sweep.md and sweep.png in OUTPUT/sweep/, each written under a temporary name and renamed."""
-    from dora_cli.eval.files import write_atomic, write_json
-
     doc = sweep_document(sweep, records)
     write_json(sweep.dir / "sweep.json", doc)
-    write_atomic(sweep.dir / "sweep.md", render_table(doc))
+    write_text(sweep.dir / "sweep.md", render_table(doc))
     plot(doc, sweep.dir / "sweep.png")
     return doc
 
@@ -468,7 +444,7 @@ def render_table(doc: dict) -> str:
             cells = ["-"] * len(tasks) + [t["status"]]
         if paper:
             cells.append(_cell(t["paper_average"]))
-        lines.append(f"| {DISPLAY[t['method']]} | {t['rank']} | {_percent(t['trainable_percent'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {METHODS[t['method']].display} | {t['rank']} | {_percent(t['trainable_percent'])} | " + " | ".join(cells) + " |")
     ev = settings["eval"]
     alpha = "alpha = 2r" if settings["alpha_rule"] == "2r" else f"alpha = {settings['alpha']} (fixed)"
     note = f"Accuracy (%), {alpha}; eval mode {ev['mode']}"
@@ -500,15 +476,15 @@ def plot(doc: dict, path: Path) -> None:
         mine = {t["rank"]: t for t in trials if t["method"] == method}
         ys = [mine[r]["average"] if r in mine and mine[r]["status"] == "ok" else math.nan for r in ranks]
         finite += [y for y in ys if not math.isnan(y)]
-        ax.plot(ranks, ys, marker="o", color=color, label=DISPLAY[method])
+        ax.plot(ranks, ys, marker="o", color=color, label=METHODS[method].display)
         failed = [r for r in ranks if r in mine and mine[r]["status"] == "failed"]
         if failed:  # x in axis coordinates: at the bottom, whatever the accuracies
             ax.plot(failed, [0.04] * len(failed), "x", color=color, markersize=10, markeredgewidth=2,
-                    transform=ax.get_xaxis_transform(), label=f"{DISPLAY[method]} failed")
+                    transform=ax.get_xaxis_transform(), label=f"{METHODS[method].display} failed")
         if settings["paper_reference"]:
             paper = [(t["rank"], t["paper_average"]) for t in trials if t["method"] == method and t["paper_average"] is not None]
             if paper:
-                ax.plot(*zip(*paper), linestyle="--", color=color, alpha=0.7, label=f"{DISPLAY[method]} (paper)")
+                ax.plot(*zip(*paper), linestyle="--", color=color, alpha=0.7, label=f"{METHODS[method].display} (paper)")
                 finite += [y for _, y in paper]
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(r) for r in ranks])
@@ -521,22 +497,9 @@ def plot(doc: dict, path: Path) -> None:
     ax.set_title(f"Rank study: {settings['model']}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
+    atomic_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 # ---- formatting -----------------------------------------------------------------------------------
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 

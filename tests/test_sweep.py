@@ -133,16 +133,17 @@ def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(swept, tmp_path, monke
     out = copy_sweep(swept[0], tmp_path)
     drop_results(out, "lora-r2")
     drop_results(out, "lora-r4")
-    real = dora_cli.train.run_train
+    real = dora_cli.train.train
     calls = []
 
-    def run_train(recipe_path, overrides, **kw):
-        calls.append(Path(recipe_path).stem)
-        if Path(recipe_path).stem == "lora-r2":
+    def train(recipe, **kw):
+        name = Path(recipe.output_dir).name  # the trial's directory: <method>-r<rank>
+        calls.append(name)
+        if name == "lora-r2":
             raise RunFailure("step 1: the loss is nan; training stopped. No checkpoint was written (lower optim.lr)")
-        return real(recipe_path, overrides, **kw)
+        return real(recipe, **kw)
 
-    monkeypatch.setattr(dora_cli.train, "run_train", run_train)
+    monkeypatch.setattr(dora_cli.train, "train", train)
     monkeypatch.chdir(ROOT)
     doc = sweep.run_sweep("recipes/smoke.yaml", [f"output_dir={out}", *FAST], ranks=["2", "4"], methods=["lora", "dora"])
 
@@ -165,10 +166,10 @@ def test_when_every_trial_fails_the_sweep_fails(tmp_path, monkeypatch):
 
     errors = iter([RunFailure("step 3: the gradient norm is inf; training stopped"), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")])
 
-    def run_train(recipe_path, overrides, **kw):
+    def train(recipe, **kw):
         raise next(errors)
 
-    monkeypatch.setattr(dora_cli.train, "run_train", run_train)
+    monkeypatch.setattr(dora_cli.train, "train", train)
     monkeypatch.chdir(ROOT)
     out = tmp_path / "out"
     with pytest.raises(RunFailure, match="every trial of the sweep failed"):

@@ -8,20 +8,26 @@ Usable without the CLI::
     apply_adapters(model, cfg)          # wraps the targets in place, freezes the rest
     print(parameter_report(model))      # trainable params: ... || trainable%: ...
     save_adapter(model, cfg, "out/")    # PEFT layout: peft.PeftModel.from_pretrained reads it
+
+    variants.py   the methods: a direction update (low-rank, VeRA, none) x a magnitude (on / off)
+    layers.py     AdaptedLinear: one frozen base layer + one method
+    base_ops.py   what a layer needs from its frozen base (GEMM without bias, weights; fp, 4-bit, 8-bit)
+    norm.py       the factored row norm
+    inject.py     wrap a model's target modules; count trainable parameters
+    checkpoint.py save / load in the PEFT layout
+    merging.py    merge / unmerge in place, unwrap, merged state dicts
 """
 
 from dora_cli.adapters.checkpoint import (
     adapter_state_dict,
     load_adapter,
-    merge_adapters,
-    merged_state_dict,
+    load_adapter_weights,
     peft_config,
     read_adapter_config,
+    read_adapter_weights,
     save_adapter,
-    unmerge_adapters,
-    unwrap,
 )
-from dora_cli.adapters.config import AdapterConfig
+from dora_cli.adapters.config import METHOD_NAMES, AdapterConfig
 from dora_cli.adapters.inject import (
     ParamReport,
     adapted_modules,
@@ -30,11 +36,16 @@ from dora_cli.adapters.inject import (
     matches,
     parameter_report,
 )
-from dora_cli.adapters.layers import AdaptedLinear, VeraProjections
+from dora_cli.adapters.layers import AdaptedLinear
+from dora_cli.adapters.merging import merge_adapters, merged_state_dict, unmerge_adapters, unwrap
+from dora_cli.adapters.variants import METHODS, Method, VeraProjections
 
 __all__ = [
+    "METHODS",
+    "METHOD_NAMES",
     "AdaptedLinear",
     "AdapterConfig",
+    "Method",
     "ParamReport",
     "VeraProjections",
     "adapted_modules",
@@ -42,12 +53,14 @@ __all__ = [
     "apply_adapters",
     "linear_module_names",
     "load_adapter",
+    "load_adapter_weights",
     "matches",
     "merge_adapters",
     "merged_state_dict",
     "parameter_report",
     "peft_config",
     "read_adapter_config",
+    "read_adapter_weights",
     "save_adapter",
     "unmerge_adapters",
     "unwrap",

@@ -118,21 +118,10 @@ def base_times_at(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return F.linear(a.float(), dequantized_weight(layer, torch.float32)).T
 
 
-def _compute_dtype(layer: nn.Module) -> torch.dtype:
-    dtype = getattr(layer, "compute_dtype", None)
-    return dtype if dtype is not None else torch.float32
-
-
-def in_out_features(layer: nn.Module) -> tuple[int, int]:
-    return layer.in_features, layer.out_features
-
-
-def layer_device(layer: nn.Module) -> torch.device:
-    return layer.weight.device
-
-
-def layer_float_dtype(layer: nn.Module) -> torch.dtype:
-    """The floating dtype the layer computes in (its weight dtype, or the compute dtype if quantized)."""
-    if base_kind(layer) == "linear":
-        return layer.weight.dtype
-    return _compute_dtype(layer)
+def dense_linear(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
+    """A frozen nn.Linear of `layer`'s shape holding `weight` (as `dtype`) and `layer`'s bias."""
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device, dtype=dtype)
+    dense.weight.data.copy_(weight)
+    if layer.bias is not None:
+        dense.bias.data.copy_(layer.bias.data)
+    return dense.requires_grad_(False)

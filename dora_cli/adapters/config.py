@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Method = Literal["lora", "dora", "vera", "dvora", "full"]
+from dora_cli.adapters.variants import METHODS
+from dora_cli.errors import did_you_mean, one_of
+
+FULL = "full"
+"""Full fine-tuning: no adapter, every weight trains."""
+METHOD_NAMES = (*(name for name, m in METHODS.items() if m.ranked), FULL)
+"""What `adapter.method` takes: every method with a direction update, and full. The magnitude-only method
+applies per module (`magnitude_only_modules`)."""
 
 
 class AdapterConfig(BaseModel):
     """The adapter of a run, with PEFT-familiar names.
 
-    method: lora | dora | vera | dvora | full. DoRA at half rank (the paper's DoRA†) is just `r` halved.
+    method: lora | dora | vera | dvora | full (METHOD_NAMES).
+        DoRA at half rank (the paper's DoRA†) is just `r` halved.
     target_modules: module-name patterns. A plain identifier (`q_proj`) matches modules whose name is
         that or ends in `.q_proj`; anything else is a regular expression that must match the full name.
     magnitude_only_modules: patterns of modules that train only the DoRA magnitude (paper Table 6).
@@ -20,7 +28,7 @@ class AdapterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
-    method: Method = "dora"
+    method: str = "dora"
     r: int = Field(8, gt=0)
     alpha: float = 16.0
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -35,10 +43,14 @@ class AdapterConfig(BaseModel):
     """Seed of VeRA / DVoRA's shared frozen random matrices (PEFT: projection_prng_key)."""
     vera_d_init: float = 0.1
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHOD_NAMES:
+            raise ValueError(f"expected one of {one_of(METHOD_NAMES)}, got {value!r}{did_you_mean(value, METHOD_NAMES)}")
+        return value
+
     @property
     def scaling(self) -> float:
         return self.alpha / (self.r**0.5 if self.rslora else self.r)
 
-    @property
-    def uses_magnitude(self) -> bool:
-        return self.method in ("dora", "dvora")

@@ -11,7 +11,8 @@ from torch import nn
 
 from dora_cli.adapters.base_ops import base_kind, prepare_base
 from dora_cli.adapters.config import AdapterConfig
-from dora_cli.adapters.layers import VERA_KINDS, AdaptedLinear, VeraProjections
+from dora_cli.adapters.layers import AdaptedLinear
+from dora_cli.adapters.variants import METHODS, Vera, VeraProjections
 from dora_cli.errors import UserError, did_you_mean
 
 VERA_ATTR = "vera_projections"  # where a model keeps VeRA's shared projections
@@ -99,7 +100,7 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     for module in modules.values():
         prepare_base(module)  # every 4-bit layer, adapted or not: gradients flow through all of them
     vera = None
-    if cfg.method in VERA_KINDS:
+    if METHODS[cfg.method].direction is Vera:
         vera = VeraProjections(
             cfg.r,
             in_max=max(modules[n].in_features for n in targets),
@@ -115,13 +116,13 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
             modules[name], cfg.method, r=cfg.r, scaling=cfg.scaling, dropout=cfg.dropout,
             vera=vera, d_init=cfg.vera_d_init, **options,
         )
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
     for name in magnitude_only:
-        _replace(model, name, AdaptedLinear(modules[name], "magnitude", **options))
+        replace_module(model, name, AdaptedLinear(modules[name], "magnitude", **options))
     return targets + magnitude_only
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` where `name` was, in the same train / eval mode (eval keeps dropout off)."""
     new.train(model.get_submodule(name).training)
     parent_name, _, child = name.rpartition(".")

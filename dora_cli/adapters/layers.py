@@ -15,52 +15,20 @@ kept by the next operation anyway, so DoRA costs almost no activation memory ove
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dora_cli.adapters.base_ops import (
     base_kind,
     base_matmul,
     base_times_at,
+    dense_linear,
     dequantized_weight,
     prepare_base,
     weight_row_norm_sq,
 )
 from dora_cli.adapters.norm import EPS, factored_row_norm
-
-KINDS = ("lora", "dora", "vera", "dvora", "magnitude")
-LOW_RANK_KINDS = ("lora", "dora")
-VERA_KINDS = ("vera", "dvora")
-MAGNITUDE_KINDS = ("dora", "dvora", "magnitude")
-
-
-def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """Kaiming-uniform with gain √2 (a = 0), fan_in = shape[1]: bound √(6 / fan_in)."""
-    bound = math.sqrt(6.0 / shape[1])
-    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
-
-
-class VeraProjections(nn.Module):
-    """The frozen random pair shared by all VeRA / DVoRA layers of a model: A_s [r, in_max], B_s [out_max, r].
-
-    Drawn from `seed` on the CPU generator, A_s first, so that the same seed gives the same matrices
-    as PEFT's `projection_prng_key`. Non-persistent buffers: one copy per model, not per layer.
-    """
-
-    def __init__(self, r: int, in_max: int, out_max: int, seed: int, device: torch.device | str = "cpu"):
-        super().__init__()
-        self.seed = seed
-        if torch.device(device).type == "meta":
-            a, b = torch.empty(r, in_max, device="meta"), torch.empty(out_max, r, device="meta")
-        else:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            a = _kaiming_uniform((r, in_max), gen)
-            b = _kaiming_uniform((out_max, r), gen)
-        self.register_buffer("A", a.to(device), persistent=False)
-        self.register_buffer("B", b.to(device), persistent=False)
+from dora_cli.adapters.variants import METHODS, LayerOptions, Magnitude, VeraProjections
 
 
 class _DoraScale(torch.autograd.Function):
@@ -97,7 +65,7 @@ class _DoraScale(torch.autograd.Function):
 
 
 class AdaptedLinear(nn.Module):
-    """A frozen linear layer (`base_layer`) with one adapter of kind lora / dora / vera / dvora / magnitude."""
+    """A frozen linear layer (`base_layer`) with one adapter: a method of variants.METHODS (its `kind`)."""
 
     def __init__(
         self,
@@ -113,85 +81,56 @@ class AdaptedLinear(nn.Module):
         d_init: float = 0.1,
     ):
         super().__init__()
-        if kind not in KINDS:
+        if kind not in METHODS:
             raise ValueError(f"unknown adapter kind {kind!r}")
         if base_kind(base_layer) is None:
             raise TypeError(f"cannot adapt a {type(base_layer).__name__}")
-        if kind in VERA_KINDS and vera is None:
-            raise ValueError("VeRA / DVoRA layers need the shared VeraProjections")
         prepare_base(base_layer)
         self.base_layer = base_layer
         self.kind = kind
-        self.r = r if kind != "magnitude" else 0
-        self.scaling = scaling if kind in LOW_RANK_KINDS else 1.0
+        self.method = METHODS[kind]
+        self.direction = self.method.direction
+        self.r = r if self.direction else 0
+        self.scaling = 1.0
         self.detach_norm = detach_norm
         self.dropout_mode = dropout_mode
-        self.dropout = nn.Dropout(dropout) if dropout > 0 and kind != "magnitude" else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and self.direction else nn.Identity()
         self.merged = False
         self._merge_state: dict = {}
 
         d_out, d_in = base_layer.out_features, base_layer.in_features
         device = base_layer.weight.device
         params = dict(device=device, dtype=torch.float32)
-        if kind in LOW_RANK_KINDS:
-            self.lora_A = nn.Parameter(torch.empty(r, d_in, **params))
-            self.lora_B = nn.Parameter(torch.zeros(d_out, r, **params))
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and LoRA
-        if kind in VERA_KINDS:
-            if vera.A.shape[0] < r or vera.A.shape[1] < d_in or vera.B.shape[0] < d_out:
-                raise ValueError("the shared VeRA projections are smaller than this layer")
-            object.__setattr__(self, "vera", vera)  # shared: not a submodule of every layer
-            self.vera_lambda_b = nn.Parameter(torch.zeros(d_out, **params))
-            self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_init), **params))
-        if kind in MAGNITUDE_KINDS:
+        if self.direction:
+            opts = LayerOptions(r=r, scaling=scaling, vera=vera, vera_d_init=d_init)
+            self.direction.init(self, d_out, d_in, opts, params)
+        if self.method.magnitude:
             with torch.no_grad():
                 norm_sq = weight_row_norm_sq(base_layer).float()
-            self.register_buffer("w0_norm_sq", norm_sq, persistent=False)
             # m = ‖W0‖ from the weight the forward sees (dequantized for 4-bit): g = 1 exactly at step 0.
-            self.magnitude = nn.Parameter(norm_sq.sqrt())
+            Magnitude.init(self, norm_sq)
             # A zero row of W0 gives g = 0 there, where z cannot be recovered from y: keep z instead.
             self.keep_z = device.type != "meta" and bool((norm_sq <= 0).any())
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """PEFT key suffix -> this layer's live adapter tensor."""
+        return {suffix: getattr(self, attr) for suffix, attr in self.method.tensors.items()}
 
     # ---- the update ΔW = scale · B · A ------------------------------------------------------------
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(B [out, r], A [r, in], scale) with ΔW = scale · B · A."""
-        if self.kind in LOW_RANK_KINDS:
-            return self.lora_B, self.lora_A, self.scaling
-        d_out, d_in = self.base_layer.out_features, self.base_layer.in_features
-        a = self.vera.A[: self.r, :d_in]
-        b = self.vera_lambda_b[:, None] * self.vera.B[:d_out, : self.r] * self.vera_lambda_d[None, :]
-        return b, a, 1.0
-
-    def _delta(self, xd: torch.Tensor) -> torch.Tensor:
-        """ΔW · xd without forming ΔW."""
-        dt = xd.dtype
-        if self.kind in LOW_RANK_KINDS:
-            u = F.linear(xd, self.lora_A.to(dt)) * self.scaling  # [..., r]
-            return F.linear(u, self.lora_B.to(dt))
-        d_out, d_in = self.base_layer.out_features, self.base_layer.in_features
-        u = F.linear(xd, self.vera.A[: self.r, :d_in].to(dt)) * self.vera_lambda_d.to(dt)
-        return F.linear(u, self.vera.B[:d_out, : self.r].to(dt)) * self.vera_lambda_b.to(dt)
-
-    def _plus_delta(self, base: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
-        """base + ΔW · xd; for LoRA / DoRA the add rides in the second small GEMM (addmm)."""
-        if self.kind not in LOW_RANK_KINDS:
-            return base + self._delta(xd)
-        dt = xd.dtype
-        u = F.linear(xd, self.lora_A.to(dt)) * self.scaling  # [..., r]
-        out = torch.addmm(base.reshape(-1, base.shape[-1]), u.reshape(-1, u.shape[-1]), self.lora_B.to(dt).T)
-        return out.view(base.shape)
+        return self.direction.factors(self)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW as a dense [out, in] fp32 tensor (merge and analysis only)."""
-        if self.kind == "magnitude":
+        if not self.direction:
             return torch.zeros(self.base_layer.out_features, self.base_layer.in_features, device=self.magnitude.device)
-        b, a, scale = self.factors()
-        return scale * (b.float() @ a.float())
+        return self.direction.delta_weight(self)
 
     # ---- the magnitude side ---------------------------------------------------------------------
     def weight_norm(self) -> torch.Tensor:
         """n = ‖W0 + ΔW‖ per output row, fp32 [out]; constant in backward when detach_norm."""
-        if self.kind == "magnitude":
+        if not self.direction:
             return self.w0_norm_sq.clamp_min(EPS * EPS).sqrt()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm):
             b, a, scale = self.factors()
@@ -207,25 +146,27 @@ class AdaptedLinear(nn.Module):
         if self.merged:
             merged = self._merge_state.get("dense")
             return merged(x) if merged is not None else self.base_layer(x)
-        if self.kind not in MAGNITUDE_KINDS:  # lora, vera
-            return self._plus_delta(self.base_layer(x), self.dropout(x))
+        if not self.method.magnitude:  # lora, vera
+            return self.direction.add_delta(self, self.base_layer(x), self.dropout(x))
         g = self.magnitude_scale()
         bias = self.base_layer.bias
-        if self.kind != "magnitude" and self.dropout_mode == "delta" and self.training and self.dropout.p > 0:
+        if self.direction and self.dropout_mode == "delta" and self.training and self.dropout.p > 0:
             xd = self.dropout(x)
             gx = g.to(x.dtype)
-            return self.base_layer(x) + (gx - 1) * base_matmul(self.base_layer, xd) + gx * self._delta(xd)
+            return self.base_layer(x) + (gx - 1) * base_matmul(self.base_layer, xd) + gx * self.direction.delta(self, xd)
         z = base_matmul(self.base_layer, x)
-        if self.kind != "magnitude":
-            z = self._plus_delta(z, self.dropout(x))
+        if self.direction:
+            z = self.direction.add_delta(self, z, self.dropout(x))
         return _DoraScale.apply(z, g, bias, self.keep_z)
 
     # ---- merge ----------------------------------------------------------------------------------
     @torch.no_grad()
     def _merged(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W', g): W' = diag(g)·(W0 + ΔW) with g = m / ‖W0 + ΔW‖ for DoRA kinds, else (W0 + ΔW, None)."""
-        w = dequantized_weight(self.base_layer, torch.float32) + self.delta_weight()
-        if self.kind not in MAGNITUDE_KINDS:
+        """(W', g): W' = diag(g)·(W0 + ΔW) with g = m / ‖W0 + ΔW‖ with a magnitude, else (W0 + ΔW, None)."""
+        w = dequantized_weight(self.base_layer, torch.float32)
+        if self.direction:
+            w = w + self.delta_weight()
+        if not self.method.magnitude:
             return w, None
         scale = self.magnitude.float() / w.norm(dim=1).clamp_min(EPS)
         return scale[:, None] * w, scale
@@ -253,12 +194,7 @@ class AdaptedLinear(nn.Module):
             self._merge_state["scale"] = scale
             base.weight.data.copy_(w.to(base.weight.dtype))
         else:
-            dtype = base.compute_dtype or torch.float32
-            dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=w.device, dtype=dtype)
-            dense.weight.data.copy_(w)
-            if base.bias is not None:
-                dense.bias.data.copy_(base.bias.data)
-            self._merge_state["dense"] = dense.requires_grad_(False)
+            self._merge_state["dense"] = dense_linear(base, w, base.compute_dtype or torch.float32)
         self.merged = True
 
     @torch.no_grad()
@@ -276,9 +212,4 @@ class AdaptedLinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        extra = f"kind={self.kind}"
-        if self.kind != "magnitude":
-            extra += f", r={self.r}"
-        if self.kind in LOW_RANK_KINDS:
-            extra += f", scaling={self.scaling:g}"
-        return extra
+        return f"kind={self.kind}" + (f", {self.direction.describe(self)}" if self.direction else "")

@@ -30,12 +30,12 @@ import hashlib
 import time
 from pathlib import Path
 
+from dora_cli.console import progress_bar
 from dora_cli.errors import UserError, one_of
-from dora_cli.eval.files import append_jsonl, guard_resume, read_jsonl_resumable, write_atomic, write_json
 from dora_cli.eval.predict import continuation, describe_model, encode, generate_batch, loglik_batch
-from dora_cli.eval.progress import progress_bar
 from dora_cli.eval.report import results_table, summarize, task_metrics
 from dora_cli.eval.tasks import TASKS, Example, extract_answer, load_task, validate_tasks
+from dora_cli.files import append_jsonl, guard_resume, read_jsonl_resumable, write_json, write_text
 from dora_cli.prompts import eval_prompt
 
 MODES = ("generate", "loglik")
@@ -148,14 +148,5 @@ def evaluate_commonsense(
     }
     metrics = {**summarize(per_task, settings, expected), "examples_per_s": speed}
     write_json(out / "metrics.json", metrics)
-    write_atomic(out / "results.md", results_table(metrics, model_name or description))
+    write_text(out / "results.md", results_table(metrics, model_name or description))
     return metrics
-
-
-def evaluate_commonsense_config(model, tokenizer, eval_cfg, out_dir: str | Path, **kwargs) -> dict:
-    """`evaluate_commonsense` with the settings of a recipe's `eval:` section (EvalConfig)."""
-    return evaluate_commonsense(
-        model, tokenizer, out_dir, tasks=eval_cfg.tasks, data_dir=eval_cfg.data_dir, mode=eval_cfg.mode,
-        batch_size=eval_cfg.batch_size, limit=eval_cfg.limit, num_beams=eval_cfg.num_beams,
-        max_new_tokens=eval_cfg.max_new_tokens, **kwargs,
-    )

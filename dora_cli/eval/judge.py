@@ -33,9 +33,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from dora_cli.console import progress_bar
 from dora_cli.errors import UserError, one_of
-from dora_cli.eval.files import append_jsonl, read_jsonl, read_jsonl_resumable
-from dora_cli.eval.progress import progress_bar
+from dora_cli.files import append_jsonl, read_jsonl, read_jsonl_resumable
 
 NEED_REF_CATS = ("math", "reasoning", "coding")
 TEMPLATES = {  # (multi_turn, needs_reference) -> judge_prompts.jsonl name

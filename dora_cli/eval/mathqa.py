@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dora_cli.console import progress_bar
 from dora_cli.errors import UserError
-from dora_cli.eval.files import append_jsonl, guard_resume, read_jsonl_resumable, write_json
 from dora_cli.eval.math_match import extract_number, math_correct
 from dora_cli.eval.predict import describe_model, generate_batch
-from dora_cli.eval.progress import progress_bar
+from dora_cli.files import append_jsonl, guard_resume, read_jsonl_resumable, write_json
 from dora_cli.prompts import render
 
 

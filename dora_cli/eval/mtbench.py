@@ -34,15 +34,9 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from dora_cli.console import progress_bar
+from dora_cli.datasets import pad_token_id
 from dora_cli.errors import UserError
-from dora_cli.eval.files import (
-    append_jsonl,
-    guard_resume,
-    read_jsonl,
-    read_jsonl_resumable,
-    write_atomic,
-    write_json,
-)
 from dora_cli.eval.judge import (
     NEED_REF_CATS,
     JudgeClient,
@@ -52,8 +46,15 @@ from dora_cli.eval.judge import (
     load_reference_answers,
     summarize_scores,
 )
-from dora_cli.eval.predict import describe_model, eos_ids_of, pad_id_of
-from dora_cli.eval.progress import progress_bar
+from dora_cli.eval.predict import describe_model, eos_ids_of
+from dora_cli.files import (
+    append_jsonl,
+    guard_resume,
+    read_jsonl,
+    read_jsonl_resumable,
+    write_json,
+    write_text,
+)
 from dora_cli.prompts import RESPONSE_MARKER, eval_prompt
 
 # FastChat fastchat/llm_judge/common.py `temperature_config`; other categories: 0.7.
@@ -109,7 +110,7 @@ def answer_turn(model, tokenizer, prompt: str, add_special_tokens: bool, *, temp
     sample = temperature >= 1e-4
     config = GenerationConfig(
         do_sample=sample, num_beams=1, max_new_tokens=max_new_tokens,
-        eos_token_id=eos or None, pad_token_id=pad_id_of(tokenizer),
+        eos_token_id=eos or None, pad_token_id=pad_token_id(tokenizer),
         **({"temperature": temperature} if sample else {}),
     )
     device = next(model.parameters()).device
@@ -163,7 +164,7 @@ def generate_answers(
             bar.update(job, advance=1)
     # All answered: sorted by question id, one line each (FastChat reorg_answer_file).
     lines = "".join(json.dumps(done[k], ensure_ascii=False) + "\n" for k in sorted(done))
-    write_atomic(answer_file, lines)
+    write_text(answer_file, lines)
     return {q["question_id"]: done[q["question_id"]] for q in questions}
 
 

@@ -31,20 +31,14 @@ import inspect
 import torch
 from transformers import GenerationConfig
 
+from dora_cli.datasets import pad_token_id
+
 # What LLM-Adapters trains the model to write (`output` of every commonsense record).
 CONTINUATION = "the correct answer is {}"
 
 
 def continuation(label: str) -> str:
     return CONTINUATION.format(label)
-
-
-def pad_id_of(tokenizer) -> int:
-    """The padding id: the tokenizer's pad token, else its end-of-sequence token, else 0."""
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
 
 
 def eos_ids_of(model, tokenizer) -> list[int]:
@@ -102,7 +96,7 @@ def generate_batch(
     `share_prefill`: run the prompt once per example and give `generate` its KV cache, repeated for
     the beams (see `_prefill_once`); False leaves the whole prompt to `generate`.
     """
-    pad = pad_id_of(tokenizer)
+    pad = pad_token_id(tokenizer)
     eos = eos_ids_of(model, tokenizer)
     ids, mask = left_pad([encode(tokenizer, p) for p in prompts], pad)
     config = GenerationConfig(
@@ -163,7 +157,7 @@ def _tokenize_candidates(tokenizer, prompt: str, labels: tuple[str, ...]) -> tup
 @torch.inference_mode()
 def loglik_batch_reference(model, tokenizer, prompts: list[str], candidates: list[tuple[str, ...]]) -> list[dict[str, float]]:
     """Log-likelihood of every candidate, each full sequence scored on its own row (one forward pass)."""
-    pad = pad_id_of(tokenizer)
+    pad = pad_token_id(tokenizer)
     rows, starts, owners = [], [], []
     for i, (prompt, labels) in enumerate(zip(prompts, candidates)):
         fulls, st = _tokenize_candidates(tokenizer, prompt, labels)
@@ -183,7 +177,7 @@ def loglik_batch_reference(model, tokenizer, prompts: list[str], candidates: lis
 @torch.inference_mode()
 def loglik_batch(model, tokenizer, prompts: list[str], candidates: list[tuple[str, ...]]) -> list[dict[str, float]]:
     """Log-likelihood of every candidate continuation: shared prefixes once, then all suffixes together."""
-    pad = pad_id_of(tokenizer)
+    pad = pad_token_id(tokenizer)
     device = _device(model)
 
     # Per example: full sequences, continuation starts, and the shared prefix length s (every candidate

@@ -1,0 +1,132 @@
+"""The evaluation suites `dora eval` (and the rank sweep) can run, in one registry.
+
+A suite is a name, its decoding defaults, a check of its inputs (run before any model is loaded, so a
+missing file is named in a second, not after minutes of loading) and a run on a loaded model:
+
+    suite = suite_of(recipe)                    # SUITES[recipe.eval.suite]
+    suite.check_inputs(recipe)                  # UserError naming the file / task / key
+    metrics = suite.run(SuiteRun(recipe, model, tokenizer, out_dir, ...))
+
+    commonsense  the 8 LLM-Adapters tasks (and custom ones from eval.data_dir)   4 beams, 32 new tokens
+    math         final-number exact match on question / answer records           greedy, 1024 new tokens
+    mt_bench     MT-Bench answers, and judgments when a judge is set             (eval.mt_bench.max_new_tokens)
+
+A new suite is one `Suite(...)` entry here plus its module under eval/ (and its name in EvalConfig.suite).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dora_cli.errors import UserError
+from dora_cli.recipe import EvalConfig, Recipe
+
+
+@dataclass(frozen=True)
+class SuiteRun:
+    """Everything a suite run needs."""
+
+    recipe: Recipe
+    model: object
+    tokenizer: object
+    out_dir: Path  # the suite's own directory (OUT/<suite>)
+    model_name: str  # what the model is called in tables (a checkpoint path, a hub id)
+    model_id: str  # a file-name-safe id (MT-Bench answer files)
+    overwrite: bool = False
+    progress: bool = True
+
+    @property
+    def eval(self) -> EvalConfig:
+        return settings(self.recipe)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    num_beams: int | None
+    max_new_tokens: int | None
+    check_inputs: Callable[[Recipe], None]
+    run: Callable[[SuiteRun], dict]
+
+
+def settings(recipe: Recipe) -> EvalConfig:
+    """The recipe's eval section with the suite's defaults filled in where it leaves them unset (None)."""
+    cfg, suite = recipe.eval, SUITES[recipe.eval.suite]
+    return cfg.model_copy(update={
+        "num_beams": cfg.num_beams if cfg.num_beams is not None else suite.num_beams,
+        "max_new_tokens": cfg.max_new_tokens if cfg.max_new_tokens is not None else suite.max_new_tokens,
+    })
+
+
+def suite_of(recipe: Recipe) -> Suite:
+    return SUITES[recipe.eval.suite]
+
+
+# ---- commonsense ----------------------------------------------------------------------------------------
+def _check_commonsense(recipe: Recipe) -> None:
+    from dora_cli.eval.tasks import load_task, validate_tasks
+
+    cfg = recipe.eval
+    for task in validate_tasks(cfg.tasks, cfg.data_dir):
+        load_task(task, cfg.data_dir, cfg.limit)
+
+
+def _run_commonsense(run: SuiteRun) -> dict:
+    from dora_cli.eval.commonsense import evaluate_commonsense
+
+    cfg = run.eval
+    return evaluate_commonsense(
+        run.model, run.tokenizer, run.out_dir, tasks=cfg.tasks, data_dir=cfg.data_dir, mode=cfg.mode,
+        batch_size=cfg.batch_size, limit=cfg.limit, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+        expected=run.recipe.expected, model_name=run.model_name, overwrite=run.overwrite, progress=run.progress,
+    )
+
+
+# ---- math -------------------------------------------------------------------------------------------------
+def _check_math(recipe: Recipe) -> None:
+    from dora_cli.eval.mathqa import load_math_records
+
+    load_math_records(recipe.eval.data_dir, recipe.eval.limit)
+
+
+def _run_math(run: SuiteRun) -> dict:
+    from dora_cli.eval.mathqa import evaluate_math
+
+    cfg = run.eval
+    return evaluate_math(
+        run.model, run.tokenizer, run.out_dir, data=cfg.data_dir, template=run.recipe.data.template,
+        batch_size=cfg.batch_size, limit=cfg.limit, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+        expected=run.recipe.expected, model_name=run.model_name, overwrite=run.overwrite, progress=run.progress,
+    )
+
+
+# ---- MT-Bench ---------------------------------------------------------------------------------------------
+def _check_mt_bench(recipe: Recipe) -> None:
+    from dora_cli.eval.mtbench import load_questions
+
+    cfg = recipe.eval
+    if not cfg.mt_bench.questions:
+        raise UserError("eval.mt_bench.questions is not set (FastChat question.jsonl)")
+    load_questions(cfg.mt_bench.questions, cfg.limit)
+
+
+def _run_mt_bench(run: SuiteRun) -> dict:
+    from dora_cli.eval.mtbench import evaluate_mt_bench
+
+    cfg = run.eval
+    return evaluate_mt_bench(
+        run.model, run.tokenizer, run.out_dir, cfg.mt_bench, model_id=run.model_id, limit=cfg.limit,
+        expected=run.recipe.expected, overwrite=run.overwrite, progress=run.progress,
+    )
+
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        Suite("commonsense", num_beams=4, max_new_tokens=32, check_inputs=_check_commonsense, run=_run_commonsense),
+        Suite("math", num_beams=1, max_new_tokens=1024, check_inputs=_check_math, run=_run_math),
+        Suite("mt_bench", num_beams=None, max_new_tokens=None, check_inputs=_check_mt_bench, run=_run_mt_bench),
+    )
+}
