@@ -8,9 +8,9 @@ import json
 import pytest
 
 from dora_cli.errors import UserError
-from dora_cli.files import append_jsonl, guard_resume, read_jsonl_resumable
 from dora_cli.eval.math_match import extract_number, math_correct, score_math
 from dora_cli.eval.tasks import TASKS, candidates_of, extract_answer, load_task, validate_tasks
+from dora_cli.files import append_jsonl, guard_resume, read_jsonl_resumable
 from dora_cli.prompts import eval_prompt
 
 # --- extraction --------------------------------------------------------------------------------------
