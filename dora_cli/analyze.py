@@ -22,7 +22,6 @@ Features, top to bottom:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from dora_cli import rundir
 from dora_cli.adapters import METHODS, linear_module_names, matches, read_adapter_config
 from dora_cli.checkpoints import (
     Base,
@@ -38,7 +38,6 @@ from dora_cli.checkpoints import (
     fold,
     inspect_checkpoint,
     read_adapter,
-    read_recipe,
     read_shapes,
     read_tensors,
     resolve_base,
@@ -49,8 +48,6 @@ from dora_cli.files import atomic_file, write_json
 
 JSON_NAME = "analysis.json"
 PNG_NAME = "analysis.png"
-STATE_FILE = Path("trainer_state") / "state.json"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LAYER_RE = re.compile(r"\.(\d+)\.")
 DISPLAY = {"full": "FT", **{name: m.display for name, m in METHODS.items()}}
 PAPER = {"model": "VL-BART", "FT": -0.62, "DoRA": -0.31, "LoRA": 0.83}
@@ -114,12 +111,8 @@ def expand(paths: list[str | Path]) -> list[Path]:
         raise UserError("no checkpoints given")
     found: list[Path] = []
     for p in map(Path, paths):
-        steps = sorted((int(m.group(1)), c) for c in p.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(c.name)) and c.is_dir()) if p.is_dir() else []
-        is_run = p.is_dir() and not (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
-        if is_run and (steps or (p / "final").is_dir()):
-            found += [c for _, c in steps] + ([p / "final"] if (p / "final").is_dir() else [])
-        else:
-            found.append(p)
+        ckpts = rundir.run_checkpoints(p)
+        found += ckpts if ckpts else [p]
     return found
 
 
@@ -131,34 +124,8 @@ def describe(path: Path) -> Analysed:
         method = "full"
     else:
         method = read_adapter_config(path)[0].method
-    named = CHECKPOINT_RE.match(path.name) or path.name == "final"
-    run = path.resolve().parent if named else path.resolve()
-    return Analysed(ckpt, method, run, checkpoint_step(path))
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """trainer_state/state.json's step; else checkpoint-<step>; final: the run's last step; else None."""
-    state = path / STATE_FILE
-    if state.is_file():
-        try:
-            return int(json.loads(state.read_text())["step"])
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{state}: no integer 'step'") from None
-    m = CHECKPOINT_RE.match(path.name)
-    if m:
-        return int(m.group(1))
-    if path.name == "final":  # written after the last step: metrics.json, else the recipe, else the checkpoints
-        metrics = path.parent / "metrics.json"
-        try:
-            return int(json.loads(metrics.read_text())["steps"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        recipe = read_recipe(path)
-        if recipe is not None and recipe.train.max_steps is not None:
-            return recipe.train.max_steps
-        steps = [int(m.group(1)) for c in path.parent.iterdir() if (m := CHECKPOINT_RE.match(c.name))]
-        return max(steps) if steps else None
-    return None
+    run = path.resolve().parent if rundir.is_checkpoint_name(path.name) else path.resolve()
+    return Analysed(ckpt, method, run, rundir.checkpoint_step(path))
 
 
 def _dedupe_and_group(ckpts: list[Analysed]) -> list[Analysed]:

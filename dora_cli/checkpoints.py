@@ -24,7 +24,7 @@ from torch import nn
 from dora_cli import rundir
 from dora_cli.adapters import AdaptedLinear, AdapterConfig, matches, read_adapter_config, read_adapter_weights
 from dora_cli.adapters.checkpoint import CONFIG_NAME, OURS_NAME, PREFIX
-from dora_cli.adapters.variants import METHODS, SUFFIXES, Vera, VeraProjections
+from dora_cli.adapters.variants import METHODS, Vera, VeraProjections, tensor_suffixes
 from dora_cli.errors import UserError, did_you_mean
 from dora_cli.files import read_json_object
 from dora_cli.recipe import ModelConfig, Recipe
@@ -64,8 +64,8 @@ def inspect_checkpoint(path: str | Path) -> Checkpoint:
     if (path / "config.json").is_file() and any(path.glob("pytorch_model*.bin")):
         raise UserError(f"{path}: only safetensors weights are read; this model has pytorch_model*.bin (pickle)")
     hint = ""
-    if (path / "final").is_dir() or any(path.glob("checkpoint-*")):
-        hint = f" (a run directory: pass {path / 'final'} or one of its checkpoint-<step> directories)"
+    if rundir.run_checkpoints(path):
+        hint = f" (a run directory: pass {path / rundir.FINAL_NAME} or one of its checkpoint-<step> directories)"
     raise UserError(
         f"{path}: no {CONFIG_NAME} (adapter) and no config.json + safetensors (full fine-tuning checkpoint){hint}"
     )
@@ -172,7 +172,7 @@ def _split_key(key: str) -> tuple[str | None, str | None]:
     if not key.startswith(PREFIX):
         return None, None
     rest = key[len(PREFIX):]
-    for suffix, attr in SUFFIXES.items():
+    for suffix, attr in tensor_suffixes().items():
         if rest.endswith("." + suffix):
             return rest[: -len(suffix) - 1], attr
     return None, None

@@ -38,9 +38,11 @@ import os
 import time
 from pathlib import Path
 
+from dora_cli import rundir
 from dora_cli.console import stderr_is_terminal
 from dora_cli.errors import UserError, run_main
 from dora_cli.files import write_json, write_text
+from dora_cli.rundir import RunDir
 
 DEFAULT_RECIPE = "recipes/smollm2_demo.yaml"
 DEFAULT_OUT = "runs/demo"
@@ -86,7 +88,7 @@ def _fingerprint(recipe) -> str:
 def _outputs_present(phase: str, out: Path) -> bool:
     """The files a finished phase leaves (a phase whose outputs were deleted runs again)."""
     if phase == "train":
-        return (out / "train" / "final" / "manifest.json").is_file()
+        return rundir.verify(RunDir(out / "train").final) is None
     if phase == "merge":
         return (out / "merged" / "config.json").is_file()
     return all((out / f"eval-{phase}" / p / "metrics.json").is_file() for p in PROTOCOLS)
@@ -153,7 +155,6 @@ def _model_name(recipe) -> str:
 
 def phase_train(recipe_path, out: Path, overwrite: bool) -> dict:
     from dora_cli.recipe import load_recipe
-    from dora_cli.rundir import RunDir
     from dora_cli.train import train
 
     recipe = load_recipe(recipe_path, [f"output_dir={out / 'train'}"])
@@ -172,7 +173,7 @@ def phase_train(recipe_path, out: Path, overwrite: bool) -> dict:
 def phase_after(recipe, out: Path, overwrite: bool) -> dict:
     from dora_cli.evaluate import find_target, load_for_eval
 
-    final = out / "train" / "final"
+    final = RunDir(out / "train").final
     model, tokenizer = load_for_eval(find_target(final), recipe)
     return {"model": str(final), "eval": _evaluate(model, tokenizer, recipe, out / "eval-after", f"adapter {final}", overwrite)}
 
@@ -180,7 +181,7 @@ def phase_after(recipe, out: Path, overwrite: bool) -> dict:
 def phase_merge(out: Path) -> dict:
     from dora_cli.merge import run_merge
 
-    merged = run_merge(out / "train" / "final", out=out / "merged", force=True)
+    merged = run_merge(RunDir(out / "train").final, out=out / "merged", force=True)
     return {"merged": str(merged)}
 
 

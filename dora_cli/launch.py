@@ -92,7 +92,7 @@ def relaunch(recipe: Recipe, processes: int, flags: list[str]) -> None:
     """Train `recipe` (resolved, written to a temporary recipe file) in `processes` processes; exits with
     their status when they fail."""
     with tempfile.TemporaryDirectory(prefix="dora-launch-") as tmp:
-        recipe_file, config_file = Path(tmp) / "recipe.yaml", Path(tmp) / "accelerate.yaml"
+        recipe_file, config_file = Path(tmp) / "train.yaml", Path(tmp) / "accelerate.yaml"
         recipe_file.write_text(dump_recipe(recipe))
         config_file.write_text(yaml.safe_dump(accelerate_config(recipe, processes)))
         cmd = launch_command(recipe_file, processes, config_file, flags)

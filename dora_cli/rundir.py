@@ -206,6 +206,49 @@ def clean_temporaries(output_dir: Path) -> None:
             remove(path)
 
 
+def is_checkpoint_name(name: str) -> bool:
+    return bool(CHECKPOINT_RE.match(name)) or name == FINAL_NAME
+
+
+def run_checkpoints(directory: Path) -> list[Path]:
+    """Every checkpoint-<step>/ (by step) and final/ of a run directory; [] for anything else (a
+    checkpoint itself, a model directory, a path that is not a directory)."""
+    from dora_cli.adapters.checkpoint import CONFIG_NAME
+
+    if not directory.is_dir() or (directory / CONFIG_NAME).is_file() or (directory / "config.json").is_file():
+        return []
+    final = directory / FINAL_NAME
+    return [p for _, p in checkpoints(directory)] + ([final] if final.is_dir() else [])
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The training step a checkpoint holds: trainer_state/state.json's step, else its checkpoint-<step>
+    name; for final/ the run's last step (metrics.json, else the recipe's max_steps, else the newest
+    checkpoint); None when nothing tells."""
+    from dora_cli.files import read_json_object
+
+    state = path / STATE_DIR / "state.json"
+    if state.is_file():
+        step = read_json_object(state).get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise UserError(f"{state}: no integer 'step'")
+        return step
+    m = CHECKPOINT_RE.match(path.name)
+    if m:
+        return int(m.group(1))
+    if path.name != FINAL_NAME:
+        return None
+    try:
+        return int(json.loads((path.parent / METRICS_NAME).read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    recipe = saved_recipe(path)
+    if recipe is not None and recipe.train.max_steps is not None:
+        return recipe.train.max_steps
+    steps = checkpoints(path.parent)
+    return steps[-1][0] if steps else None
+
+
 def inside_a_checkpoint(path: Path) -> Path | None:
     """The checkpoint directory (one with a manifest) that `path` is or lies inside, else None."""
     for candidate in (path, *path.parents):

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dora_cli.adapters import METHODS
+from dora_cli.adapters.variants import recipe_methods
 from dora_cli.console import say, stderr_is_terminal
 from dora_cli.errors import RunFailure, UserError, did_you_mean, one_of
 from dora_cli.files import atomic_file, write_json, write_text
@@ -49,8 +50,6 @@ from dora_cli.rundir import RunDir
 
 DEFAULT_RECIPE = Path("recipes") / "commonsense_7b.yaml"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SWEPT = tuple(name for name, m in METHODS.items() if m.ranked)
-"""The methods with a rank (a direction update): lora, dora, vera, dvora."""
 ALPHA_RULES = ("2r", "fixed")
 SWEEP_DIR = "sweep"
 
@@ -100,16 +99,17 @@ def parse_ranks(values: list[str]) -> list[int]:
 
 
 def parse_methods(values: list[str]) -> list[str]:
-    """Adapter methods in the order given, without repeats."""
+    """Adapter methods (those with a rank) in the order given, without repeats."""
+    known = recipe_methods()
     methods: list[str] = []
     for value in values:
         method = str(value).strip().lower()
-        if method not in SWEPT:
-            raise UserError(f"--methods: unknown method {value!r}{did_you_mean(method, SWEPT)}; expected {one_of(SWEPT)}")
+        if method not in known:
+            raise UserError(f"--methods: unknown method {value!r}{did_you_mean(method, known)}; expected {one_of(known)}")
         if method not in methods:
             methods.append(method)
     if not methods:
-        raise UserError(f"--methods: expected at least one of {one_of(SWEPT)}")
+        raise UserError(f"--methods: expected at least one of {one_of(known)}")
     return methods
 
 
@@ -152,7 +152,7 @@ class Trial:
 
     @property
     def final(self) -> Path:
-        return self.dir / "final"
+        return RunDir(self.dir).final
 
     @property
     def eval_dir(self) -> Path:
@@ -365,7 +365,7 @@ def _failed(trial: Trial, error: str) -> dict:
 
 def _train_numbers(trial: Trial, record: dict) -> dict:
     """Trainable parameters (parameter_report, PEFT's convention) from the metrics.json of `dora train`."""
-    path = trial.dir / "metrics.json"
+    path = RunDir(trial.dir).metrics_file
     if path.is_file():
         metrics = json.loads(path.read_text())
         record.update(

@@ -17,9 +17,10 @@ import torch
 from conftest import ROOT, tiny_llama
 
 from dora_cli.adapters import AdapterConfig, adapted_modules, apply_adapters, save_adapter
-from dora_cli.analyze import checkpoint_step, decomposition, pearson, run_analyze
+from dora_cli.analyze import decomposition, pearson, run_analyze
 from dora_cli.errors import UserError
 from dora_cli.recipe import dump_recipe, load_recipe
+from dora_cli.rundir import checkpoint_step
 
 SMOKE = ROOT / "recipes" / "smoke.yaml"
 TOKENIZER = ROOT / "data" / "tiny_tokenizer"

@@ -17,7 +17,7 @@ SIZES = {
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
 }
 
-# (model, method, direction targets, magnitude-only targets, r, the paper's value): DORA_MATH.md's table
+# (model, method, direction targets, magnitude-only targets, r, the paper's value): docs/MATH.md and the paper's tables
 ROWS = [
     ("7b", "lora", QKVUD, [], 32, 0.83),
     ("7b", "dora", QKVUD, [], 32, 0.84),

@@ -34,7 +34,7 @@ PAPER = [p for p in RECIPES if is_paper_recipe(p)]
 IDS = [p.stem for p in RECIPES]
 PAPER_IDS = [p.stem for p in PAPER]
 
-# The paper's "# Params (%)" (DORA_MATH.md's table); the orca-math rows have no paper value: theirs is
+# The paper's "# Params (%)" (the paper's tables, docs/MATH.md); the orca-math rows have no paper value: theirs is
 # checked against the closed form in test_llama3_orca_share_is_the_closed_form.
 SHARES = {
     "commonsense_7b": 0.84, "commonsense_7b_half": 0.43, "commonsense_7b_lora": 0.83, "commonsense_7b_qkv": 0.39,

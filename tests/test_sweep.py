@@ -273,3 +273,18 @@ def test_the_papers_setting_shows_table_15_beside_ours(tmp_path):
     sweep.plot(doc, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG
     assert [p.name for p in tmp_path.iterdir()] == ["sweep.png"]
+
+
+@pytest.mark.parametrize("tasks, data_dir", [(["demo"], "data"), (["boolq", "ARC-Easy"], None)])
+def test_the_sweep_accepts_every_task_dora_eval_accepts(tasks, data_dir, tmp_path, monkeypatch):
+    """One check of the eval inputs (the suite registry) serves `dora eval` and the sweep: a custom task
+    from eval.data_dir, as `dora eval --tasks demo --data-dir data` reads it, plans a sweep."""
+    from dora_cli.eval.suites import suite_of
+
+    monkeypatch.chdir(ROOT)
+    overrides = [f"output_dir={tmp_path / 'out'}", f"eval.tasks=[{','.join(tasks)}]", *FAST]
+    if data_dir:
+        overrides.append(f"eval.data_dir={data_dir}")
+    plan = sweep.plan_sweep("recipes/smoke.yaml", overrides, ranks=["2"], methods=["dora"])
+    suite_of(plan.base).check_inputs(plan.base)  # what `dora eval` checks before loading the model
+    assert plan.trials[0].recipe.eval.tasks == tasks and not (tmp_path / "out").exists()

@@ -27,7 +27,7 @@ from dora_cli.adapters.checkpoint import (
     read_adapter_weights,
     save_adapter,
 )
-from dora_cli.adapters.config import METHOD_NAMES, AdapterConfig
+from dora_cli.adapters.config import AdapterConfig, method_names
 from dora_cli.adapters.inject import (
     ParamReport,
     adapted_modules,
@@ -42,7 +42,6 @@ from dora_cli.adapters.variants import METHODS, Method, VeraProjections
 
 __all__ = [
     "METHODS",
-    "METHOD_NAMES",
     "AdaptedLinear",
     "AdapterConfig",
     "Method",
@@ -55,6 +54,7 @@ __all__ = [
     "load_adapter",
     "load_adapter_weights",
     "matches",
+    "method_names",
     "merge_adapters",
     "merged_state_dict",
     "parameter_report",

@@ -30,7 +30,7 @@ from torch import nn
 
 from dora_cli.adapters.config import AdapterConfig
 from dora_cli.adapters.inject import VERA_ATTR, adapted_modules, apply_adapters
-from dora_cli.adapters.variants import DIRECTIONS, METHODS, Vera, compose
+from dora_cli.adapters.variants import METHODS, PEFT_DIRECTIONS, Vera, compose
 from dora_cli.errors import UserError
 from dora_cli.files import atomic_file, read_json_object
 
@@ -119,7 +119,7 @@ def _from_peft(raw: dict, where: str) -> AdapterConfig:
         targets = [targets]
     if not targets:
         raise UserError(f"{where}: target_modules: missing")
-    direction = DIRECTIONS.get(peft_type)
+    direction = PEFT_DIRECTIONS.get(peft_type)
     if direction is None:
         raise UserError(f"{where}: peft_type: {peft_type!r} is not supported (LORA, VERA or dora_cli's own)")
     method = compose(direction, magnitude=bool(raw.get("use_dora")))

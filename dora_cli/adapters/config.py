@@ -6,20 +6,23 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dora_cli.adapters.variants import METHODS
+from dora_cli.adapters.variants import recipe_methods
 from dora_cli.errors import did_you_mean, one_of
 
 FULL = "full"
 """Full fine-tuning: no adapter, every weight trains."""
-METHOD_NAMES = (*(name for name, m in METHODS.items() if m.ranked), FULL)
-"""What `adapter.method` takes: every method with a direction update, and full. The magnitude-only method
-applies per module (`magnitude_only_modules`)."""
+
+
+def method_names() -> tuple[str, ...]:
+    """What `adapter.method` takes: every method with a direction update (variants.METHODS), and full.
+    The magnitude-only method applies per module (`magnitude_only_modules`)."""
+    return (*recipe_methods(), FULL)
 
 
 class AdapterConfig(BaseModel):
     """The adapter of a run, with PEFT-familiar names.
 
-    method: lora | dora | vera | dvora | full (METHOD_NAMES).
+    method: lora | dora | vera | dvora | full (method_names()).
         DoRA at half rank (the paper's DoRA†) is just `r` halved.
     target_modules: module-name patterns. A plain identifier (`q_proj`) matches modules whose name is
         that or ends in `.q_proj`; anything else is a regular expression that must match the full name.
@@ -46,8 +49,9 @@ class AdapterConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in METHOD_NAMES:
-            raise ValueError(f"expected one of {one_of(METHOD_NAMES)}, got {value!r}{did_you_mean(value, METHOD_NAMES)}")
+        names = method_names()
+        if value not in names:
+            raise ValueError(f"expected one of {one_of(names)}, got {value!r}{did_you_mean(value, names)}")
         return value
 
     @property

@@ -2,7 +2,7 @@
 
 Shapes follow PyTorch: the base weight W0 is [out, in]; A (`lora_A`) is [r, in], B (`lora_B`) is
 [out, r]; the magnitude m is [out]. With g = m / n and n = ‖W0 + ΔW‖ per output row
-(DORA_MATH.md), the DoRA forward reuses the one base GEMM:
+(docs/MATH.md), the DoRA forward reuses the one base GEMM:
 
     y = g ⊙ (W0·x + ΔW·drop(x)) + b                      (dropout_mode "fast", the default)
     y = W0·x + (g − 1) ⊙ (W0·drop(x)) + g ⊙ ΔW·drop(x) + b  ("delta": the official code; 2 GEMMs)

@@ -1,4 +1,4 @@
-"""The DoRA row norm ‖W0 + ΔW‖ without materialising W0 + ΔW (DORA_MATH.md, "factored norm").
+"""The DoRA row norm ‖W0 + ΔW‖ without materialising W0 + ΔW (docs/MATH.md, "factored norm").
 
 With ΔW = s·B·A (B [out, r], A [r, in]):
 

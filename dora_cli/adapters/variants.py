@@ -293,14 +293,18 @@ METHODS: dict[str, Method] = {
         Method("magnitude", "magnitude-only", None, magnitude=True, peft_native=False),
     )
 }
-DIRECTIONS: dict[str, type[Direction]] = {d.peft_type: d for d in (LowRank, Vera)}
-"""PEFT's peft_type -> direction, for reading PEFT's own adapter_config.json."""
-SUFFIXES: dict[str, str] = {s: a for m in METHODS.values() for s, a in m.tensors.items()}
-"""Every PEFT key suffix a layer can carry -> its attribute."""
+PEFT_DIRECTIONS: dict[str, type[Direction]] = {d.peft_type: d for d in (LowRank, Vera)}
+"""PEFT's own peft_type -> direction, for reading adapter_config.json files that PEFT wrote."""
 
 
-def method_of(name: str) -> Method:
-    return METHODS[name]
+def recipe_methods() -> tuple[str, ...]:
+    """The methods `adapter.method` names: those with a direction update (magnitude-only applies per module)."""
+    return tuple(name for name, m in METHODS.items() if m.ranked)
+
+
+def tensor_suffixes() -> dict[str, str]:
+    """Every PEFT key suffix an adapted layer can carry -> its attribute."""
+    return {s: a for m in METHODS.values() for s, a in m.tensors.items()}
 
 
 def compose(direction: type[Direction] | None, magnitude: bool) -> Method:
