@@ -139,7 +139,10 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine."""
+    if pid <= 0:  # os.kill(0 or -1, 0) would ask about process groups
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -161,7 +164,7 @@ def clean_stale(directory: Path, name: str | None = None) -> list[Path]:
     prefix = f"{TMP_PREFIX}{name}-" if name else TMP_PREFIX
     for path in directory.iterdir():
         m = _STALE.match(path.name)
-        if m and path.name.startswith(prefix) and not _alive(int(m.group(1))):
+        if m and path.name.startswith(prefix) and not pid_alive(int(m.group(1))):
             remove(path)
             removed.append(path)
     return removed

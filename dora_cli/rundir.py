@@ -35,7 +35,7 @@ from pathlib import Path
 
 from dora_cli.console import say
 from dora_cli.errors import RunFailure, UserError
-from dora_cli.files import TMP_PREFIX, atomic_directory, fsync_path, remove, write_json
+from dora_cli.files import TMP_PREFIX, atomic_directory, fsync_path, pid_alive, remove, write_json
 
 LOCK_NAME = ".lock"
 MARKER_NAME = ".dora_run"
@@ -54,16 +54,6 @@ VOLATILE_TRAIN = {"log_every", "eval_every", "save_every", "keep_last", "max_ste
 
 
 # ---- lock ---------------------------------------------------------------------------------------
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunLock:
     """An exclusive claim on a directory, released on exit; a crashed owner's lock is stale.
 
@@ -87,7 +77,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if owner and owner.get("host") == me["host"] and _alive(int(owner.get("pid", -1))):
+                if owner and owner.get("host") == me["host"] and pid_alive(int(owner.get("pid", -1))):
                     raise UserError(
                         f"{directory}: another {self.what} (pid {owner['pid']}) is using this {self.noun}; "
                         f"wait for it or choose another {self.noun}"
