@@ -102,38 +102,11 @@ def run_merge(
     _check_out(out, force, protected=[ckpt.path])
     clean_stale(out.parent, out.name)  # what an interrupted merge into the same --out left behind
 
-    if ckpt.kind == "full":
-        if base is not None:
-            raise UserError(f"{ckpt.path}: a full fine-tuning checkpoint is already a whole model; --base does not apply")
-        adapter = None
-        src = Base(
-            model=ModelConfig(name_or_path=str(ckpt.path), dtype=ckpt.recipe.model.dtype if ckpt.recipe else "float32"),
-            description=f"full fine-tuning checkpoint {ckpt.path}", directory=ckpt.path,
-            cast=None, tokenizer_dir=ckpt.path,
-        )
-    else:
-        adapter = read_adapter(ckpt.path)
-        src = resolve_base(ckpt, base, quantized_base=quantized_base)
+    adapter, src = _sources(ckpt, base, quantized_base)
     if src.directory is not None:
         _check_out(out, force, protected=[ckpt.path, src.directory])
     out_dtype = target if target is not None else src.cast  # auto: the dtype the trained forward saw
-
-    record = {
-        "checkpoint": str(ckpt.path.resolve()),
-        "checkpoint_kind": ckpt.kind,
-        "base": src.description,
-        "base_model": src.model.model_dump(mode="json"),
-        "quantized_base": quantized_base if _trained_quantized(ckpt) else None,
-        "dtype": _dtype_name(out_dtype) if out_dtype is not None else "as stored",
-        "streamed": src.directory is not None,
-        "adapter": None if adapter is None else {
-            "config": adapter.config.model_dump(mode="json"),
-            "modules": len(adapter.modules),
-            "kinds": sorted(set(adapter.modules.values())),
-        },
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "dora_cli": _version(),
-    }
+    record = _provenance(ckpt, adapter, src, out_dtype, quantized_base)
 
     if src.directory is not None:
         plan = read_shapes(src.directory)
@@ -158,6 +131,37 @@ def run_merge(
     say(f"merged model written to {out}")
     print(out)
     return out
+
+
+def _sources(ckpt: Checkpoint, base: str | None, quantized_base: str) -> tuple[Adapter | None, Base]:
+    """(the adapter, or None for a full fine-tuning checkpoint; where the base weights come from)."""
+    if ckpt.kind == "adapter":
+        return read_adapter(ckpt.path), resolve_base(ckpt, base, quantized_base=quantized_base)
+    if base is not None:
+        raise UserError(f"{ckpt.path}: a full fine-tuning checkpoint is already a whole model; --base does not apply")
+    model = ModelConfig(name_or_path=str(ckpt.path), dtype=ckpt.recipe.model.dtype if ckpt.recipe else "float32")
+    return None, Base(model=model, description=f"full fine-tuning checkpoint {ckpt.path}", directory=ckpt.path,
+                      cast=None, tokenizer_dir=ckpt.path)
+
+
+def _provenance(ckpt: Checkpoint, adapter: Adapter | None, src: Base, dtype: torch.dtype | None, quantized_base: str) -> dict:
+    """dora_merge.json: where the merged model came from."""
+    return {
+        "checkpoint": str(ckpt.path.resolve()),
+        "checkpoint_kind": ckpt.kind,
+        "base": src.description,
+        "base_model": src.model.model_dump(mode="json"),
+        "quantized_base": quantized_base if _trained_quantized(ckpt) else None,
+        "dtype": _dtype_name(dtype) if dtype is not None else "as stored",
+        "streamed": src.directory is not None,
+        "adapter": None if adapter is None else {
+            "config": adapter.config.model_dump(mode="json"),
+            "modules": len(adapter.modules),
+            "kinds": sorted(set(adapter.modules.values())),
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dora_cli": _version(),
+    }
 
 
 def _trained_quantized(ckpt: Checkpoint) -> bool:

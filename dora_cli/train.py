@@ -181,8 +181,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.skipped = 0
-        self.stop_signal: int | None = None
-        self._saved_handlers: dict = {}
+        self.signals = StopSignals(self.log)
 
     @property
     def main(self) -> bool:
@@ -207,10 +206,10 @@ class Trainer:
         try:
             self.acc.wait_for_everyone()
             self._claim()
-            return self._loop()
+            with self.signals:
+                return self._loop()
         finally:
             self.dir.close()
-            self._restore_signal_handlers()
             self.acc.wait_for_everyone()
             if self.main:
                 lock.release()
@@ -261,17 +260,16 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------------
     def _loop(self) -> Path:
         t, plan = self.recipe.train, self.s.plan
-        self._install_signal_handlers()
         started = time.perf_counter()
         last_saved = self.step if self.resume else -1
         window, first_loss = Window(), None
         self.s.model.train()
         with self._progress() as progress:
             task = progress.add_task("train", total=plan.total_steps, completed=self.step, loss=float("nan"), lr=0.0, tps=0.0)
-            while self.step < plan.total_steps and self.stop_signal is None:
+            while self.step < plan.total_steps and self.signals.received is None:
                 lr = self._set_lr()
                 loss, tokens = self._accumulate()
-                if self.stop_signal is not None:  # interrupted mid-step: the step is dropped
+                if self.signals.received is not None:  # interrupted mid-step: the step is dropped
                     break
                 grad_norm = self._grad_norm()
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -288,7 +286,7 @@ class Trainer:
                     progress.update(task, completed=self.step)
                 last_saved = self._after_step(last_saved)
 
-        if self.stop_signal is not None:
+        if self.signals.received is not None:
             self._stop(last_saved)
         val_loss = self.evaluate() if self.s.val_set else None
         final = self._save(self.dir.final, trainer_state=False)
@@ -311,7 +309,7 @@ class Trainer:
         total_loss = torch.zeros((), dtype=torch.float64)
         tokens = 0
         for j, chunk in enumerate(chunks):
-            if self.stop_signal is not None:
+            if self.signals.received is not None:
                 s.optimizer.zero_grad(set_to_none=True)
                 return float("nan"), 0
             # Dropout masks are a function of (seed, step, micro-batch): the same for any number of
@@ -373,8 +371,8 @@ class Trainer:
         """After SIGINT / SIGTERM: a checkpoint of the last finished step, then exit 128 + signal."""
         if last_saved != self.step:
             self._save(self.dir.checkpoint(self.step), trainer_state=True)
-        self.log(f"interrupted by signal {self.stop_signal}: saved checkpoint-{self.step}; continue with --resume")
-        raise SystemExit(128 + self.stop_signal)
+        self.log(f"interrupted by signal {self.signals.received}: saved checkpoint-{self.step}; continue with --resume")
+        raise SystemExit(128 + self.signals.received)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -492,21 +490,29 @@ class Trainer:
             self.dir.truncate_events(self.step)
         self.log(f"resuming from {path.name} (step {self.step})")
 
-    # ---- signals ----------------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
+class StopSignals:
+    """SIGINT / SIGTERM set `received` (the loop saves and stops at the end of the step) instead of killing
+    the process; the caller's handlers come back on exit (a sweep keeps its own Ctrl-C)."""
+
+    def __init__(self, say):
+        self.say = say
+        self.received: int | None = None
+        self._saved: dict = {}
+
+    def __enter__(self) -> StopSignals:
         def handler(signum, _frame):
-            if self.stop_signal is None:
-                self.stop_signal = signum
-                self.log(f"signal {signum}: saving a checkpoint at the end of the current step, then stopping")
+            if self.received is None:
+                self.received = signum
+                self.say(f"signal {signum}: saving a checkpoint at the end of the current step, then stopping")
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self._saved_handlers[sig] = signal.signal(sig, handler)
+            self._saved[sig] = signal.signal(sig, handler)
+        return self
 
-    def _restore_signal_handlers(self) -> None:
-        """The caller's handlers come back when the run ends (a sweep keeps its own Ctrl-C)."""
-        for sig, handler in self._saved_handlers.items():
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._saved_handlers.clear()
+        self._saved.clear()
 
 
 def peak_memory_mb() -> float:
