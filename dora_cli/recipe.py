@@ -9,7 +9,7 @@ Schema (pydantic, extra="forbid", so a typo is an error and never silently ignor
     optim:     AdamW settings
     schedule:  learning-rate schedule
     train:     steps, batches, precision, logging and checkpoint cadence
-    launch:    processes and strategy (ddp / fsdp / deepspeed) through Accelerate
+    launch:    processes, machines and strategy (ddp / fsdp / deepspeed and their settings) through Accelerate
     eval:      what `dora eval` does with the result by default
     output_dir: where checkpoints and metrics go
     expected:  the paper's numbers for this row, carried into the metric JSON
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dora_cli.adapters.config import AdapterConfig
 from dora_cli.errors import UserError, did_you_mean, one_of
@@ -169,8 +169,80 @@ class TrainConfig(_Section):
 
 
 class LaunchConfig(_Section):
+    """How many processes train and how the model is spread over them (launch.py builds Accelerate's
+    setup from it). Strategy settings left unset keep their defaults; nothing else is set."""
+
     num_processes: int = Field(1, gt=0)
+    """Processes in all, over every machine."""
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    config_file: str | None = None
+    """Your own Accelerate config file, used as given: it decides the strategy, its settings and the
+    processes (the keys below stay unset)."""
+    zero_stage: Literal[1, 2, 3] | None = None
+    """DeepSpeed ZeRO stage (default 2)."""
+    offload: Literal["none", "optimizer", "params"] = "none"
+    """To the CPU: optimizer (DeepSpeed: the optimizer state and step) or params (parameters too; FSDP's
+    CPU offload, DeepSpeed ZeRO-3's parameter and optimizer offload)."""
+    sharding: Literal["full", "hybrid", "grad-op"] | None = None
+    """FSDP: full (default), grad-op (parameters stay gathered between forward and backward) or hybrid
+    (sharded within a machine, replicated across machines)."""
+    state_dict: Literal["full", "sharded"] | None = None
+    """FSDP state-dict type given to Accelerate (default full); dora's checkpoints are gathered either way."""
+    wrap: list[str] | None = None
+    """FSDP: the transformer layer class(es) wrapped as units, a name or a list (default: the model's
+    `_no_split_modules`, e.g. LlamaDecoderLayer)."""
+    num_machines: int = Field(1, gt=0)
+    machine_rank: int = Field(0, ge=0)
+    main_process_ip: str | None = None
+    """Address of machine 0 (needed with num_machines > 1)."""
+    main_process_port: int | None = Field(None, gt=0, lt=65536)
+    """Port on machine 0 (default: a free port on one machine, 29500 across machines)."""
+
+    @field_validator("wrap", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LaunchConfig:
+        for problem in launch_problems(self):
+            raise ValueError(problem)
+        return self
+
+
+_STRATEGY_KEYS = {"zero_stage": "deepspeed", "sharding": "fsdp", "state_dict": "fsdp", "wrap": "fsdp"}
+
+
+def launch_problems(launch: LaunchConfig) -> list[str]:
+    """Every combination of launch keys that cannot run, one line each (the first one is raised)."""
+    lc, problems = launch, []
+    if lc.config_file is not None:
+        given = [key for key in ("zero_stage", "sharding", "state_dict", "wrap", "main_process_ip", "main_process_port")
+                 if getattr(lc, key) is not None]
+        given += [key for key, default in (("strategy", "ddp"), ("offload", "none"), ("num_processes", 1),
+                                           ("num_machines", 1), ("machine_rank", 0)) if getattr(lc, key) != default]
+        problems += [f"{key}: config_file decides it (the file is used as given); remove one of them" for key in given]
+    for key, strategy in _STRATEGY_KEYS.items():
+        if getattr(lc, key) is not None and lc.strategy != strategy:
+            problems.append(f"{key}: only with strategy {strategy} (strategy is {lc.strategy})")
+    if lc.offload != "none" and lc.strategy == "ddp":
+        problems.append("offload: needs strategy fsdp or deepspeed (ddp keeps everything on the device)")
+    if lc.offload == "optimizer" and lc.strategy == "fsdp":
+        problems.append("offload: optimizer: FSDP offloads the parameters, and the optimizer with them: use offload: params")
+    if lc.offload == "params" and lc.strategy == "deepspeed" and (lc.zero_stage or 2) < 3:
+        problems.append("offload: params needs zero_stage: 3 (DeepSpeed offloads parameters only in ZeRO-3)")
+    if lc.sharding == "hybrid" and lc.num_machines < 2:
+        problems.append("sharding: hybrid shards within a machine and replicates across machines: "
+                        "it needs num_machines > 1 (on one machine use full)")
+    if lc.machine_rank >= lc.num_machines:
+        problems.append(f"machine_rank: expected a value < num_machines ({lc.num_machines}), got {lc.machine_rank}")
+    if lc.num_machines > 1 and lc.main_process_ip is None:
+        problems.append("main_process_ip: needed with num_machines > 1 (the address of machine 0)")
+    if lc.num_processes % lc.num_machines:
+        problems.append(f"num_processes: {lc.num_processes} processes do not split evenly over num_machines={lc.num_machines}")
+    if lc.wrap is not None and not lc.wrap:
+        problems.append("wrap: expected at least one layer class name (or leave it unset for the model's own)")
+    return problems
 
 
 class MTBenchConfig(_Section):

@@ -4,6 +4,9 @@
       .dora_run                marks a directory dora_cli made: the only kind --overwrite may clear
       .lock                    pid and host of the run using the directory (a dead owner's lock is taken over)
       recipe.yaml              the resolved recipe of the run that owns the directory
+      accelerate.yaml          the Accelerate setup it trained with, as set up (processes, machines, strategy and
+                               its settings; `accelerate launch --config_file` reads it), rewritten at each start
+      deepspeed.json           the DeepSpeed config it ran with (strategy deepspeed only)
       train.log                every line the run printed, with time stamps
       metrics.jsonl            one record per log step / validation / skipped step
       metrics.json             the summary, written at the end
@@ -41,6 +44,8 @@ LOCK_NAME = ".lock"
 MARKER_NAME = ".dora_run"
 MANIFEST_NAME = "manifest.json"
 RECIPE_NAME = "recipe.yaml"
+ACCELERATE_NAME = "accelerate.yaml"
+DEEPSPEED_NAME = "deepspeed.json"
 LOG_NAME = "train.log"
 METRICS_LOG_NAME = "metrics.jsonl"
 METRICS_NAME = "metrics.json"
@@ -395,6 +400,20 @@ class RunDir:
         path = (directory or self.path) / RECIPE_NAME
         with writing(path):
             path.write_text(text)
+
+    def write_launch(self, accelerate: dict, deepspeed: dict | None) -> None:
+        """accelerate.yaml (and deepspeed.json, or none) of the setup this run trains with."""
+        import yaml
+
+        path = self.path / ACCELERATE_NAME
+        with writing(path):
+            path.write_text(yaml.safe_dump(accelerate, sort_keys=False))
+        path = self.path / DEEPSPEED_NAME
+        with writing(path):
+            if deepspeed is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_json(path, deepspeed)
 
     def log_event(self, record: dict) -> None:
         with writing(self.metrics_log), open(self.metrics_log, "a") as f:

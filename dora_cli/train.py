@@ -27,7 +27,17 @@ from pathlib import Path
 import torch
 
 from dora_cli.errors import RunFailure, UserError
-from dora_cli.launch import inside_launch, process_count, relaunch
+from dora_cli.launch import (
+    check_launch,
+    effective_config,
+    inside_launch,
+    make_accelerator,
+    needs_launch,
+    process_count,
+    relaunch,
+    set_wrap,
+    whole_model_loading,
+)
 from dora_cli.recipe import Recipe, check_batch, dump_recipe, load_recipe
 from dora_cli.rundir import RunDir, RunLock, checkpoints, newest_intact, prune
 
@@ -56,11 +66,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, npro
     if nproc is not None and nproc < 1:
         raise UserError(f"--nproc: expected a number of processes >= 1, got {nproc}")
     processes = process_count(recipe, nproc)
-    check_batch(recipe, processes)
+    check_launch(recipe, processes)
     run_dir = RunDir(recipe.output_dir)
     if not inside_launch():
         run_dir.check(recipe, resume=resume, overwrite=overwrite)  # before anything is written
-        if processes > 1:
+        if needs_launch(recipe, processes):
             relaunch(recipe, processes, ["--resume"] * resume + ["--overwrite"] * overwrite)
             return run_dir.final
     return Trainer(recipe, run_dir, resume=resume, overwrite=overwrite).run()
@@ -156,6 +166,7 @@ class Setup:
     collate: object
     plan: Plan
     report: object  # adapters.ParamReport
+    launch: tuple[dict, dict | None]  # launch.effective_config: accelerate.yaml, deepspeed.json
 
 
 @dataclass
@@ -193,11 +204,10 @@ class Trainer:
 
     # ---- setup ----------------------------------------------------------------------------------------
     def run(self) -> Path:
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         r = self.recipe
-        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=r.train.mixed_precision)
+        self.acc = make_accelerator(r)
         set_seed(r.train.seed)
         self.s = self._setup()  # everything that can refuse the run, before anything is written
         lock = RunLock(self.dir.path)
@@ -220,7 +230,8 @@ class Trainer:
         from dora_cli.models import load_model
 
         r, acc = self.recipe, self.acc
-        model, tokenizer = load_model(r.model, for_training=True)
+        with whole_model_loading(acc):
+            model, tokenizer = load_model(r.model, for_training=True)
         apply_adapters(model, r.adapter)
         report = parameter_report(model)
         train_set, val_set = build_datasets(r.data, tokenizer)
@@ -233,11 +244,15 @@ class Trainer:
         if not kept:
             raise UserError("data: no training examples with a response token left (after the validation split and data.cutoff_len)")
         plan = make_plan(r, len(kept), acc.num_processes)
-        params = [p for p in model.parameters() if p.requires_grad]
         o = r.optim
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        )
+        set_wrap(acc, model, r)
         model, optimizer = acc.prepare(model, optimizer)
-        return Setup(model, optimizer, tokenizer, params, kept, val_set, make_collator(tokenizer), plan, report)
+        params = [p for p in model.parameters() if p.requires_grad]  # FSDP's sharded ones, after prepare
+        return Setup(model, optimizer, tokenizer, params, kept, val_set, make_collator(tokenizer), plan, report,
+                     effective_config(acc, r))
 
     def _claim(self) -> None:
         """Under the lock: clear / mark the directory, resume, write the recipe, say what will happen."""
@@ -251,6 +266,7 @@ class Trainer:
         if self.main:
             s, plan = self.s, self.s.plan
             self.dir.write_recipe(dump_recipe(self.recipe))
+            self.dir.write_launch(*s.launch)
             self.log(f"{s.report}")
             self.log(
                 f"{len(s.train_set)} training examples, {len(s.val_set)} validation; "
@@ -318,7 +334,7 @@ class Trainer:
             batch = s.collate([s.train_set[i] for i in chunk])
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = j == len(chunks) - 1
-            with acc.no_sync(s.model) if not sync else contextlib.nullcontext():
+            with self._sync(sync):
                 with acc.autocast():
                     loss = s.model(**batch).loss
                 acc.backward(loss / len(chunks))
@@ -327,6 +343,12 @@ class Trainer:
         stats = torch.tensor([total_loss.item() / len(chunks), float(tokens)], device=acc.device, dtype=torch.float64)
         stats = acc.reduce(stats, reduction="sum") if acc.num_processes > 1 else stats
         return stats[0].item() / acc.num_processes, int(stats[1].item())
+
+    def _sync(self, last: bool):
+        """Gradients are reduced across processes at the last micro-batch of a step only (DDP / FSDP:
+        no_sync before it; DeepSpeed: the accumulation boundary, where its engine also steps)."""
+        self.acc.sync_gradients = last
+        return contextlib.nullcontext() if last else self.acc.no_sync(self.s.model)
 
     def _grad_norm(self) -> float:
         max_norm = self.recipe.train.max_grad_norm
@@ -379,10 +401,14 @@ class Trainer:
         """Token-weighted mean loss over the validation set (each process takes its share)."""
         acc, s = self.acc, self.s
         s.model.eval()
-        micro = s.plan.micro
+        micro, processes = s.plan.micro, acc.num_processes
         totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        for start in range(acc.process_index * micro, len(s.val_set), micro * acc.num_processes):
-            batch = s.collate(s.val_set[start : start + micro])
+        # Every process runs as many forward passes (FSDP and ZeRO-3 gather weights in each): one whose
+        # share has run out repeats the first batch and does not count it.
+        for rnd in range(math.ceil(len(s.val_set) / (micro * processes))):
+            start = (rnd * processes + acc.process_index) * micro
+            counted = start < len(s.val_set)
+            batch = s.collate(s.val_set[start : start + micro] if counted else s.val_set[:micro])
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
                 logits = s.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -390,7 +416,8 @@ class Trainer:
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
             )
-            totals += torch.tensor([loss.item(), float((labels != -100).sum())], dtype=torch.float64, device=acc.device)
+            if counted:
+                totals += torch.tensor([loss.item(), float((labels != -100).sum())], dtype=torch.float64, device=acc.device)
         if acc.num_processes > 1:
             totals = acc.reduce(totals, reduction="sum")
         s.model.train()
@@ -447,48 +474,107 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def _save(self, target: Path, *, trainer_state: bool) -> Path:
-        """The main process writes the checkpoint (atomically, with its manifest); the others wait."""
+        """Every process hands in its share (gather.py); the main process writes the checkpoint
+        (atomically, with its manifest): the same files under every strategy and process count."""
+        snapshot = self._snapshot(trainer_state)
         if self.main:
-            self.dir.write_checkpoint(target, lambda tmp: self._fill_checkpoint(tmp, trainer_state=trainer_state))
+            self.dir.write_checkpoint(target, lambda tmp: self._fill_checkpoint(tmp, snapshot))
         self.acc.wait_for_everyone()
         return target
 
-    def _fill_checkpoint(self, directory: Path, *, trainer_state: bool) -> None:
+    def _live_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds, as live (maybe sharded) tensors: the adapter under PEFT keys, or the
+        whole model (method full)."""
+        from dora_cli.adapters import adapter_tensors
+        from dora_cli.gather import model_tensors
+
+        model = self.acc.unwrap_model(self.s.model)
+        return model_tensors(model) if self.recipe.adapter.method == "full" else adapter_tensors(model)
+
+    def _snapshot(self, trainer_state: bool) -> dict:
+        """Whole tensors of the model (and the optimizer state), gathered in every process."""
+        from dora_cli.gather import gather_all, optimizer_state
+
+        snapshot = {"model": gather_all(self._live_tensors())}
+        if trainer_state:
+            snapshot["optimizer"] = optimizer_state(self.acc.unwrap_model(self.s.model), self.s.optimizer)
+        return snapshot
+
+    def _fill_checkpoint(self, directory: Path, snapshot: dict) -> None:
         from dora_cli.adapters import save_adapter
 
         model = self.acc.unwrap_model(self.s.model)
         if self.recipe.adapter.method == "full":
-            model.save_pretrained(directory, safe_serialization=True)
+            model.save_pretrained(directory, state_dict=snapshot["model"], safe_serialization=True)
             self.s.tokenizer.save_pretrained(directory)
         else:
-            save_adapter(model, self.recipe.adapter, directory, base_model=self.recipe.model.name_or_path)
+            save_adapter(model, self.recipe.adapter, directory, base_model=self.recipe.model.name_or_path, state=snapshot["model"])
         self.dir.write_recipe(dump_recipe(self.recipe), directory)
-        if trainer_state:
-            self.dir.write_state(directory, self.s.optimizer.state_dict(), {"step": self.step, "tokens_seen": self.tokens_seen})
+        if "optimizer" in snapshot:
+            self.dir.write_state(directory, snapshot["optimizer"], {"step": self.step, "tokens_seen": self.tokens_seen})
 
     def _restore(self) -> None:
-        found = newest_intact(self.dir.path, say=self.log)
+        """The main process reads the newest intact checkpoint; every process takes its share of it."""
+        from accelerate.utils import broadcast_object_list
+
+        from dora_cli.gather import by_name, load_optimizer_state
+
+        found = None
+        if self.main:
+            try:
+                found = self._read_checkpoint()
+            except UserError as err:  # the others learn it too, instead of waiting for the checkpoint
+                found = err
+        if self.acc.num_processes > 1:
+            found = broadcast_object_list([found], from_process=0)[0]
+        if isinstance(found, UserError):
+            raise found
         if found is None:
             self.log(f"{self.dir.path}: no complete checkpoint to resume from; starting from step 0")
             return
-        _, path = found
+        name, tensors, optimizer_state, state = found
+        self._put_model(tensors, self.dir.path / name)
         model = self.acc.unwrap_model(self.s.model)
-        if self.recipe.adapter.method == "full":
-            from safetensors.torch import load_model as load_weights
-
-            shards = sorted(path.glob("model*.safetensors"))
-            for shard in shards:
-                load_weights(model, str(shard), strict=len(shards) == 1)
-        else:
-            from dora_cli.adapters import load_adapter_weights
-
-            load_adapter_weights(model, path)
-        optimizer_state, state = self.dir.read_state(path)
-        self.s.optimizer.load_state_dict(optimizer_state)
+        load_optimizer_state(model, self.s.optimizer, by_name(optimizer_state, model), self.dir.path / name)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         if self.main:
             self.dir.truncate_events(self.step)
-        self.log(f"resuming from {path.name} (step {self.step})")
+        self.log(f"resuming from {name} (step {self.step})")
+
+    def _read_checkpoint(self) -> tuple | None:
+        """(name, model tensors, optimizer state, state.json) of the newest intact checkpoint, or None."""
+        from safetensors.torch import load_file
+
+        from dora_cli.adapters import read_adapter_weights
+
+        found = newest_intact(self.dir.path, say=self.log)
+        if found is None:
+            return None
+        _, path = found
+        if self.recipe.adapter.method == "full":
+            tensors = {}
+            for shard in sorted(path.glob("model*.safetensors")):
+                tensors.update(load_file(str(shard)))
+        else:
+            tensors = read_adapter_weights(path)
+        return (path.name, tensors, *self.dir.read_state(path))
+
+    def _put_model(self, tensors: dict, where: Path) -> None:
+        """Load checkpoint tensors into this process's share of the model (after checking they fit)."""
+        from dora_cli.adapters import fit_adapter_state
+        from dora_cli.gather import global_shape, put
+
+        live = self._live_tensors()
+        if self.recipe.adapter.method == "full":
+            missing = sorted(set(live) - set(tensors))
+            if missing:
+                raise UserError(f"{where}: {missing[0]} is missing from the checkpoint ({len(missing)} missing)")
+            pairs = [(tensor, tensors[key]) for key, tensor in live.items()]
+        else:
+            pairs = fit_adapter_state(self.acc.unwrap_model(self.s.model), tensors, where, shape=global_shape).values()
+        for tensor, value in pairs:
+            put(tensor, value)
+
 
 class StopSignals:
     """SIGINT / SIGTERM set `received` (the loop saves and stops at the end of the step) instead of killing

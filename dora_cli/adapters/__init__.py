@@ -20,6 +20,8 @@ Usable without the CLI::
 
 from dora_cli.adapters.checkpoint import (
     adapter_state_dict,
+    adapter_tensors,
+    fit_adapter_state,
     load_adapter,
     load_adapter_weights,
     peft_config,
@@ -49,7 +51,9 @@ __all__ = [
     "VeraProjections",
     "adapted_modules",
     "adapter_state_dict",
+    "adapter_tensors",
     "apply_adapters",
+    "fit_adapter_state",
     "linear_module_names",
     "load_adapter",
     "load_adapter_weights",

@@ -43,7 +43,7 @@ FORMAT_VERSION = 1
 
 
 # ---- state dicts ------------------------------------------------------------------------------
-def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT key -> the live tensor of the model (parameters and VeRA's shared buffers)."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapted_modules(model):
@@ -57,7 +57,7 @@ def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT key names (CPU copies)."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in _adapter_tensors(model).items()}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_tensors(model).items()}
 
 
 # ---- config --------------------------------------------------------------------------------------
@@ -145,14 +145,20 @@ def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig, dict[str,
 
 
 # ---- save / load ---------------------------------------------------------------------------------
-def save_adapter(model: nn.Module, cfg: AdapterConfig, directory: str | Path, base_model: str | None = None) -> None:
+def save_adapter(
+    model: nn.Module, cfg: AdapterConfig, directory: str | Path, base_model: str | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write adapter_config.json and adapter_model.safetensors into `directory` (created if needed).
+    `state`: the adapter's tensors under PEFT keys when the model's own are sharded over processes (a
+    trainer gathers them); by default they are read from `model`.
 
     Each file is written to a temporary name and renamed, so a reader never sees half a file.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_file(directory / WEIGHTS_NAME, lambda p: save_file(adapter_state_dict(model), str(p), metadata={"format": "pt"}))
+    tensors = adapter_state_dict(model) if state is None else state
+    atomic_file(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     for name, content in ((OURS_NAME, our_metadata(model, cfg)), (CONFIG_NAME, peft_config(model, cfg, base_model))):
         text = json.dumps(content, indent=2, sort_keys=True) + "\n"
         atomic_file(directory / name, lambda p, text=text: p.write_text(text))
@@ -198,7 +204,16 @@ def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def _load_tensors(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
-    live = _adapter_tensors(model)
+    for live, saved in fit_adapter_state(model, state, where).values():
+        live.copy_(saved.to(live.dtype))
+
+
+def fit_adapter_state(
+    model: nn.Module, state: dict[str, torch.Tensor], where, shape=lambda tensor: tensor.shape
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT key -> (live tensor, saved tensor) for loading `state` into `model`'s adapters; a UserError
+    when they do not fit. `shape(live)`: the whole shape of a live tensor (sharded ones keep a part)."""
+    live = adapter_tensors(model)
     if "base_model.vera_A" not in state:  # PEFT's save_projection=False: regenerated from the seed
         live.pop("base_model.vera_A", None)
         live.pop("base_model.vera_B", None)
@@ -213,9 +228,9 @@ def _load_tensors(model: nn.Module, state: dict[str, torch.Tensor], where: Path)
         )
     for key, tensor in live.items():
         saved = state[key]
-        if saved.shape != tensor.shape:
+        if saved.shape != shape(tensor):
             raise UserError(
                 f"{where}: the adapter does not fit this base model: {key} has shape "
-                f"{tuple(saved.shape)} in the checkpoint, {tuple(tensor.shape)} in the model"
+                f"{tuple(saved.shape)} in the checkpoint, {tuple(shape(tensor))} in the model"
             )
-        tensor.copy_(saved.to(tensor.dtype))
+    return {key: (tensor, state[key]) for key, tensor in live.items()}
