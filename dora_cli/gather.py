@@ -125,6 +125,32 @@ def load_optimizer_state(model: nn.Module, optimizer, saved: dict, where) -> Non
             inner.state[p] = {key: _like(p, v) for key, v in state[name].items()}
 
 
+def _local_numel(tensor) -> int:
+    if _is_dtensor(tensor):
+        return tensor.to_local().numel()
+    if hasattr(tensor, "ds_tensor"):  # ZeRO-3: this process's partition
+        return tensor.ds_tensor.numel()
+    return tensor.numel()
+
+
+def weight_share(model: nn.Module) -> float:
+    """The fraction of the model's parameters (frozen and quantized ones too) this process holds."""
+    params = list(model.parameters())
+    return sum(_local_numel(p) for p in params) / max(1, sum(global_shape(p).numel() for p in params))
+
+
+def optimizer_share(model: nn.Module, optimizer) -> float:
+    """The fraction of the optimizer state this process holds: 1 unless FSDP or ZeRO shard it."""
+    params = list(trainable(model).values())
+    total = sum(global_shape(p).numel() for p in params)
+    inner = optimizer.optimizer
+    if _is_zero(inner):
+        local = sum(flat.numel() for flat in _flat_partitions(inner))
+    else:
+        local = sum(_local_numel(p) for p in params)
+    return local / max(1, total)
+
+
 def by_name(saved: dict, model: nn.Module) -> dict:
     """An optimizer state saved by `torch.optim.Optimizer.state_dict()` (indices, one process: checkpoints
     written before states were keyed by name) in the by-name form."""

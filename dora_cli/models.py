@@ -297,11 +297,15 @@ def bnb_config(q: QuantizationConfig):
 
     if q.mode == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = getattr(torch, q.compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.mode,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        bnb_4bit_compute_dtype=dtype,
+        # The packed 4-bit weights stored under the compute dtype (the same bytes): FSDP shards and
+        # gathers them with the model's other weights, and mixed precision never casts them.
+        bnb_4bit_quant_storage=dtype,
     )
 
 
@@ -324,11 +328,25 @@ def _random_model(config, *, seed: int, dtype: torch.dtype, quant):
     if quant is None:
         return model
     with tempfile.TemporaryDirectory(prefix="dora-random-") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        _save_whole(model, Path(tmp))
         del model
         model = _from_pretrained(tmp, dtype=dtype, quant=quant, trust_remote_code=False)
     model.config._name_or_path = ""
     return model
+
+
+def _save_whole(model, directory: Path) -> None:
+    """config.json + model.safetensors, written by this process whatever its rank (save_pretrained writes
+    on rank 0 only, and every process of a launch builds its own random model); tied tensors once."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(directory)
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor.contiguous()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _align_special_tokens(model, tokenizer) -> None:

@@ -268,10 +268,22 @@ class Trainer:
             self.dir.write_recipe(dump_recipe(self.recipe))
             self.dir.write_launch(*s.launch)
             self.log(f"{s.report}")
+            self.log(self._setup_line())
             self.log(
                 f"{len(s.train_set)} training examples, {len(s.val_set)} validation; "
                 f"{plan.total_steps} steps of {plan.batch} ({plan.accumulation} x {plan.micro} x {plan.processes} processes)"
             )
+
+    def _setup_line(self) -> str:
+        """How the run is spread: the strategy, the processes and the main process's share of the state."""
+        from dora_cli.gather import optimizer_share, weight_share
+
+        acc = self.acc
+        model = acc.unwrap_model(self.s.model)
+        weights, state = weight_share(model), optimizer_share(model, self.s.optimizer)
+        processes = f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
+        return (f"setup: {acc.distributed_type.name} on {acc.device.type}, {processes}; the main process holds "
+                f"{weights:.0%} of the weights and {state:.0%} of the optimizer state")
 
     # ---- the loop -------------------------------------------------------------------------------------
     def _loop(self) -> Path:

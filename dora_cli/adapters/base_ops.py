@@ -17,13 +17,24 @@ _ROW_CHUNK = 4096  # rows of a low-precision weight upcast to fp32 at a time
 def base_kind(layer: nn.Module) -> str | None:
     """'linear', '4bit', '8bit', or None for a layer we cannot adapt."""
     name = type(layer).__name__
-    if name in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(layer.weight, "quant_state"):
+    if name in ("Linear4bit", "LinearNF4", "LinearFP4") and (
+        hasattr(layer.weight, "quant_state") or getattr(layer, "quant_state", None) is not None
+    ):
         return "4bit"
     if name == "Linear8bitLt":
         return "8bit"
     if isinstance(layer, nn.Linear):
         return "linear"
     return None
+
+
+def weight_4bit(layer: nn.Module):
+    """A 4-bit layer's weight with its quantization state. Under FSDP the module holds a plain tensor of
+    the packed storage while it runs; bitsandbytes keeps the state on the module and restores it."""
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(layer)
+    return layer.weight
 
 
 def prepare_base(layer: nn.Module) -> None:
@@ -38,9 +49,10 @@ def prepare_base(layer: nn.Module) -> None:
         return
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-    state = layer.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+    weight = weight_4bit(layer)
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        layer.quant_state = weight.quant_state
     layer.support_avx512bf16_for_cpu = False  # keep one numeric path in train and eval
 
 
@@ -55,7 +67,8 @@ def base_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if layer.compute_dtype is not None:
             x = x.to(layer.compute_dtype)
-        return bnb.matmul_4bit(x, layer.weight, quant_state=layer.weight.quant_state).to(dtype)
+        weight = weight_4bit(layer)
+        return bnb.matmul_4bit(x, weight, quant_state=weight.quant_state).to(dtype)
     if kind == "8bit":
         import bitsandbytes as bnb
 
@@ -77,7 +90,8 @@ def dequantized_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> to
     elif kind == "4bit":
         import bitsandbytes.functional as bnbF
 
-        w = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        weight = weight_4bit(layer)
+        w = bnbF.dequantize_4bit(weight.data, weight.quant_state)
     elif kind == "8bit":
         import bitsandbytes.functional as bnbF
 
@@ -113,7 +127,8 @@ def base_times_at(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
 
         # An fp32 input makes bitsandbytes dequantize to fp32: exact with respect to the 4-bit weight.
-        return bnb.matmul_4bit(a.float(), layer.weight, quant_state=layer.weight.quant_state).T
+        weight = weight_4bit(layer)
+        return bnb.matmul_4bit(a.float(), weight, quant_state=weight.quant_state).T
     # Linear8bitLt's own matmul quantizes its input to int8, too coarse for the norm: use the dense weight.
     return F.linear(a.float(), dequantized_weight(layer, torch.float32)).T
 
