@@ -205,20 +205,19 @@ def make_accelerator(recipe: Recipe):
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     elif strategy == "fsdp":
         plugin = fsdp_plugin(recipe, from_file)
-        kwargs["parallelism_config"] = hybrid_mesh(recipe)
-        kwargs.update({"fsdp_plugin": plugin} if cuda else {"cpu": True})
+        kwargs.update({"fsdp_plugin": plugin, "parallelism_config": hybrid_mesh(recipe)} if cuda else {"cpu": True})
     else:
         kwargs["cpu"] = not cuda
     acc = Accelerator(**kwargs)
     if strategy == "fsdp" and not cuda:
-        _fsdp_over_gloo(acc, plugin, recipe.train.mixed_precision)
+        _fsdp_over_gloo(acc, plugin, recipe)
     expected = {"fsdp": DistributedType.FSDP, "deepspeed": DistributedType.DEEPSPEED}.get(strategy)
     if expected is not None and acc.distributed_type != expected:
         raise RunFailure(f"launch.strategy {strategy}: Accelerate set up {acc.distributed_type.name} instead; stopping rather than training differently")
     return acc
 
 
-def _fsdp_over_gloo(acc, plugin, mixed_precision: str) -> None:
+def _fsdp_over_gloo(acc, plugin, recipe: Recipe) -> None:
     """Accelerate runs FSDP on accelerators only; on a CPU its state (MULTI_CPU, gloo initialised) is
     switched to FSDP, and `prepare` then shards the model as it does on GPUs."""
     from accelerate import PartialState
@@ -226,8 +225,12 @@ def _fsdp_over_gloo(acc, plugin, mixed_precision: str) -> None:
 
     if acc.num_processes == 1 and not torch.distributed.is_initialized():
         raise RunFailure("launch.strategy fsdp: no process group was set up (run through the launcher)")
-    if mixed_precision != "no":
-        plugin.set_mixed_precision(mixed_precision)
+    if recipe.train.mixed_precision != "no":
+        plugin.set_mixed_precision(recipe.train.mixed_precision)
+    mesh = hybrid_mesh(recipe)
+    if mesh is not None:
+        acc.state.parallelism_config = mesh
+        acc.state.device_mesh = mesh.get_device_mesh("cpu")
     PartialState().distributed_type = DistributedType.FSDP  # AcceleratorState copies it back from here
     acc.state.distributed_type = DistributedType.FSDP
     acc.state.fsdp_plugin = plugin
@@ -250,7 +253,13 @@ def fsdp_plugin(recipe: Recipe, from_file: bool):
     from torch.distributed.fsdp import CPUOffloadPolicy
 
     if from_file:
-        return FullyShardedDataParallelPlugin()
+        plugin = FullyShardedDataParallelPlugin()
+        if plugin.cpu_ram_efficient_loading:
+            raise UserError(
+                "launch.config_file: fsdp_cpu_ram_efficient_loading true loads the weights on the main process only, "
+                "but the adapters start from every process's base weights: set it to false"
+            )
+        return plugin
     launch = recipe.launch
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
@@ -361,7 +370,13 @@ def effective_config(acc, recipe: Recipe) -> tuple[dict, dict | None]:
         "use_cpu": acc.device.type == "cpu",
     }
     if acc.distributed_type.name == "FSDP":
-        config["fsdp_config"] = _fsdp_section(acc.state.fsdp_plugin, acc)
+        config["fsdp_config"] = _fsdp_section(acc.state.fsdp_plugin)
+    mesh = getattr(acc.state, "parallelism_config", None)
+    if mesh is not None:
+        config["parallelism_config"] = {
+            "parallelism_config_dp_replicate_size": mesh.dp_replicate_size,
+            "parallelism_config_dp_shard_size": mesh.dp_shard_size,
+        }
     deepspeed = None
     if acc.distributed_type.name == "DEEPSPEED":
         deepspeed = acc.state.deepspeed_plugin.deepspeed_config
@@ -369,9 +384,8 @@ def effective_config(acc, recipe: Recipe) -> tuple[dict, dict | None]:
     return config, deepspeed
 
 
-def _fsdp_section(plugin, acc) -> dict:
-    mesh = getattr(acc.state, "parallelism_config", None)
-    section = {
+def _fsdp_section(plugin) -> dict:
+    return {
         "fsdp_version": plugin.fsdp_version,
         "fsdp_reshard_after_forward": plugin.reshard_after_forward,
         "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
@@ -381,6 +395,3 @@ def _fsdp_section(plugin, acc) -> dict:
         "fsdp_cpu_ram_efficient_loading": bool(plugin.cpu_ram_efficient_loading),
         "fsdp_activation_checkpointing": bool(plugin.activation_checkpointing),
     }
-    if mesh is not None and mesh.dp_replicate_size > 1:
-        section["fsdp_sharding"] = f"hybrid: {mesh.dp_replicate_size} replicas of {mesh.dp_shard_size} shards"
-    return section

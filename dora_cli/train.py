@@ -69,7 +69,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, npro
     check_launch(recipe, processes)
     run_dir = RunDir(recipe.output_dir)
     if not inside_launch():
-        run_dir.check(recipe, resume=resume, overwrite=overwrite)  # before anything is written
+        if recipe.launch.machine_rank == 0:  # the other machines never write to output_dir
+            run_dir.check(recipe, resume=resume, overwrite=overwrite)  # before anything is written
         if needs_launch(recipe, processes):
             relaunch(recipe, processes, ["--resume"] * resume + ["--overwrite"] * overwrite)
             return run_dir.final
