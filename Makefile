@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 SMOLLM2 := .cache/models/SmolLM2-135M-Instruct
 
-.PHONY: setup test test-slow test-kill test-all demo bench lint fetch-model clean
+.PHONY: setup test test-slow test-kill test-dist test-all demo bench lint fetch-model clean
 
 setup: $(STAMP)
 
@@ -35,7 +35,14 @@ test-slow: setup fetch-model
 test-kill: setup
 	DORA_KILL_REPORT=bench/results/kill_loop.json $(BIN)/python -m pytest -q -m kill --durations=0
 
-test-all: test test-kill test-slow
+# Many processes on the CPU (gloo): DDP, FSDP and DeepSpeed ZeRO 1-3 against one process, resume across
+# process counts, user Accelerate configs, torchrun / multi-machine launches (~15 minutes). DeepSpeed is an
+# optional extra (pure Python, ~20 s to install; its CPU Adam for offload compiles on first use).
+test-dist: setup
+	$(BIN)/pip install -q -e '.[deepspeed]'
+	$(BIN)/python -m pytest -q -m dist --durations=0
+
+test-all: test test-kill test-dist test-slow
 
 demo: setup fetch-model
 	$(BIN)/python -m dora_cli.demo

@@ -173,7 +173,7 @@ def _like(p: torch.Tensor, value):
         from torch.distributed.tensor import distribute_tensor
 
         return distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
-    return value.to(p.device, p.dtype)
+    return value.to(p.device, p.dtype, copy=True)
 
 
 # ---- DeepSpeed ZeRO ------------------------------------------------------------------------------------------

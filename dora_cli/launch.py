@@ -100,6 +100,10 @@ def check_launch(recipe: Recipe, processes: int) -> None:
     strategy = requested_strategy(recipe)
     if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise UserError("launch.strategy deepspeed: DeepSpeed is not installed (pip install 'dora_cli[deepspeed]')")
+    if recipe.launch.wrap:  # the architecture alone (no weights) tells the layer classes
+        from dora_cli.models import meta_model
+
+        wrap_classes(recipe.launch.wrap, meta_model(recipe.model))
 
 
 # ---- the relaunch ----------------------------------------------------------------------------------
@@ -340,16 +344,20 @@ def whole_model_loading(acc):
 def set_wrap(acc, model, recipe: Recipe) -> None:
     """FSDP: check launch.wrap against the model's layer classes, or take the model's own (`_no_split_modules`)."""
     plugin = acc.state.fsdp_plugin if acc.distributed_type.name == "FSDP" else None
-    if plugin is None:
-        return
+    if plugin is not None:
+        names = plugin.transformer_cls_names_to_wrap or list(getattr(model, "_no_split_modules", None) or [])
+        plugin.transformer_cls_names_to_wrap = wrap_classes(names, model)
+
+
+def wrap_classes(names: list[str], model) -> list[str]:
+    """`names`, checked against the model's layer classes."""
     classes = {type(m).__name__ for m in model.modules()}
-    names = plugin.transformer_cls_names_to_wrap or list(getattr(model, "_no_split_modules", None) or [])
     for name in names:
         if name not in classes:
             raise UserError(f"launch.wrap: {name!r} is no layer class of this model{did_you_mean(name, sorted(classes))}")
     if not names:
         raise UserError(f"launch.wrap: the model names no layer class to wrap ({type(model).__name__}); set launch.wrap")
-    plugin.transformer_cls_names_to_wrap = list(names)
+    return list(names)
 
 
 # ---- what ran --------------------------------------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""The launch section and what launch.py builds from it: combinations refused in one line, DeepSpeed's
+config holding only what the recipe asked for, the launcher's config, a missing DeepSpeed refused before
+anything is written, optimizer states keyed by name; and `dora train` under an external torchrun
+(2 processes, gloo, FSDP) ending where one process ends. The big matrix is tests/test_dist.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, tiny_llama
+from safetensors.torch import load_file
+
+from dora_cli import cli, launch
+from dora_cli.errors import UserError
+from dora_cli.gather import by_name, load_optimizer_state, optimizer_state
+from dora_cli.recipe import load_recipe
+
+SMOKE = ROOT / "recipes" / "smoke.yaml"
+
+
+def recipe(*overrides):
+    return load_recipe(SMOKE, list(overrides))
+
+
+# ---- the schema ------------------------------------------------------------------------------------
+DS, FSDP, TWO_MACHINES = "launch.strategy=deepspeed", "launch.strategy=fsdp", ["launch.num_machines=2", "launch.num_processes=2"]
+REFUSED = {
+    "zero_stage without deepspeed": ([FSDP, "launch.zero_stage=3"], "zero_stage: only with strategy deepspeed (strategy is fsdp)"),
+    "sharding without fsdp": (["launch.sharding=grad-op"], "sharding: only with strategy fsdp (strategy is ddp)"),
+    "state_dict without fsdp": ([DS, "launch.state_dict=sharded"], "state_dict: only with strategy fsdp (strategy is deepspeed)"),
+    "wrap without fsdp": (["launch.wrap=LlamaDecoderLayer"], "wrap: only with strategy fsdp"),
+    "offload under ddp": (["launch.offload=optimizer"], "offload: needs strategy fsdp or deepspeed"),
+    "fsdp optimizer offload": ([FSDP, "launch.offload=optimizer"], "use offload: params"),
+    "param offload below ZeRO-3": ([DS, "launch.zero_stage=2", "launch.offload=params"], "offload: params needs zero_stage: 3"),
+    "param offload, default stage": ([DS, "launch.offload=params"], "offload: params needs zero_stage: 3"),
+    "hybrid on one machine": ([FSDP, "launch.sharding=hybrid"], "it needs num_machines > 1"),
+    "machine rank out of range": ([*TWO_MACHINES, "launch.main_process_ip=10.0.0.1", "launch.machine_rank=2"],
+                                  "machine_rank: expected a value < num_machines (2), got 2"),
+    "no address of machine 0": (TWO_MACHINES, "main_process_ip: needed with num_machines > 1"),
+    "processes over machines": (["launch.num_machines=2", "launch.main_process_ip=h", "launch.num_processes=3"], "do not split evenly"),
+    "config_file and a strategy": (["launch.config_file=a.yaml", FSDP], "strategy: config_file decides it"),
+    "config_file and processes": (["launch.config_file=a.yaml", "launch.num_processes=4"], "num_processes: config_file decides it"),
+    "unknown strategy": (["launch.strategy=zero"], "strategy: expected one of"),
+    "ZeRO stage 4": ([DS, "launch.zero_stage=4"], "zero_stage: expected one of"),
+    "no layer class": ([FSDP, "launch.wrap=[]"], "wrap: expected at least one layer class name"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_impossible_launch_combinations_are_refused_in_one_line(case):
+    overrides, expected = REFUSED[case]
+    with pytest.raises(UserError) as err:
+        recipe(*overrides)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    [DS, "launch.zero_stage=3", "launch.offload=params"],
+    [DS, "launch.zero_stage=1", "launch.offload=optimizer"],
+    [FSDP, "launch.sharding=grad-op", "launch.state_dict=sharded", "launch.offload=params", "launch.wrap=LlamaDecoderLayer"],
+    [FSDP, "launch.sharding=hybrid", *TWO_MACHINES, "launch.main_process_ip=10.0.0.1", "launch.machine_rank=1"],
+    ["launch.config_file=a.yaml"],
+])
+def test_possible_combinations_load(overrides):
+    assert recipe(*overrides).launch
+
+
+def test_wrap_takes_a_name_or_a_list():
+    assert recipe(FSDP, "launch.wrap=LlamaDecoderLayer,LlamaMLP").launch.wrap == ["LlamaDecoderLayer", "LlamaMLP"]
+    assert recipe(FSDP, "launch.wrap=[LlamaDecoderLayer]").launch.wrap == ["LlamaDecoderLayer"]
+
+
+# ---- DeepSpeed's config: the recipe's values, nothing else ------------------------------------------------------
+@pytest.mark.parametrize("clip", [None, 0.5])
+@pytest.mark.parametrize("stage, offload", [(None, "none"), (1, "optimizer"), (2, "none"), (3, "optimizer"), (3, "params")])
+def test_deepspeed_config_holds_only_what_the_recipe_asks(clip, stage, offload):
+    overrides = [DS, f"launch.offload={offload}", f"train.max_grad_norm={'null' if clip is None else clip}"]
+    r = recipe(*overrides, *([f"launch.zero_stage={stage}"] if stage else []))
+    config = launch.deepspeed_config(r)
+    assert set(config) == {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "zero_optimization"}
+    assert config["gradient_clipping"] == (clip or 0.0)  # DeepSpeed clips when > 0: unset means no clipping
+    assert config["train_micro_batch_size_per_gpu"] == r.train.micro_batch_size
+    assert config["gradient_accumulation_steps"] == 1  # dora accumulates micro-batches itself
+    zero = config["zero_optimization"]
+    assert zero["stage"] == (stage or 2)
+    assert ("offload_optimizer" in zero) == (offload != "none") and ("offload_param" in zero) == (offload == "params")
+    assert "auto" not in json.dumps(config)
+
+
+def test_a_user_deepspeed_config_gets_the_recipes_values_for_auto():
+    user = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "zero_optimization": {"stage": 3}}
+    launch.fill_deepspeed(user, recipe())
+    assert user == {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+                    "zero_optimization": {"stage": 3}}  # not Accelerate's default clipping at 1.0
+    own = {"gradient_clipping": 0.3, "zero_optimization": {"stage": 2}}
+    launch.fill_deepspeed(own, recipe("train.max_grad_norm=2.0"))
+    assert own["gradient_clipping"] == 0.3  # the user's file, as given
+    with pytest.raises(UserError, match="gradient_accumulation_steps is 4, dora needs 1"):
+        launch.fill_deepspeed({"gradient_accumulation_steps": 4, "zero_optimization": {}}, recipe())
+
+
+def test_the_launcher_only_starts_processes():
+    config = launch.launcher_config(recipe(FSDP, "launch.sharding=grad-op"), 2)
+    assert not {"fsdp_config", "deepspeed_config"} & set(config)  # each process sets the strategy up itself
+    assert (config["num_processes"], config["num_machines"], config["use_cpu"]) == (2, 1, False)
+    machines = launch.launcher_config(recipe(*TWO_MACHINES, "launch.main_process_ip=10.1.2.3", "launch.machine_rank=1"), 2)
+    assert (machines["main_process_ip"], machines["main_process_port"], machines["machine_rank"]) == ("10.1.2.3", 29500, 1)
+
+
+def test_a_config_file_decides_the_processes(tmp_path):
+    path = tmp_path / "acc.yaml"
+    path.write_text(yaml.safe_dump({"distributed_type": "DEEPSPEED", "num_processes": 3}))
+    r = recipe(f"launch.config_file={path}")
+    assert launch.process_count(r, None) == 3 and launch.requested_strategy(r) == "deepspeed"
+    with pytest.raises(UserError, match="runs 3 processes; drop --nproc"):
+        launch.process_count(r, 2)
+    assert launch.needs_launch(r, 1) and not launch.needs_launch(recipe(), 1) and launch.needs_launch(recipe(FSDP), 1)
+    with pytest.raises(UserError, match="cannot read"):
+        launch.process_count(recipe(f"launch.config_file={tmp_path / 'none.yaml'}"), None)
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["dora", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_missing_deepspeed_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    out = tmp_path / "never"
+    code, err = run_cli(monkeypatch, capsys, "train", SMOKE, f"output_dir={out}", DS, "--nproc", "2")
+    assert code == 2 and err.strip().count("\n") == 0
+    assert "DeepSpeed is not installed (pip install 'dora_cli[deepspeed]')" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_the_wrapped_layer_class_comes_from_the_model_or_is_checked():
+    model = tiny_llama()
+    plugin = SimpleNamespace(transformer_cls_names_to_wrap=None)
+    acc = SimpleNamespace(distributed_type=SimpleNamespace(name="FSDP"), state=SimpleNamespace(fsdp_plugin=plugin))
+    launch.set_wrap(acc, model, recipe(FSDP))
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]  # the model's _no_split_modules
+    plugin.transformer_cls_names_to_wrap = ["LlamaDecoderLyer"]
+    with pytest.raises(UserError, match='did you mean "LlamaDecoderLayer"'):
+        launch.set_wrap(acc, model, recipe(FSDP))
+
+
+def test_a_wrong_layer_class_is_refused_before_the_launch(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "never"
+    code, err = run_cli(monkeypatch, capsys, "train", SMOKE, f"output_dir={out}", FSDP, "launch.wrap=LlamaLayer", "--nproc", "2")
+    assert code == 2 and "launch.wrap: 'LlamaLayer' is no layer class of this model (did you mean" in err
+    assert "launching" not in err and not out.exists()
+
+
+# ---- optimizer states by name --------------------------------------------------------------------------------
+def _step(model, optimizer, seed: int) -> None:
+    torch.manual_seed(seed)
+    x = torch.randint(0, 256, (2, 12))
+    model(input_ids=x, labels=x).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("saved_as", ["by name", "by index (older checkpoints)"])
+def test_an_optimizer_state_resumes_exactly_by_name(saved_as):
+    from dora_cli.adapters import AdapterConfig, apply_adapters
+
+    def fresh():
+        model = tiny_llama()
+        apply_adapters(model, AdapterConfig(method="dora", r=4, target_modules=["q_proj", "v_proj"]))
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return model, optimizer, SimpleNamespace(optimizer=optimizer)  # as Accelerate wraps it
+
+    model, optimizer, prepared = fresh()
+    for seed in range(2):
+        _step(model, optimizer, seed)
+    saved = optimizer_state(model, prepared) if saved_as == "by name" else optimizer.state_dict()
+    assert all(isinstance(name, str) for name in by_name(saved, model)["state"])
+    twin, twin_optimizer, twin_prepared = fresh()
+    twin.load_state_dict(model.state_dict())
+    load_optimizer_state(twin, twin_prepared, by_name(saved, twin), "checkpoint")
+    _step(model, optimizer, 7)
+    _step(twin, twin_optimizer, 7)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_an_optimizer_state_of_another_model_is_refused():
+    model = tiny_llama()
+    with pytest.raises(UserError, match="no trainable parameter"):
+        load_optimizer_state(model, SimpleNamespace(optimizer=None), {"state": {"nowhere.weight": {}}}, "checkpoint-3")
+
+
+# ---- under an external torchrun: 2 processes, gloo, FSDP ---------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dora_train_runs_unchanged_under_torchrun(smoke_run, tmp_path):
+    out = tmp_path / "torchrun"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([*torchrun, "-m", "dora_cli.cli", "train", "recipes/smoke.yaml", f"output_dir={out}", FSDP],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launching" not in proc.stderr  # it trained as the launcher's processes, no relaunch
+    assert "setup: FSDP on cpu, 2 processes; the main process holds 50% of the weights" in proc.stderr
+    ours, ref = (load_file(str(run / "final" / "adapter_model.safetensors")) for run in (out, smoke_run))
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        assert (ours[key] - ref[key]).abs().max().item() <= 1e-5, key
+    assert yaml.safe_load((out / "accelerate.yaml").read_text())["distributed_type"] == "FSDP"
