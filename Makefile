@@ -40,7 +40,7 @@ test-kill: setup
 # optional extra (pure Python, ~20 s to install; its CPU Adam for offload compiles on first use).
 test-dist: setup
 	$(BIN)/pip install -q -e '.[deepspeed]'
-	$(BIN)/python -m pytest -q -m dist --durations=0
+	DORA_DIST_REPORT=bench/results/dist_equality.json $(BIN)/python -m pytest -q -m dist --durations=0
 
 test-all: test test-kill test-dist test-slow
 

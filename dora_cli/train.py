@@ -224,6 +224,8 @@ class Trainer:
             self.acc.wait_for_everyone()
             if self.main:
                 lock.release()
+            if self.acc.num_processes > 1:
+                self.acc.end_training()  # the process group closed on every process before any exits
 
     def _setup(self) -> Setup:
         from dora_cli.adapters import apply_adapters, parameter_report
