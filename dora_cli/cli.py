@@ -1,16 +1,20 @@
 """The `dora` command. Parses arguments and calls one run_* function per command: no logic here.
 
-Each command module is imported inside its command so that `dora --help` stays fast.
+Each command module is imported inside its command so that `dora --help` stays fast. A usage error
+(missing argument, unknown option, a value of the wrong type) is one `error:` line like every other
+refused input, not Click's boxed panel; `--help` is Typer's.
 """
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from dora_cli.errors import run_main
+from dora_cli.errors import UserError, note_user_paths, run_main
 
 app = typer.Typer(
     name="dora",
@@ -36,7 +40,7 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the trainable share, then exit.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run of a different recipe in output_dir.")] = False,
-    nproc: Annotated[Optional[int], typer.Option("--nproc", help="Processes (overrides launch.num_processes).")] = None,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Processes (overrides launch.num_processes).")] = None,
 ) -> None:
     """Train a causal LM from a recipe (LoRA, DoRA, VeRA, DVoRA, full; 4-bit or not)."""
     from dora_cli.train import run_train
@@ -133,7 +137,54 @@ def analyze(
 
 
 def main() -> None:
-    run_main(app)
+    note_user_paths(*_path_arguments(sys.argv[1:]))
+    run_main(lambda: sys.exit(_invoke()))
+
+
+def _path_arguments(argv: list[str]) -> list[str]:
+    """The words of the command line that may name files: arguments and option values, not overrides."""
+    paths = []
+    for word in argv:
+        if word.startswith("--") and "=" in word:
+            paths.append(word.partition("=")[2])
+        elif not word.startswith("-") and "=" not in word:
+            paths.append(word)
+    return paths
+
+
+def _invoke() -> int:
+    """Run the Typer app; its exit status. A usage error becomes a UserError (one line, status 2)."""
+    click = _click_exceptions()
+    try:
+        result = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as err:  # `dora` alone: Typer has printed the help
+        return err.exit_code
+    except click.ClickException as err:
+        raise UserError(usage_message(err)) from None
+    return result if isinstance(result, int) else 0
+
+
+def _click_exceptions():
+    """Click's exception classes: Typer >= 0.22 carries its own copy of Click, older Typer uses Click."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def usage_message(err) -> str:
+    """Click's usage error as `<command>: <what is wrong> (did you mean ...) (see <command> --help)`."""
+    ctx = getattr(err, "ctx", None)
+    command = ctx.command_path if ctx is not None else "dora"
+    if isinstance(err, _click_exceptions().NoSuchOption):
+        hint = f' (did you mean "{err.possibilities[0]}"?)' if err.possibilities else ""
+        text = f"unknown option {err.option_name}{hint}"
+    else:
+        text = " ".join(err.format_message().split()).rstrip(".")
+        text = text[:1].lower() + text[1:]
+        text = re.sub(r"\.? ?Did you mean '([^']*)'\?", r' (did you mean "\1"?)', text)
+    return f"{command}: {text} (see {command} --help)"
 
 
 if __name__ == "__main__":
