@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from dora_cli import prompts
-from dora_cli.errors import UserError, did_you_mean, one_of
+from dora_cli.errors import UserError, did_you_mean, one_of, problem_of, reading
 from dora_cli.files import looks_local
 from dora_cli.recipe import DataConfig, DataSource
 
@@ -120,10 +120,8 @@ def read_records_file(path: str | Path) -> list[Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no such file{_near_names(path)}", where=str(path))
-    try:
+    with reading(path):
         text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"not UTF-8 text (byte {err.start})", where=str(path)) from err
     if path.suffix == ".jsonl":
         rows = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -135,13 +133,11 @@ def read_records_file(path: str | Path) -> list[Any]:
                 raise UserError(
                     f"line {lineno}: invalid JSON: {err.msg} (column {err.colno})", where=str(path)
                 ) from err
+            except (ValueError, RecursionError) as err:
+                raise UserError(f"line {lineno}: cannot read: {problem_of(err)}", where=str(path)) from None
         return rows
-    try:
+    with reading(path):
         data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(
-            f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}", where=str(path)
-        ) from err
     if not isinstance(data, list):
         raise UserError(f"expected a JSON list of records, got {_type_name(data)}", where=str(path))
     return data

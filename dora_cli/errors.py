@@ -82,20 +82,21 @@ def reading(path: str | os.PathLike) -> Iterator[None]:
         raise UserError(f"not UTF-8 text (byte {err.start})", where=where) from None
     except json.JSONDecodeError as err:
         raise UserError(f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}", where=where) from None
-    except RecursionError:
-        raise UserError("nested too deeply to read (more than a few hundred levels)", where=where) from None
-    except ValueError as err:
-        raise UserError(f"cannot read: {parse_problem(err)}", where=where) from None
-    except OSError as err:
-        raise UserError(f"cannot read ({err.strerror or clip(str(err))})", where=where) from None
+    except (ValueError, RecursionError, OSError) as err:
+        raise UserError(f"cannot read: {problem_of(err)}", where=where) from None
 
 
-def parse_problem(err: ValueError) -> str:
-    """What a parser's ValueError means, in words (Python's integer digit limit gets a plain sentence)."""
+def problem_of(err: BaseException) -> str:
+    """What a reader's or parser's exception means, in a few words for an error line."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply (more than a few hundred levels)"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror[:1].lower() + err.strerror[1:]
     text = str(err)
-    if "integer string conversion" in text:
-        return f"a number has more digits than Python reads ({getattr(sys, 'get_int_max_str_digits', lambda: 4300)()} at most)"
-    return clip(text)
+    if isinstance(err, ValueError) and "integer string conversion" in text:
+        limit = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+        return f"a number has more digits than Python reads ({limit} at most)"
+    return clip(text) or type(err).__name__
 
 
 # --------------------------------------------------------------------------------------------------

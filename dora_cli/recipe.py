@@ -46,7 +46,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dora_cli.adapters.config import AdapterConfig
-from dora_cli.errors import UserError, did_you_mean, note_user_paths, one_of, parse_problem
+from dora_cli.errors import UserError, did_you_mean, note_user_paths, one_of, problem_of
 
 MAX_VALUES = 100_000
 """Most values a recipe document may hold once its aliases (`*name`) are expanded: far above any real
@@ -454,7 +454,7 @@ def _parse_yaml(text: str, where: str) -> Any:
     except yaml.YAMLError as err:
         raise UserError(f"malformed YAML: {_oneline(str(err))}", where=where) from None
     except ValueError as err:  # an integer literal over Python's digit limit
-        raise UserError(f"malformed YAML: {parse_problem(err)}", where=where) from None
+        raise UserError(f"malformed YAML: {problem_of(err)}", where=where) from None
     except RecursionError:
         raise UserError("malformed YAML: nested too deeply", where=where) from None
 
@@ -553,7 +553,7 @@ def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         reason = getattr(err, "problem", None) or str(err) or type(err).__name__
         raise UserError(f"malformed YAML value: {_oneline(reason)}", where=label) from None
     except ValueError as err:
-        raise UserError(f"malformed YAML value: {parse_problem(err)}", where=label) from None
+        raise UserError(f"malformed YAML value: {problem_of(err)}", where=label) from None
     return parts, _copy_tree(value, label, parts)
 
 
@@ -667,6 +667,8 @@ def _explain(error: dict[str, Any], loc: tuple) -> str:
     if kind in bounds:
         limit = next(iter(error["ctx"].values()))
         return f"{key}: expected a value {bounds[kind]} {limit}, got {_show(value)}"
+    if kind == "too_short":
+        return f"{key}: expected at least {error['ctx']['min_length']} item(s), got {error['ctx']['actual_length']}"
     if kind == "finite_number":
         return f"{key}: expected a finite number, got {_show(value)}"
     word = _TYPE_WORDS.get(kind.split("_")[0])

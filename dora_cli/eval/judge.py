@@ -18,7 +18,9 @@ Follows FastChat `fastchat/llm_judge/common.py` (run_judge_single, chat_compelet
 HTTP: POST {judge_url}/chat/completions with urllib (no client library). Timeouts, connection errors,
 HTTP 408/409/429 and 5xx are retried with exponential backoff; other HTTP errors (401, 404, ...) are
 not. The API key is read from the environment, sent in the Authorization header, and never written:
-it is removed from every message that could reach a file or the terminal.
+every text that comes back from the network (the judgment, an error body, a reason phrase, an
+exception message) goes through `redact.Redactor` where it enters `JudgeClient.complete`, before it is
+cut, parsed into a score, stored or printed. Messages name the endpoint without user:password@.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dora_cli.console import progress_bar
-from dora_cli.errors import UserError, one_of
+from dora_cli.errors import UserError, clip, one_of, reading
+from dora_cli.eval.redact import Redactor, public_url
 from dora_cli.files import append_jsonl, read_jsonl, read_jsonl_resumable
 
 NEED_REF_CATS = ("math", "reasoning", "coding")
@@ -47,6 +50,9 @@ TEMPLATES = {  # (multi_turn, needs_reference) -> judge_prompts.jsonl name
 ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 RETRY_STATUS = {408, 409, 429}
+MAX_RESPONSE_BYTES = 4 * 2**20
+"""A judge answer is a few kB; a larger body is not read whole."""
+TEMPLATE_FIELDS = ("question", "answer", "question_1", "question_2", "answer_1", "answer_2", "ref_answer_1", "ref_answer_2")
 
 
 def parse_rating(judgment: str) -> float:
@@ -67,7 +73,7 @@ class JudgeClient:
 
     url: str
     model: str
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     timeout: float = 120.0
     max_retries: int = 8
     backoff: float = 2.0
@@ -86,10 +92,16 @@ class JudgeClient:
             return urllib.request.build_opener(urllib.request.ProxyHandler({}))
         return urllib.request.build_opener()
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self.api_key, "***") if self.api_key else text
+    def __post_init__(self) -> None:
+        self.redact = Redactor(self.api_key)
+
+    @property
+    def public_endpoint(self) -> str:
+        """The endpoint for messages: without user:password@."""
+        return public_url(self.endpoint)
 
     def complete(self, system: str, user: str) -> str:
+        """The judge's text for one request, with the API key redacted from it (and from every error)."""
         body = json.dumps({
             "model": self.model,
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
@@ -105,37 +117,75 @@ class JudgeClient:
             request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
             try:
                 with self._opener().open(request, timeout=self.timeout) as response:
-                    payload = json.loads(response.read().decode("utf-8"))
-                return payload["choices"][0]["message"]["content"]
+                    return self._content(response.read(MAX_RESPONSE_BYTES + 1))
             except urllib.error.HTTPError as err:
-                detail = err.read().decode("utf-8", "replace")[:200] if err.fp else ""
-                last = self._redact(f"HTTP {err.code} {err.reason} {detail}".strip())
+                detail = self._text(err.read(MAX_RESPONSE_BYTES) if err.fp else b"")
+                last = clip(f"HTTP {err.code} {self.redact(str(err.reason))} {detail}", 300)
                 if err.code not in RETRY_STATUS and err.code < 500:
                     raise JudgeUnavailable(f"{last} (not retried)") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
-                last = self._redact(f"{type(err).__name__}: {getattr(err, 'reason', err)}")
-            except (ValueError, KeyError, IndexError, TypeError) as err:  # not a chat-completions answer
-                last = self._redact(f"unexpected response ({type(err).__name__}: {err})")
+                last = clip(self.redact(f"{type(err).__name__}: {getattr(err, 'reason', err)}"), 300)
+            except (ValueError, KeyError, IndexError, TypeError, RecursionError) as err:  # not a chat-completions answer
+                last = clip(self.redact(f"unexpected response ({type(err).__name__}: {err})"), 300)
         raise JudgeUnavailable(f"{last}, after {self.max_retries + 1} tries")
+
+    def _content(self, body: bytes) -> str:
+        """The message content of a chat-completions body, redacted; ValueError & co. when it is not one."""
+        if len(body) > MAX_RESPONSE_BYTES:
+            raise ValueError(f"the answer is larger than {MAX_RESPONSE_BYTES} bytes")
+        content = json.loads(body.decode("utf-8"))["choices"][0]["message"]["content"]
+        if not isinstance(content, str):
+            raise TypeError(f"the message content is {type(content).__name__}, not text")
+        return self.redact(content)
+
+    def _text(self, body: bytes) -> str:
+        """An error body as one redacted line; JSON is decoded first, so that an escaped key is seen as the key."""
+        text = body.decode("utf-8", "replace")
+        try:
+            text = json.dumps(json.loads(text), ensure_ascii=False)
+        except (ValueError, RecursionError):
+            pass
+        return self.redact(" ".join(text.split()))
 
 
 def load_judge_prompts(path: str | Path) -> dict[str, dict]:
     """judge_prompts.jsonl by name; the four single-answer templates must be there."""
-    prompts = {p.get("name"): p for p in read_jsonl(path, "judge prompts")}
+    with reading(path):
+        prompts = {p.get("name"): p for p in read_jsonl(path, "judge prompts")}
     missing = [n for n in TEMPLATES.values() if n not in prompts]
     if missing:
         raise UserError(f"missing judge templates {one_of(missing)}", where=str(path))
+    for name in TEMPLATES.values():
+        _check_template(prompts[name], path)
     return prompts
+
+
+def _check_template(template: dict, path: str | Path) -> None:
+    """A judge template has a string system_prompt and a prompt_template that str.format can fill."""
+    where = f"{path}: template {template['name']}"
+    if not isinstance(template.get("system_prompt"), str) or not isinstance(template.get("prompt_template"), str):
+        raise UserError("needs string fields system_prompt and prompt_template", where=where)
+    try:
+        template["prompt_template"].format(**dict.fromkeys(TEMPLATE_FIELDS, ""))
+    except (KeyError, IndexError, ValueError, AttributeError) as err:
+        raise UserError(
+            f"prompt_template cannot be filled ({type(err).__name__}: {clip(str(err), 80)}); its fields are "
+            f"{', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}", where=where,
+        ) from None
 
 
 def load_reference_answers(path: str | Path) -> dict[int, dict]:
     """Reference answers (FastChat model_answer format) by question_id."""
     refs = {}
-    for i, rec in enumerate(read_jsonl(path, "reference answers")):
+    with reading(path):
+        records = read_jsonl(path, "reference answers")
+    for i, rec in enumerate(records):
         try:
-            rec["choices"][0]["turns"]
+            turns = rec["choices"][0]["turns"]
         except (KeyError, IndexError, TypeError):
-            raise UserError(f"line {i + 1}: expected choices[0].turns", where=str(path)) from None
+            turns = None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise UserError(f"line {i + 1}: expected choices[0].turns, a non-empty list of strings", where=str(path))
         refs[rec.get("question_id")] = rec
     return refs
 
@@ -204,7 +254,7 @@ def judge_answers(
             except JudgeUnavailable as err:
                 judged = len(keys) - len(todo) + todo.index((q, turn))
                 raise UserError(
-                    f"the judge at {client.endpoint} is not answering ({err}); {judged} of {len(keys)} turns "
+                    f"the judge at {client.public_endpoint} is not answering ({err}); {judged} of {len(keys)} turns "
                     f"are judged and kept in {judgment_file}; run again to judge the rest"
                 ) from None
             record = {

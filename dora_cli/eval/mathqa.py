@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dora_cli.console import progress_bar
 from dora_cli.errors import UserError
-from dora_cli.eval.math_match import extract_number, math_correct
+from dora_cli.eval.math_match import extract_number, gold_number, math_correct
 from dora_cli.eval.predict import describe_model, generate_batch
 from dora_cli.files import append_jsonl, guard_resume, read_jsonl_resumable, write_json
 from dora_cli.prompts import render
@@ -39,9 +39,9 @@ def load_math_records(path: str | Path, limit: int | None = None) -> list[dict]:
         answer = row.get("answer")
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             raise UserError(f"record {i}: needs an 'answer' (text ending with the result, or a number)", where=str(path))
-        gold = float(answer) if isinstance(answer, (int, float)) else extract_number(answer)
+        gold = gold_number(answer)
         if gold is None:
-            raise UserError(f"record {i}: no number in 'answer'", where=str(path))
+            raise UserError(f"record {i}: no number in 'answer' (or one too large for a float)", where=str(path))
         out.append({"id": f"math-{i}", "question": row["question"], "answer": answer, "gold": gold})
     return out
 

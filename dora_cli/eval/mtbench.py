@@ -27,7 +27,6 @@ import json
 import os
 import re
 import time
-import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from transformers import GenerationConfig
 
 from dora_cli.console import progress_bar
 from dora_cli.datasets import pad_token_id
-from dora_cli.errors import UserError
+from dora_cli.errors import UserError, reading
 from dora_cli.eval.judge import (
     NEED_REF_CATS,
     JudgeClient,
@@ -47,6 +46,7 @@ from dora_cli.eval.judge import (
     summarize_scores,
 )
 from dora_cli.eval.predict import describe_model, eos_ids_of
+from dora_cli.eval.redact import public_url
 from dora_cli.files import (
     append_jsonl,
     guard_resume,
@@ -68,7 +68,8 @@ INSTRUCTION_MARKER = "### Instruction:"
 
 def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
     """MT-Bench questions (FastChat question.jsonl): question_id, category, turns; checked."""
-    questions = read_jsonl(path, "questions")
+    with reading(path):
+        questions = read_jsonl(path, "questions")
     seen = set()
     for i, q in enumerate(questions):
         turns = q.get("turns")
@@ -172,12 +173,6 @@ def _file_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"
 
 
-def _public_url(url: str) -> str:
-    """The URL without user:password@, for files."""
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
-
-
 def evaluate_mt_bench(
     model,
     tokenizer,
@@ -235,7 +230,7 @@ def evaluate_mt_bench(
         judgments = judge_answers(
             questions, answers, prompts, refs, client, judgment_file, model_id=model_id, progress=progress
         )
-        metrics["judge"] = {"url": _public_url(cfg.judge_url), "model": cfg.judge_model, "judgments": str(judgment_file)}
+        metrics["judge"] = {"url": public_url(cfg.judge_url), "model": cfg.judge_model, "judgments": str(judgment_file)}
         metrics["scores"] = summarize_scores(judgments, questions)
         if expected and "mt_bench" in expected and metrics["scores"]["overall"] is not None:
             metrics["difference"] = {"mt_bench": round(metrics["scores"]["overall"] - float(expected["mt_bench"]), 4)}
