@@ -173,10 +173,19 @@ def _click_exceptions():
     return exceptions
 
 
+def _subcommands(ctx) -> list[str]:
+    """The command names below the root, innermost first (the root is `dora`, however it was started)."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return names
+
+
 def usage_message(err) -> str:
     """Click's usage error as `<command>: <what is wrong> (did you mean ...) (see <command> --help)`."""
     ctx = getattr(err, "ctx", None)
-    command = ctx.command_path if ctx is not None else "dora"
+    command = " ".join(["dora", *reversed(_subcommands(ctx))])
     if isinstance(err, _click_exceptions().NoSuchOption):
         hint = f' (did you mean "{err.possibilities[0]}"?)' if err.possibilities else ""
         text = f"unknown option {err.option_name}{hint}"

@@ -184,15 +184,24 @@ GGUF_VERSIONS = (2, 3)
 
 
 def check_gguf_header(gguf_path: str | os.PathLike) -> None:
-    """Refuse a file that does not start like a GGUF file (magic bytes, version 2 or 3), before converting."""
+    """Refuse a file that does not start like a GGUF file, before converting (and before saying so).
+
+    The header is the magic bytes, the version (2 or 3), then the tensor and metadata counts, which must
+    fit the file (a tensor's description takes at least 32 bytes, a metadata entry 13).
+    """
     where = "model.name_or_path"
     with open(gguf_path, "rb") as fh:
-        head = fh.read(8)
+        head = fh.read(24)
+        size = os.fstat(fh.fileno()).st_size
     if head[:4] != GGUF_MAGIC:
         raise UserError(f"{gguf_path}: not a GGUF file (it does not start with the bytes GGUF)", where=where)
-    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
+    version = int.from_bytes(head[4:8], "little") if len(head) >= 8 else None
     if version not in GGUF_VERSIONS:
         raise UserError(f"{gguf_path}: GGUF version {version}; versions 2 and 3 can be read", where=where)
+    tensors, entries = int.from_bytes(head[8:16], "little"), int.from_bytes(head[16:24], "little")
+    if len(head) < 24 or 24 + 32 * tensors + 13 * entries > size:
+        raise UserError(f"{gguf_path}: damaged GGUF header ({tensors} tensors and {entries} metadata entries "
+                        f"announced in {size} bytes)", where=where)
 
 
 @contextlib.contextmanager
@@ -270,15 +279,15 @@ def _loader_errors() -> tuple[type[BaseException], ...]:
     """What loading a model, tokenizer or config from the user's files raises when the files are bad.
 
     OSError (unreadable, transformers' "not a valid JSON file"), ValueError (decode errors, gguf),
-    KeyError (a tokenizer.json missing a section), RecursionError (JSON nested too deeply), EOFError,
-    RuntimeError (weights whose shapes disagree with config.json), safetensors' SafetensorError and
-    huggingface_hub's strict config validation. The tokenizers library raises a bare `Exception`,
-    matched by exact type in `loading`.
+    KeyError / IndexError / TypeError / AttributeError (a JSON file of the wrong shape: the library looks
+    up what is not there), RecursionError (JSON nested too deeply), EOFError, RuntimeError (weights whose
+    shapes disagree with config.json), safetensors' SafetensorError and huggingface_hub's strict config
+    validation. The tokenizers library raises a bare `Exception`, matched by exact type in `loading`.
     """
     from safetensors import SafetensorError
 
-    return (OSError, ValueError, KeyError, RecursionError, EOFError, RuntimeError, SafetensorError,
-            *_config_validation_errors())
+    return (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError, EOFError,
+            RuntimeError, SafetensorError, *_config_validation_errors())
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dora_cli.adapters.config import AdapterConfig
-from dora_cli.errors import UserError, did_you_mean, note_user_paths, one_of, problem_of
+from dora_cli.errors import UserError, clip, did_you_mean, note_user_paths, one_of, problem_of
 
 MAX_VALUES = 100_000
 """Most values a recipe document may hold once its aliases (`*name`) are expanded: far above any real
@@ -347,7 +347,7 @@ def _validate(
     applied: list[tuple[tuple[str, ...], str]] = []
     for text in overrides:
         parts, value = _parse_override(text)
-        data = _set_key(data, parts, value, f"override {_oneline(text)}")
+        data = _set_key(data, parts, value, _override_label(text))
         applied.append((parts, text))
     try:
         recipe = Recipe.model_validate(data)
@@ -539,7 +539,7 @@ def _interpolate(value: _EnvText, key: tuple) -> str:
 
 def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     """`a.b=value` -> (("a", "b"), value parsed as YAML), with the key checked against the schema."""
-    label = f"override {_oneline(text)}"
+    label = _override_label(text)
     key, eq, raw = text.partition("=")
     parts = tuple(key.strip().split("."))
     if not eq or not all(parts):
@@ -555,6 +555,11 @@ def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     except ValueError as err:
         raise UserError(f"malformed YAML value: {problem_of(err)}", where=label) from None
     return parts, _copy_tree(value, label, parts)
+
+
+def _override_label(text: str) -> str:
+    """`override key=value` for error messages, a long value cut after a whole word."""
+    return f"override {clip(text, 120)}"
 
 
 def _check_key(parts: tuple[str, ...], label: str) -> None:
@@ -639,7 +644,7 @@ def _friendly(
     for parts, text in applied:
         n = min(len(parts), len(loc))
         if parts[:n] == loc[:n]:
-            where = f"override {_oneline(text)}"
+            where = _override_label(text)
     message = _explain(first, loc)
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     return UserError(f"{message}{more}", where=where)

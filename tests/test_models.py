@@ -310,7 +310,7 @@ def test_gguf_cache_converts_once_and_rekeys_on_change(tmp_path, tok_dir, monkey
 
     monkeypatch.setenv("DORA_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF\x03\x00\x00\x00 fake")  # the magic bytes and version 3, then nothing real
+    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16))  # a header of version 3, no tensors
     calls = []
 
     def fake_convert(path, out_dir, **_):
