@@ -46,13 +46,14 @@ def one_of(choices: Iterable[str]) -> str:
 
 
 def clip(text: str, limit: int = 200) -> str:
-    """`text` on one line, at most `limit` characters, cut after a whole word ("..." marks the cut)."""
+    """`text` on one line, at most `limit` characters, cut after a whole word ("..." marks the cut; a
+    first word longer than the limit is cut inside)."""
     text = " ".join(str(text).split())
     if len(text) <= limit:
         return text
-    cut = text[: limit - 3]
+    cut = text[: limit - 2]  # one character more than fits: a word that ends exactly there is whole
     space = cut.rfind(" ")
-    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + "..."
+    return (cut[:space] if space > 0 else cut[:-1]).rstrip(" ,;:") + "..."
 
 
 class RunFailure(UserError):
