@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dora_cli.adapters.config import AdapterConfig
 from dora_cli.errors import UserError, clip, did_you_mean, note_user_paths, one_of, problem_of
 
-MAX_VALUES = 100_000
+MAX_VALUES = 10_000
 """Most values a recipe document may hold once its aliases (`*name`) are expanded: far above any real
 recipe, far below a "billion laughs" document (a few hundred bytes of nested aliases that expand to
 billions of values)."""
