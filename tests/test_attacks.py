@@ -322,28 +322,23 @@ CASES: dict[str, Build] = {
     "merge-truncated-adapter": lambda k: ["merge", str(truncate_adapter(k.run())), "--out", str(k.tmp / "merged")],
     "analyze-missing-checkpoint": lambda k: ["analyze", str(k.tmp / "nope"), "--out", str(k.tmp / "analysis")],
     "analyze-out-is-a-file": lambda k: ["analyze", str(k.run()), "--out", str(k.write("afile", "x"))],
+    "merge-out-dangling-symlink": lambda k: ["merge", str(k.run()), "--out", str(dangling(k))],
+    # --- data loss and silent corruption (issue 11 fixed these; rundir.py, evaluate.py, merge.py, sweep.py) ---
+    "overwrite-a-folder-that-is-not-a-run": lambda k: [
+        "train", k.recipe(), "--overwrite", f"output_dir={k.write('mine/notes.txt', 'mine').parent}"],
+    "output-dir-inside-a-checkpoint": lambda k: ["train", k.recipe(), f"output_dir={k.run() / 'again'}"],
+    "eval-altered-adapter": lambda k: ["eval", str(alter_adapter(k.run())), "--tasks", "boolq", *k.eval_out()],
+    "merge-altered-adapter": lambda k: ["merge", str(alter_adapter(k.run())), "--out", str(k.tmp / "merged")],
+    "eval-output-locked": lambda k: ["eval", str(k.run()), "--tasks", "boolq", "--limit", "1", "--out", str(live_lock(k))],
+    "sweep-ranks-unicode-digit": lambda k: ["sweep-rank", k.recipe(), "--ranks", "\u00b2"],
 }
 
 
 LEAD_CASES: dict[str, tuple[str, Build]] = {
-    "overwrite-a-folder-that-is-not-a-run": ("train.py / rundir.py: --overwrite checks for a run marker", lambda k: [
-        "train", k.recipe(), "--overwrite", f"output_dir={k.write('mine/notes.txt', 'mine').parent}"]),
-    "output-dir-inside-a-checkpoint": ("train.py: output_dir inside a checkpoint", lambda k: [
-        "train", k.recipe(), f"output_dir={k.run() / 'again'}"]),
-    "eval-altered-adapter": ("evaluate.py: manifest check", lambda k: [
-        "eval", str(alter_adapter(k.run())), "--tasks", "boolq", *k.eval_out()]),
-    "merge-altered-adapter": ("merge.py: manifest check", lambda k: [
-        "merge", str(alter_adapter(k.run())), "--out", str(k.tmp / "merged")]),
-    "eval-output-locked": ("evaluate.py: the eval lock", lambda k: [
-        "eval", str(k.run()), "--tasks", "boolq", "--limit", "1", "--out", str(live_lock(k))]),
-    "merge-out-dangling-symlink": ("merge.py: output paths checked before the merge", lambda k: [
-        "merge", str(k.run()), "--out", str(dangling(k))]),
     "analyze-modules-match-nothing": ("analyze.py: --modules matching no adapter", lambda k: [
         "analyze", str(k.run()), "--modules", "lm_head", "--out", str(k.tmp / "analysis")]),
-    "deepspeed-missing": ("train.py: launch.strategy deepspeed without DeepSpeed", lambda k: [
+    "deepspeed-missing": ("launch.py: launch.strategy deepspeed without DeepSpeed", lambda k: [
         "train", k.recipe(), "launch.strategy=deepspeed", "--nproc", "2"]),
-    "sweep-ranks-unicode-digit": ("sweep.py: parse_ranks takes str.isdigit's unicode digits", lambda k: [
-        "sweep-rank", k.recipe(), "--ranks", "\u00b2"]),
 }
 
 
