@@ -347,16 +347,12 @@ def load_model(cfg: ModelConfig, *, for_training: bool = True, padding_side: Pad
             model = _random_model(config, seed=seed, dtype=dtype, quant=quant)
     else:
         location = str(cached_gguf_dir(source.location)) if source.kind == "gguf" else source.location
-        if source.kind == "hub":
-            with _hub_errors(cfg.name_or_path, "model.name_or_path"):
-                model = _from_pretrained(location, dtype=dtype, quant=quant, trust_remote_code=cfg.trust_remote_code)
-        else:
-            with loading(f"{location}: config.json cannot be loaded", where="model.name_or_path"):
-                config = _pretrained_config(location, trust_remote_code=cfg.trust_remote_code)
-            check_vocabulary(tokenizer, config, cfg)
-            with loading(f"{location}: the model weights cannot be loaded", where="model.name_or_path"):
-                model = _from_pretrained(location, dtype=dtype, quant=quant, trust_remote_code=cfg.trust_remote_code,
-                                         config=config)
+        with _source_errors(source, cfg, f"{location}: config.json cannot be loaded"):
+            config = _pretrained_config(location, trust_remote_code=cfg.trust_remote_code)
+        check_vocabulary(tokenizer, config, cfg)
+        with _source_errors(source, cfg, f"{location}: the model weights cannot be loaded"):
+            model = _from_pretrained(location, dtype=dtype, quant=quant, trust_remote_code=cfg.trust_remote_code,
+                                     config=config)
         if source.kind == "gguf":
             model.config._name_or_path = source.location
 
@@ -399,6 +395,13 @@ def _from_pretrained(location: str, *, dtype: torch.dtype, quant, trust_remote_c
     if config is not None:
         kwargs["config"] = config
     return AutoModelForCausalLM.from_pretrained(location, **kwargs)
+
+
+def _source_errors(source: ModelSource, cfg: ModelConfig, what: str):
+    """The error wrapper of a model source: the hub's (unreachable, not found) or the local files' (`loading`)."""
+    if source.kind == "hub":
+        return _hub_errors(cfg.name_or_path, "model.name_or_path")
+    return loading(what, where="model.name_or_path")
 
 
 def _pretrained_config(location: str, *, trust_remote_code: bool):

@@ -751,8 +751,7 @@ def _show(value: Any, limit: int = 40) -> str:
         return "a list"
     if isinstance(value, _EnvText):
         value = value.text
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return clip(repr(value), limit)
 
 
 def _oneline(text: str) -> str:
