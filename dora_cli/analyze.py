@@ -32,6 +32,7 @@ import torch
 from dora_cli import rundir
 from dora_cli.adapters import METHODS, linear_module_names, matches, read_adapter_config
 from dora_cli.checkpoints import (
+    Adapter,
     Base,
     Checkpoint,
     check_fits,
@@ -44,7 +45,7 @@ from dora_cli.checkpoints import (
 )
 from dora_cli.console import say
 from dora_cli.errors import UserError, did_you_mean
-from dora_cli.files import atomic_file, write_json
+from dora_cli.files import atomic_file, check_output_dir, write_json
 
 JSON_NAME = "analysis.json"
 PNG_NAME = "analysis.png"
@@ -67,15 +68,15 @@ def run_analyze(
     modules = list(modules) if modules is not None else ["q_proj", "v_proj"]
     if not modules:
         raise UserError("--modules: expected at least one module name (for example q_proj,v_proj)")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; expected a directory")
+    out = check_output_dir(Path(out), label=f"--out {out}", exists_ok=True)
     ckpts = [describe(c) for c in expand(checkpoints)]
     ckpts = _dedupe_and_group(ckpts)
     src = _common_base(ckpts, base)
 
     w0, shapes = base_weights(src, modules)  # the base, read once
     names = sorted(w0, key=_order)
+    for c in ckpts:  # every refusal before the first line of work
+        _read_and_check(c, shapes, names, modules)
     say(f"analysing {len(names)} modules of {src.description} in {len(ckpts)} checkpoints")
 
     points: list[dict] = []
@@ -103,6 +104,7 @@ class Analysed:
     run: Path
     step: int | None
     group: str = ""
+    adapter: Adapter | None = None  # an adapter checkpoint's tensors, read once
 
 
 def expand(paths: list[str | Path]) -> list[Path]:
@@ -222,13 +224,27 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
+def _read_and_check(c: Analysed, shapes: dict, names: list[str], patterns: list[str]) -> None:
+    """An adapter checkpoint's tensors, checked against the base; UserError when it adapts none of the
+    analysed modules."""
+    if c.ckpt.kind != "adapter":
+        return
+    c.adapter = read_adapter(c.ckpt.path)
+    check_fits(c.adapter, shapes, base="the base")
+    if not any(n in c.adapter.modules for n in names):
+        adapted = sorted({n.rsplit(".", 1)[-1] for n in c.adapter.modules})
+        raise UserError(
+            f"--modules {','.join(patterns)}: {c.ckpt.path} has no adapter on these modules "
+            f"(it adapts {', '.join(adapted)}{did_you_mean(patterns[0], adapted)})"
+        )
+
+
 def effective_weights(c: Analysed, w0: dict[str, torch.Tensor], shapes: dict, names: list[str]) -> dict[str, torch.Tensor]:
     """{module: Wt in fp32} of the analysed modules the checkpoint changes."""
     if c.ckpt.kind == "full":
         tensors = read_tensors(c.ckpt.path, [f"{n}.weight" for n in names])
         return {n: tensors[f"{n}.weight"].float() for n in names}
-    adapter = read_adapter(c.ckpt.path)
-    check_fits(adapter, shapes, base="the base")
+    adapter = c.adapter
     vera = adapter.vera(shapes)
     skipped = [n for n in names if n not in adapter.modules]
     if skipped:

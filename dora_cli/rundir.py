@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dora_cli.console import say
-from dora_cli.errors import RunFailure, UserError
+from dora_cli.errors import RunFailure, UserError, clip
 from dora_cli.files import TMP_PREFIX, atomic_directory, fsync_path, pid_alive, remove, write_json
 
 LOCK_NAME = ".lock"
@@ -470,4 +470,4 @@ def load_tensors_only(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise UserError(f"{path}: refused: not a plain tensor file ({str(err).splitlines()[0][:120]})") from None
+        raise UserError(f"{path}: refused: not a plain tensor file ({clip(str(err).splitlines()[0], 120)})") from None

@@ -96,7 +96,8 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
 
 
 def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
-    return (seed * 1_000_003 + step) * 10_007 + micro_batch
+    """The dropout seed of one micro-batch (torch seeds are < 2**64)."""
+    return ((seed * 1_000_003 + step) * 10_007 + micro_batch) % 2**64
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -226,7 +227,7 @@ class Trainer:
         train_set, val_set = build_datasets(r.data, tokenizer)
         # An example whose response is cut off entirely by cutoff_len (train_on_inputs false) has no
         # token to learn from: its loss would be 0 / 0.
-        kept = [e for e in train_set if any(label != -100 for label in e["labels"])]
+        kept = [e for e in train_set if any(label != -100 for label in e["labels"][1:])]  # label 0 is never predicted
         if len(kept) < len(train_set) and acc.is_main_process:
             self.dir.log(f"{len(train_set) - len(kept)} training examples have no response token within "
                          f"data.cutoff_len={r.data.cutoff_len} and are left out")
