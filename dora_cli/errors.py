@@ -146,11 +146,24 @@ def user_os_error(err: OSError) -> str | None:
     return f"{target}: {reason[:1].lower()}{reason[1:]}"
 
 
+class Terminated(BaseException):
+    """SIGTERM as an exception, so that every `finally` and temporary clean-up runs (a BaseException:
+    no `except Exception` swallows it, and Typer does not turn it into an exit status as it does Ctrl-C)."""
+
+
+def _terminate(signum, _frame) -> None:
+    raise Terminated()
+
+
 def run_main(body: Callable[[], object], interrupted: str = "interrupted") -> None:
     """Run a command-line entry point: a UserError (or an OSError that is the user's, see `user_os_error`)
-    is one line on stderr and its exit status, Ctrl-C 130; anything else keeps its traceback."""
+    is one line on stderr and its exit status, Ctrl-C 130 and SIGTERM 143 after cleaning up what was
+    half-written; anything else keeps its traceback."""
+    import signal
+
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # our own one-line errors say what failed
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         body()
     except UserError as err:
@@ -163,6 +176,11 @@ def run_main(body: Callable[[], object], interrupted: str = "interrupted") -> No
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print(f"{interrupted} (SIGTERM)", file=sys.stderr)
+        sys.exit(143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(message: str, code: int) -> None:

@@ -44,7 +44,7 @@ from dora_cli.adapters import METHODS
 from dora_cli.adapters.variants import recipe_methods
 from dora_cli.console import say, stderr_is_terminal
 from dora_cli.errors import RunFailure, UserError, did_you_mean, one_of
-from dora_cli.files import atomic_file, write_json, write_text
+from dora_cli.files import atomic_file, check_output_dir, write_json, write_text
 from dora_cli.recipe import Recipe, check_batch, load_recipe
 from dora_cli.rundir import RunDir
 
@@ -241,6 +241,7 @@ def _check_inputs(sweep: Sweep) -> None:
     from dora_cli.models import resolve_source
 
     base = sweep.base
+    check_output_dir(sweep.dir, label=f"output_dir {base.output_dir}", exists_ok=True)
     check_batch(base, base.launch.num_processes)
     resolve_source(base.model.name_or_path)
     load_records(base.data)

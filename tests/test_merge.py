@@ -284,3 +284,38 @@ def test_cli_reports_a_user_error_on_one_line(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: does not exist"]
+
+
+def test_force_onto_a_symlinked_out_replaces_the_link_not_its_target(base_dir, tmp_path):
+    make_adapter(base_dir, tmp_path / "ckpt", CASES["dora"])
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "mine.txt").write_text("mine")
+    (tmp_path / "merged").symlink_to(target)
+    run_merge(tmp_path / "ckpt", out=tmp_path / "merged", force=True)
+    assert (tmp_path / "merged").is_dir() and not (tmp_path / "merged").is_symlink()
+    assert (target / "mine.txt").read_text() == "mine"  # what the link pointed to is untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no .old / .tmp left behind
+
+
+def test_sigterm_during_a_merge_cleans_up_and_exits_143(base_dir, tmp_path, monkeypatch, capsys):
+    """The real CLI entry: SIGTERM half-way through the shards leaves no temporary and no --out."""
+    import signal
+
+    from dora_cli import cli
+
+    make_adapter(base_dir, tmp_path / "ckpt", CASES["dora"])
+    real = merge_mod.fold
+
+    def terminated_mid_way(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merge_mod, "fold", terminated_mid_way)
+    monkeypatch.setattr(sys, "argv", ["dora", "merge", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 143 and capsys.readouterr().err.strip().splitlines()[-1] == "interrupted (SIGTERM)"
+    assert not (tmp_path / "merged").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
