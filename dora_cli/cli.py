@@ -72,6 +72,8 @@ def eval_(
     """Score a model: the paper's commonsense suite (8 tasks), MT-Bench (answers + judge) or math exact match.
 
     Flags are shorthands for dotted overrides of the recipe's eval section (eval.tasks, eval.mode, ...).
+
+    Example: dora eval runs/x/final eval.mode=loglik eval.limit=100
     """
     from dora_cli.evaluate import run_eval
 
