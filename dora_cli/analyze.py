@@ -323,9 +323,10 @@ def summarize(ckpts: list[Analysed], points: list[dict], src: Base, patterns: li
 # ==================================================================================================
 # The figure
 # ==================================================================================================
-def plot(result: dict, path: str | Path) -> None:
+def plot(result: dict, path: str | Path):
     """One scatter panel per method on shared axes: x = ΔD, y = ΔM, colour and marker by step, the
-    least-squares line; titles wrapped to their panel, the number of points in the caption."""
+    least-squares line; titles wrapped to their panel, the number of points in the caption. Returns the
+    figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,6 +367,7 @@ def plot(result: dict, path: str | Path) -> None:
     fig.suptitle(fit(f"Weight decomposition: {', '.join(result['modules'])} of {model_name(result['base'])}", width, 11), fontsize=11)
     fig.supxlabel(fit(_caption(result), width, 8), fontsize=8)
     fig.savefig(path, dpi=120, format="png")
+    return fig
 
 
 def _caption(result: dict) -> str:

@@ -498,11 +498,11 @@ def _examples(doc: dict) -> str:
     return f"n = {n} test examples per trial ({tasks} task{'s' if tasks != 1 else ''})"
 
 
-def plot(doc: dict, path: Path) -> None:
+def plot(doc: dict, path: Path):
     """Average accuracy ± one standard error against rank (log2 axis, the ranks as ticks), one style per
     method (markers, line styles and a small sideways offset keep tied methods apart); failed trials
     marked with x at the bottom; the paper's averages dotted; at least MIN_Y_SPAN points of y range.
-    Written atomically."""
+    Written atomically; returns the figure."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullLocator
 
@@ -544,6 +544,7 @@ def plot(doc: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.supxlabel(fit(f"{_examples(doc)}; error bars: ±1 binomial standard error of the average", width, 8), fontsize=8)
     save_png(fig, path)
+    return fig
 
 
 # ---- formatting -----------------------------------------------------------------------------------
