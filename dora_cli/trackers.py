@@ -6,7 +6,7 @@
     start(acc, recipe, run_dir, step)              init_trackers: project "dora_cli", the run named after
                                                    output_dir, the flattened recipe as the run's config
     log(acc, record)                               the numbers of a metrics.jsonl record, at its step
-    acc.end_training()                             flushes and closes them
+    finish(acc)                                    flushes and closes them (on the main process)
 
 They write under output_dir/trackers/ (RunDir.trackers): TensorBoard event files in dora_cli/, wandb's
 runs in wandb/ (offline with WANDB_MODE=offline; online, wandb needs `wandb login` or WANDB_API_KEY).
@@ -68,6 +68,14 @@ def log(acc, record: dict) -> None:
     }
     if values and acc.trackers:
         acc.log(values, step=record["step"])
+
+
+def finish(acc) -> None:
+    """Flush and close the trackers. (Accelerator.end_training would also end the process group, which
+    the run's last barrier still needs.)"""
+    for tracker in acc.trackers:
+        tracker.finish()
+    acc.trackers.clear()
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -234,7 +234,7 @@ class Trainer:
             with self.signals:
                 return self._loop()
         finally:
-            self.acc.end_training()
+            trackers.finish(self.acc)
             self.dir.close()
             self.acc.wait_for_everyone()
             if self.main:
