@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -80,6 +81,8 @@ LEVERS = {
 }
 DEFAULT_CONFIGS = "baseline,group_by_length,packing,compile,threads1"
 METHODS = ("lora", "dora")
+COLLATE_FACTORIES = [("dora_cli.batching", "make_collate"), ("dora_cli.datasets", "make_collator")]
+"""Where `dora train` gets its collate function from (the worker wraps what exists to count tokens)."""
 
 
 def parse_config(name: str) -> Lever:
@@ -124,7 +127,10 @@ class Probe:
             self.optimizer = {"class": type(optimizer).__name__, "fused": d.get("fused"), "foreach": d.get("foreach")}
 
     def counting(self, collate):
-        """`collate` that also records its micro-batch: real tokens = the examples' lengths, padded = the batch's."""
+        """`collate` that also records its micro-batch: real tokens = the examples' lengths, padded = the batch's
+        input_ids (a padding-free packed row counts each token once). A collate counted already is returned as is."""
+        if getattr(collate, "counted_by_bench", False):
+            return collate
 
         def wrapped(examples):
             batch = collate(examples)
@@ -132,7 +138,26 @@ class Probe:
             self.batches.append((len(self.step_ends), real, int(batch["input_ids"].numel()), time.perf_counter()))
             return batch
 
+        wrapped.counted_by_bench = True
         return wrapped
+
+    def count_factories(self) -> list[str]:
+        """Make every collate factory of dora_cli (COLLATE_FACTORIES that exist) return counted collates."""
+        import importlib
+
+        modules = {}
+        for module_name, _ in COLLATE_FACTORIES:  # import all first: a module binds the originals it imports
+            try:
+                modules[module_name] = importlib.import_module(module_name)
+            except ImportError:
+                pass
+        patched = []
+        for module_name, attr in COLLATE_FACTORIES:
+            factory = getattr(modules.get(module_name), attr, None)
+            if factory is not None:
+                setattr(modules[module_name], attr, lambda *a, _f=factory, **k: self.counting(_f(*a, **k)))
+                patched.append(f"{module_name}.{attr}")
+        return patched
 
     def record(self, **extra) -> dict:
         import torch
@@ -143,11 +168,9 @@ class Probe:
 
 def run_ours(spec: dict, probe: Probe) -> tuple[int, dict]:
     """`dora train RECIPE OVERRIDES` in this process, exactly as the command line runs it."""
-    import dora_cli.datasets
     from dora_cli import cli
 
-    make_collator = dora_cli.datasets.make_collator
-    dora_cli.datasets.make_collator = lambda *a, **k: probe.counting(make_collator(*a, **k))
+    patched = probe.count_factories()
     out = Path(spec["output_dir"])
     sys.argv = ["dora", "train", spec["recipe"], *spec["overrides"], f"output_dir={out}"]
     try:
@@ -161,7 +184,9 @@ def run_ours(spec: dict, probe: Probe) -> tuple[int, dict]:
             rec = json.loads(line) if line.strip() else {}
             if "loss" in rec:
                 losses[rec["step"]] = rec["loss"]
-    return code, probe.record(micro_per_step=None, losses=losses)
+    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
+    return code, probe.record(micro_per_step=None, losses=losses, counted_factories=patched,
+                              tokens_seen_by_dora=metrics.get("tokens"))
 
 
 def hf_training_arguments(recipe, plan, group_by_length: bool, output_dir: str):
@@ -291,14 +316,20 @@ def run_process(cmd: list[str], env: dict, tmp: Path, timeout: float) -> tuple[i
     with open(tmp / "stdout.txt", "w") as out, open(tmp / "stderr.txt", "w") as err:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=err)
     timed_out = False
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if not timed_out and time.perf_counter() - t0 > timeout:
-            proc.kill()  # our own child, by its pid
-            timed_out = True
-        time.sleep(0.2)
+    try:
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if not timed_out and time.perf_counter() - t0 > timeout:
+                proc.kill()  # our own child, by its pid
+                timed_out = True
+            time.sleep(0.2)
+    except BaseException:  # Ctrl-C or SIGTERM of the benchmark: the worker goes with it
+        proc.kill()
+        os.wait4(proc.pid, 0)
+        proc.returncode = -9
+        raise
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
     return (None if timed_out else proc.returncode), usage.ru_maxrss / 1024, time.perf_counter() - t0
 
@@ -346,24 +377,38 @@ def figures(rec: dict, warmup: int) -> dict:
         raise RuntimeError(f"the worker made {n} optimizer steps, not more than the {warmup} warm-up steps")
     times = [ends[k][0] - ends[k - 1][0] for k in range(warmup, n)]
     cpu = [ends[k][1] - ends[k - 1][1] for k in range(warmup, n)]
-    real, padded = tokens_per_step(rec["batches"], n, rec["micro_per_step"])
-    timed_real = sum(real[warmup:])
     return {
         "steps": n,
         "step_time_s": statistics.median(times),
         "step_times_s": times,
         "cpu_step_time_s": statistics.median(cpu),
-        "real_tokens_per_s": timed_real / sum(times),
-        "padded_tokens_per_s": sum(padded[warmup:]) / sum(times),
-        "padding_fraction": 1 - sum(real) / sum(padded) if sum(padded) else None,
-        "real_tokens_per_step": real,
-        "padded_tokens_per_step": padded,
-        "setup_s": rec["batches"][0][3] - rec["started"] if rec["batches"] else None,
+        **token_figures(rec, n, warmup, sum(times)),
         "torch_threads": rec["torch_threads"],
         "optimizer": rec["optimizer"],
         "losses": rec["losses"],
         **{k: rec[k] for k in ("hf_optim", "hf_sampling") if k in rec},
     }
+
+
+def token_figures(rec: dict, steps: int, warmup: int, timed_s: float) -> dict:
+    """Real / padded tokens per step and per second; None (with a note) when no micro-batch was counted."""
+    if not rec["batches"]:
+        keys = ("real_tokens_per_s", "padded_tokens_per_s", "padding_fraction", "real_tokens_per_step",
+                "padded_tokens_per_step", "setup_s")
+        return {**dict.fromkeys(keys), "tokens_note": "no micro-batch counted: dora train took its collate "
+                f"function from none of {', '.join(m + '.' + a for m, a in COLLATE_FACTORIES)}"}
+    real, padded = tokens_per_step(rec["batches"], steps, rec["micro_per_step"])
+    out = {
+        "real_tokens_per_s": sum(real[warmup:]) / timed_s,
+        "padded_tokens_per_s": sum(padded[warmup:]) / timed_s,
+        "padding_fraction": 1 - sum(real) / sum(padded),
+        "real_tokens_per_step": real,
+        "padded_tokens_per_step": padded,
+        "setup_s": rec["batches"][0][3] - rec["started"],
+    }
+    if rec.get("tokens_seen_by_dora") is not None:  # dora train's own count (metrics.json "tokens")
+        out["tokens_seen_by_dora"] = rec["tokens_seen_by_dora"]
+    return out
 
 
 SCALARS = ("step_time_s", "cpu_step_time_s", "real_tokens_per_s", "padded_tokens_per_s", "padding_fraction",
@@ -638,11 +683,19 @@ def parse_args(argv=None):
     return args
 
 
+def _terminate(signum, _frame):
+    raise SystemExit(128 + signum)  # unwinds: the running worker is killed, temporary files removed
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         return worker_main(args.worker)
-    return parent_main(args)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return parent_main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def test_both_sides_train_on_the_same_tokens_per_step(quick_report):
     assert ours["real_tokens_per_step"] == hf["real_tokens_per_step"]
     assert ours["padded_tokens_per_step"] == hf["padded_tokens_per_step"]
     assert len(set(ours["real_tokens_per_step"])) > 1  # distinct batches: a shifted order would show
+    assert sum(ours["real_tokens_per_step"]) == ours["tokens_seen_by_dora"]  # dora train's own count agrees
 
 
 @requires_peft
@@ -91,6 +92,14 @@ def test_tokens_per_step_undoes_a_prefetching_loader(e2e, micro):
     ahead = [(max(0, (i - 1) // micro), r, p, 0.0) for i, (r, p) in enumerate(sizes)]
     assert e2e.tokens_per_step(in_step, steps, None)[0] == expected
     assert e2e.tokens_per_step(ahead, steps, micro)[0] == expected
+
+
+def test_no_counted_batches_give_no_token_figures(e2e):
+    """If dora train stops taking its collate function from a known factory, the figures say so, not 0."""
+    rec = {"batches": [], "micro_per_step": None, "started": 0.0}
+    fig = e2e.token_figures(rec, steps=4, warmup=1, timed_s=3.0)
+    assert fig["real_tokens_per_s"] is None and fig["padding_fraction"] is None
+    assert "no micro-batch counted" in fig["tokens_note"]
 
 
 @pytest.mark.parametrize(
