@@ -112,6 +112,7 @@ class Probe:
     def __init__(self):
         self.started = time.perf_counter()
         self.step_ends: list[tuple[float, float]] = []  # (wall, process CPU) after each optimizer.step()
+        self.lrs: list[float] = []  # the learning rate each step used
         self.batches: list[tuple[int, int, int, float]] = []  # (steps done before it, real, padded, wall)
         self.optimizer: dict | None = None
 
@@ -122,6 +123,7 @@ class Probe:
 
     def _on_step(self, optimizer, _args, _kwargs) -> None:
         self.step_ends.append((time.perf_counter(), time.process_time()))
+        self.lrs.append(float(optimizer.param_groups[0]["lr"]))
         if self.optimizer is None:
             d = optimizer.defaults
             self.optimizer = {"class": type(optimizer).__name__, "fused": d.get("fused"), "foreach": d.get("foreach")}
@@ -162,7 +164,7 @@ class Probe:
     def record(self, **extra) -> dict:
         import torch
 
-        return {"started": self.started, "step_ends": self.step_ends, "batches": self.batches,
+        return {"started": self.started, "step_ends": self.step_ends, "lrs": self.lrs, "batches": self.batches,
                 "optimizer": self.optimizer, "torch_threads": torch.get_num_threads(), **extra}
 
 
@@ -190,16 +192,16 @@ def run_ours(spec: dict, probe: Probe) -> tuple[int, dict]:
 
 
 def hf_training_arguments(recipe, plan, group_by_length: bool, output_dir: str):
-    """TrainingArguments with the recipe's hyperparameters; sampling sequential (our order) or by length."""
+    """TrainingArguments with the recipe's hyperparameters; sampling sequential (our order) or by length.
+    (The schedule is ours, set by `use_our_schedule`.)"""
     from transformers import TrainingArguments
 
     t, o = recipe.train, recipe.optim
     fields = TrainingArguments.__dataclass_fields__
-    schedule = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[recipe.schedule.type]
     kwargs = dict(
         output_dir=output_dir, per_device_train_batch_size=plan.micro, gradient_accumulation_steps=plan.accumulation,
         max_steps=plan.total_steps, learning_rate=o.lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
-        adam_beta2=o.betas[1], adam_epsilon=o.eps, lr_scheduler_type=schedule, warmup_steps=plan.warmup,
+        adam_beta2=o.betas[1], adam_epsilon=o.eps,
         # ours always computes the gradient norm (clipping at inf when max_grad_norm is unset): the same work here
         max_grad_norm=t.max_grad_norm or float("inf"), logging_steps=t.log_every, save_strategy="no",
         report_to="none", disable_tqdm=True, seed=t.seed, dataloader_num_workers=0, dataloader_pin_memory=False,
@@ -212,6 +214,23 @@ def hf_training_arguments(recipe, plan, group_by_length: bool, output_dir: str):
     else:
         kwargs["group_by_length"] = group_by_length
     return TrainingArguments(**kwargs)
+
+
+def use_our_schedule(trainer, recipe, plan) -> None:
+    """The Trainer's scheduler becomes `dora train`'s lr_factor as a LambdaLR: the same lr at every step
+    (HF's own linear warm-up starts at 0, one step behind ours)."""
+    import torch
+
+    from dora_cli.train import lr_factor
+
+    def create_scheduler(num_training_steps, optimizer=None):
+        if trainer.lr_scheduler is None:
+            trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or trainer.optimizer,
+                lambda step: lr_factor(step, plan.total_steps, plan.warmup, recipe.schedule.type))
+        return trainer.lr_scheduler
+
+    trainer.create_scheduler = create_scheduler
 
 
 def hf_examples_in_our_order(recipe, tokenizer):
@@ -257,9 +276,11 @@ def run_hf(spec: dict, probe: Probe) -> tuple[int, dict]:
         trainer._get_train_sampler = lambda *_a, **_k: torch.utils.data.SequentialSampler(dataset)
     # ours scales each micro-batch's mean loss by 1 / accumulation; HF would weight by label tokens instead
     trainer.model_accepts_loss_kwargs = False
+    use_our_schedule(trainer, recipe, plan)
     trainer.train()
     losses = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
-    return 0, probe.record(micro_per_step=plan.accumulation, losses=losses, hf_optim=str(getattr(args.optim, "value", args.optim)),
+    optim = str(getattr(args.optim, "value", args.optim))
+    return 0, probe.record(micro_per_step=plan.accumulation, losses=losses, hf_optim=optim,
                            hf_sampling=getattr(args, "train_sampling_strategy", None))
 
 
@@ -385,6 +406,7 @@ def figures(rec: dict, warmup: int) -> dict:
         **token_figures(rec, n, warmup, sum(times)),
         "torch_threads": rec["torch_threads"],
         "optimizer": rec["optimizer"],
+        "lr_per_step": rec["lrs"],
         "losses": rec["losses"],
         **{k: rec[k] for k in ("hf_optim", "hf_sampling") if k in rec},
     }
@@ -534,7 +556,8 @@ def settings(args) -> dict:
                    "dora_cli.models.load_model, our examples in our micro-batch order (sequential sampler) or "
                    "HF's LengthGroupedSampler over the same examples (group_by_length), our collator (right "
                    "padding, labels -100), loss / accumulation per micro-batch as ours (model_accepts_loss_kwargs "
-                   "off), the recipe's lr / betas / eps / weight decay / schedule / warm-up, grad norm computed "
+                   "off), the recipe's lr / betas / eps / weight decay, our schedule (dora_cli.train.lr_factor as "
+                   "a LambdaLR: the same lr every step), grad norm computed "
                    "every step (max_grad_norm inf when the recipe sets none), HF's default optimizer",
         "ours_side": "dora train RECIPE adapter.method=M train.max_steps=N train.save_every=null [levers], "
                      "in-process through dora_cli.cli.main (the collator wrapped to count tokens)",

@@ -72,6 +72,14 @@ def test_both_sides_train_on_the_same_tokens_per_step(quick_report):
 
 
 @requires_peft
+def test_both_sides_use_the_same_learning_rate_every_step(quick_report):
+    runs = quick_report["runs"]["demo"]["lora"]
+    ours, hf = runs["ours/baseline"]["rounds"][0], runs["hf/baseline"]["rounds"][0]
+    assert len(ours["lr_per_step"]) == 4 and len(set(ours["lr_per_step"])) > 1  # the schedule moves
+    assert hf["lr_per_step"] == pytest.approx(ours["lr_per_step"], rel=1e-12)
+
+
+@requires_peft
 def test_ratios_name_their_figures(quick_report):
     ratios = {e["name"]: e for e in quick_report["ratios"]["demo"]}
     lora = ratios["lora: HF step time / ours"]
