@@ -69,6 +69,7 @@ def test_both_sides_train_on_the_same_tokens_per_step(quick_report):
     assert ours["padded_tokens_per_step"] == hf["padded_tokens_per_step"]
     assert len(set(ours["real_tokens_per_step"])) > 1  # distinct batches: a shifted order would show
     assert sum(ours["real_tokens_per_step"]) == ours["tokens_seen_by_dora"]  # dora train's own count agrees
+    assert quick_report["tokens_match"] == {"demo": {"lora": [True]}}
 
 
 @requires_peft
