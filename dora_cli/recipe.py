@@ -202,16 +202,23 @@ class ModelConfig(_Section):
 
 class DataSource(_Section):
     path: str = Field(json_schema_extra=LOCAL_OR_HUB)
-    """A local .json / .jsonl file, a directory of them, or a hub dataset name."""
+    """A local .json / .jsonl / .parquet file, a directory of them, a `datasets.save_to_disk` directory, or a
+    hub dataset name."""
     split: str = "train"
     weight: float | None = Field(None, gt=0, le=100)
     """Fraction of the mix taken from this source (None: all of it; 2.5: all twice and a half)."""
 
 
+CONVERSATION_FORMATS = ("messages", "sharegpt")
+"""Record layouts that hold whole conversations, rendered by the tokenizer's chat template."""
+
+
 class DataConfig(_Section):
-    format: Literal["commonsense", "alpaca", "orca_math"] = "commonsense"
+    format: Literal["commonsense", "alpaca", "orca_math", "messages", "sharegpt"] = "commonsense"
     """Record layout: commonsense (LLM-Adapters: instruction/input/output/answer), alpaca
-    (instruction/input/output) or orca_math (question/answer)."""
+    (instruction/input/output), orca_math (question/answer), messages (OpenAI-style
+    `{"messages": [{"role", "content"}, ...]}`) or sharegpt (`{"conversations": [{"from", "value"}, ...]}`).
+    The two conversation formats imply `template: chat`."""
     sources: list[DataSource] = Field(default_factory=list)
     template: Literal["llm_adapters", "alpaca", "chat"] = "llm_adapters"
     cutoff_len: int = Field(256, ge=2, le=INT32_MAX)
@@ -222,6 +229,17 @@ class DataConfig(_Section):
     val_set_size: int = Field(0, ge=0, le=INT32_MAX)
     max_samples: Count | None = None
     seed: Seed = 42
+
+    @model_validator(mode="after")
+    def _conversations_use_the_chat_template(self) -> DataConfig:
+        if self.format in CONVERSATION_FORMATS and self.template != "chat":
+            if "template" in self.model_fields_set:
+                raise ValueError(
+                    f"format {self.format} is rendered by the tokenizer's chat template, so template must be "
+                    f"chat (or left out), got {self.template}"
+                )
+            self.template = "chat"
+        return self
 
 
 class OptimConfig(_Section):
