@@ -154,11 +154,16 @@ def chat_prompt(tokenizer: Any, instruction: str, input: str = "", output: str |
     return prompt + (output or "")
 
 
+def render_conversation(tokenizer: Any, messages: list[dict], where: str = "data") -> str:
+    """The whole conversation rendered by the chat template. `where` names the record in errors."""
+    require_chat_template(tokenizer)
+    return _render(tokenizer, messages, False, where)
+
+
 def conversation(tokenizer: Any, messages: list[dict], where: str = "data") -> tuple[str, list[tuple[int, int]]]:
     """(text, spans): the conversation rendered by the chat template and the [start, end) character spans of
     its assistant turns' trained text (see the module docstring). `where` names the record in errors."""
-    require_chat_template(tokenizer)
-    text = _render(tokenizer, messages, False, where)
+    text = render_conversation(tokenizer, messages, where)
     specials = special_tokens(tokenizer)
     spans = []
     for i, message in enumerate(messages):

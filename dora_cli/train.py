@@ -73,8 +73,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, npro
 
 
 def print_dry_run(recipe: Recipe, processes: int) -> None:
-    """The resolved recipe and the trainable share, from the architecture alone (no weights)."""
+    """The resolved recipe and the trainable share, from the architecture alone (no weights); then the data,
+    read and validated: example counts, token statistics and one training example with its masked text marked."""
     from dora_cli.adapters import apply_adapters, parameter_report
+    from dora_cli.datasets import load_records, split_train_val
     from dora_cli.models import meta_model
 
     accumulation = check_batch(recipe, processes)
@@ -83,7 +85,37 @@ def print_dry_run(recipe: Recipe, processes: int) -> None:
     print(dump_recipe(recipe), end="")
     print(f"# processes: {processes}, gradient accumulation: {accumulation}")
     print(f"# {parameter_report(model)}")
+    data = recipe.data
+    records = load_records(data)
+    train_records, val_records = split_train_val(records, data.val_set_size, data.seed)
+    print(f"# data: {len(records)} {data.format} records: {len(train_records)} for training, "
+          f"{len(val_records)} for validation")
+    _print_tokens(recipe, train_records)
     return None
+
+
+def _print_tokens(recipe: Recipe, records: list[dict]) -> None:
+    """Token statistics of the training records and the first of them as trained (the tokenizer is loaded;
+    a hub tokenizer that cannot be reached skips this part, as the architecture falls back to a known one)."""
+    from dora_cli.datasets import marked_text, token_stats, tokenize_records
+    from dora_cli.models import load_tokenizer, resolve_source
+
+    data = recipe.data
+    try:
+        tokenizer = load_tokenizer(recipe.model)
+    except UserError as err:
+        if resolve_source(recipe.model.tokenizer or recipe.model.name_or_path).kind != "hub":
+            raise
+        print(f"# tokens: not counted, the tokenizer cannot be loaded ({err})")
+        return
+    examples = tokenize_records(records, tokenizer, data)
+    st = token_stats(records, examples, tokenizer, data)
+    print(f"# tokens per training example (before data.cutoff_len): min {st.shortest}, median {st.median:g}, "
+          f"max {st.longest}; {st.cut} of {st.examples} are longer than cutoff_len {data.cutoff_len} and cut")
+    print(f"# trained tokens (with a loss): {st.trained:,} of {st.tokens:,} ({st.trained / max(1, st.tokens):.1%})"
+          + (f"; {st.untrained_examples} examples have none and are left out" if st.untrained_examples else ""))
+    print("# the first training example as trained: [[masked text]] has no loss, the rest is trained")
+    print(marked_text(examples[0], tokenizer))
 
 
 # ==================================================================================================
