@@ -132,13 +132,12 @@ def alpaca_prompt(instruction: str, input: str = "", output: str | None = None) 
     return _fill(ALPACA, instruction, input) + (output or "")
 
 
-def require_chat_template(tokenizer: Any) -> None:
+def require_chat_template(tokenizer: Any, where: str = "data.template: chat") -> None:
     """UserError unless the tokenizer has a chat template."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise UserError(
-            f"the tokenizer {name!r} has no chat template (expected llm_adapters for a base model)",
-            where="data.template: chat",
+            f"the tokenizer {name!r} has no chat template (expected llm_adapters for a base model)", where=where
         )
 
 
