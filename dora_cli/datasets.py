@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from dora_cli import prompts
+from dora_cli import hub, prompts
 from dora_cli.errors import UserError, clip, did_you_mean, one_of, problem_of, reading
 from dora_cli.files import looks_local
 from dora_cli.recipe import CONVERSATION_FORMATS, INT32_MAX, DataConfig, DataSource
@@ -363,16 +363,22 @@ def _near_names(path: Path) -> str:
 
 
 def _load_hub(name: str, split: str, where: str) -> list[dict]:
-    """Rows of a Hugging Face Hub dataset (or any name `datasets.load_dataset` resolves)."""
+    """Rows of a Hugging Face Hub dataset (or any name `datasets.load_dataset` resolves). A hub that does not
+    answer is refused at once (`hub.access`); with HF_HUB_OFFLINE=1 `datasets` reads its local cache."""
     import datasets
 
+    access = hub.access()
+    problem = f"; {access.why_not()}" if access.local_only else ""
+    if access.problem is not None:
+        raise UserError(f"{name!r} is not a local file or directory and could not be loaded from the Hugging Face "
+                        f"Hub: {access.why_not()}{_near_names(Path(name))}", where=where)
     try:
         ds = datasets.load_dataset(name, split=split)
     except (ConnectionError, FileNotFoundError) as err:
         reason = " ".join(f"{type(err).__name__}: {err}".split())
         raise UserError(
             f"{name!r} is not a local file or directory and could not be loaded from the Hugging Face Hub "
-            f"({reason}){_near_names(Path(name))}",
+            f"({clip(reason, 200)}){problem}{_near_names(Path(name))}",
             where=where,
         ) from err
     return ds.to_list()
