@@ -158,7 +158,7 @@ def evaluate_mt_bench(
 
     `cfg` is a recipe's `eval.mt_bench` (MTBenchConfig). Judge prompts and reference answers default
     to the files beside the questions: judge_prompts.jsonl and reference_answer/gpt-4.jsonl.
-    `judge_options` go to JudgeClient (timeout, max_retries, backoff, max_backoff). `expected`: the
+    `judge_options` go to JudgeClient (timeout, max_retries). `expected`: the
     paper's number as {"mt_bench": 5.5}; the difference is overall score minus it.
 
     out_dir/model_answer/<model_id>.jsonl             FastChat answers
