@@ -82,8 +82,8 @@ class StubJudge:
 
     Ratings: 8 for turn 1, 6 for turn 2, 3 for any math question (whose prompt has a reference).
     `fail_every=2`: every second request gets HTTP 500 (its body echoes the Authorization header);
-    `down_after=n`: from the (n+1)-th request on, HTTP 503 always. Failures say `retry-after-ms: 1`, which
-    the client honours instead of its own backoff.
+    `down_after=n`: from the (n+1)-th request on, HTTP 503 always. Failures echo the header in their reason
+    phrase too, and say `retry-after-ms: 1`, which the client honours instead of its own backoff.
     """
 
     def __init__(self):
@@ -109,7 +109,7 @@ class StubJudge:
                     return
                 if failing:
                     self._send(500 if stub.down_after is None else 503, {"error": f"boom, your header was {auth}"},
-                               {"retry-after-ms": "1"})
+                               {"retry-after-ms": "1"}, reason=f"Boom {auth}")
                     return
                 stub.requests.append({"body": body, "auth": auth})
                 user = body["messages"][1]["content"]
@@ -121,9 +121,9 @@ class StubJudge:
                     text = "Good. Rating: [[8]]"
                 self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
 
-            def _send(self, code, payload, headers=None):
+            def _send(self, code, payload, headers=None, reason=None):
                 data = json.dumps(payload).encode()
-                self.send_response(code)
+                self.send_response(code, reason)
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
@@ -319,7 +319,7 @@ def test_log_records_of_the_network_libraries_are_redacted(judge, monkeypatch):
     for logger in loggers:
         logger.setLevel(logging.DEBUG)
         logger.addHandler(handler)
-    judge.fail_every = 2  # the 500s echo the Authorization header in their body
+    judge.fail_every = 2  # the 500s echo the Authorization header in their body and reason phrase
     try:
         client = JudgeClient(judge.url, "stub", KEY, **FAST_JUDGE)
         for _ in range(3):
