@@ -31,8 +31,9 @@ def closed_port() -> int:
 
 
 def dora_subprocess(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
-    """`python -m dora_cli.cli ARGS` with the hub variables of `env` (HF_HUB_OFFLINE removed unless given)."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    """`python -m dora_cli.cli ARGS` with the hub variables of `env` only (HF_*, and every *_OFFLINE such as
+    TRANSFORMERS_OFFLINE, which another test module's import may have set, removed unless given)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "OFFLINE" not in k}
     full.update(env, PYTHONUNBUFFERED="1")
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "dora_cli.cli", *args], cwd=ROOT, env=full, capture_output=True,
