@@ -118,6 +118,16 @@ def base_times_at(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return F.linear(a.float(), dequantized_weight(layer, torch.float32)).T
 
 
+def natural_dtype(layer: nn.Module) -> torch.dtype | None:
+    """The floating dtype of the layer's weight: as stored (nn.Linear), before quantization (4-bit), None (8-bit)."""
+    kind = base_kind(layer)
+    if kind == "linear":
+        return layer.weight.dtype
+    if kind == "4bit":
+        return layer.weight.quant_state.dtype
+    return None
+
+
 def dense_linear(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
     """A frozen nn.Linear of `layer`'s shape holding `weight` (as `dtype`) and `layer`'s bias."""
     dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device, dtype=dtype)

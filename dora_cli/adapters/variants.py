@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dora_cli.adapters.functional import add_low_rank, widen_linear
+
 
 @dataclass(frozen=True)
 class LayerOptions:
@@ -68,14 +70,32 @@ class Direction:
         raise NotImplementedError
 
     @classmethod
-    def delta(cls, layer, xd: torch.Tensor) -> torch.Tensor:
-        """ΔW · xd without forming ΔW, in xd's dtype."""
+    def project(cls, layer, xd: torch.Tensor) -> torch.Tensor:
+        """u [..., r] with ΔW · xd = scale · u · upᵀ (`up`): the down-projection, in the adapter's dtype."""
         raise NotImplementedError
 
     @classmethod
+    def up(cls, layer) -> tuple[torch.Tensor, float]:
+        """(up [out, r], scale): the up-projection of `project`'s u."""
+        raise NotImplementedError
+
+    @classmethod
+    def delta(cls, layer, xd: torch.Tensor) -> torch.Tensor:
+        """ΔW · xd without forming ΔW, in the adapter's dtype (autocast permitting)."""
+        u = cls.project(layer, xd)
+        up, scale = cls.up(layer)
+        return F.linear(u, up.to(u.dtype)) * scale
+
+    @classmethod
     def add_delta(cls, layer, base: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
-        """base + ΔW · xd."""
-        return base + cls.delta(layer, xd)
+        """base + ΔW · xd, summed in the adapter's dtype and rounded once to base's (PEFT's LoRA forward).
+
+        The add rides in the up-projection's GEMM (addmm); with B = 0 the result is `base` bit for bit.
+        """
+        u = cls.project(layer, xd)
+        up, scale = cls.up(layer)
+        acc = base.to(torch.promote_types(base.dtype, up.dtype))
+        return add_low_rank(acc, u, up, alpha=scale).to(base.dtype)
 
     @classmethod
     def delta_weight(cls, layer) -> torch.Tensor:
@@ -121,18 +141,12 @@ class LowRank(Direction):
         return layer.lora_B, layer.lora_A, layer.scaling
 
     @classmethod
-    def delta(cls, layer, xd):
-        dt = xd.dtype
-        u = F.linear(xd, layer.lora_A.to(dt)) * layer.scaling  # [..., r]
-        return F.linear(u, layer.lora_B.to(dt))
+    def project(cls, layer, xd):
+        return widen_linear(xd, layer.lora_A)
 
     @classmethod
-    def add_delta(cls, layer, base, xd):
-        """The add rides in the second small GEMM (addmm)."""
-        dt = xd.dtype
-        u = F.linear(xd, layer.lora_A.to(dt)) * layer.scaling  # [..., r]
-        out = torch.addmm(base.reshape(-1, base.shape[-1]), u.reshape(-1, u.shape[-1]), layer.lora_B.to(dt).T)
-        return out.view(base.shape)
+    def up(cls, layer):
+        return layer.lora_B, layer.scaling
 
     @classmethod
     def peft_fields(cls, cfg):
@@ -188,11 +202,14 @@ class Vera(Direction):
         return layer.vera_lambda_b[:, None] * b_s * layer.vera_lambda_d[None, :], a_s, 1.0
 
     @classmethod
-    def delta(cls, layer, xd):
-        dt = xd.dtype
-        b_s, a_s = cls._slices(layer)
-        u = F.linear(xd, a_s.to(dt)) * layer.vera_lambda_d.to(dt)
-        return F.linear(u, b_s.to(dt)) * layer.vera_lambda_b.to(dt)
+    def project(cls, layer, xd):
+        _, a_s = cls._slices(layer)
+        return widen_linear(xd, a_s) * layer.vera_lambda_d
+
+    @classmethod
+    def up(cls, layer):
+        b_s, _ = cls._slices(layer)
+        return layer.vera_lambda_b[:, None] * b_s, 1.0
 
     @classmethod
     def peft_fields(cls, cfg):
