@@ -118,7 +118,7 @@ class _Rescale(torch.autograd.Function):
         corr = z0 * (g - 1)
         if u is not None:  # g ⊙ s·u·Bᵀ = u·(diag(g)·s·B)ᵀ
             corr = add_low_rank(corr, u, b * (g * scale)[:, None])
-        y = corr.add_(out).to(base_out.dtype)
+        y = (out + corr).to(base_out.dtype)  # a new tensor: an output that is no view can be modified in place
 
         ctx.autocast = _autocast_state(base_out)
         ctx.scale, ctx.keep_output, ctx.delta_mode = scale, keep_output, w0x is not None

@@ -68,8 +68,8 @@ def untie_adapted_weights(model: nn.Module) -> list[str]:
         base = dict(adapted_modules(model))[name].base_layer
         base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
         notes.append(
-            f"{name}.weight was tied to {', '.join(others)}; merging unties it (the merged model keeps both, "
-            f"+{base.weight.numel():,} parameters) so that {', '.join(others)} keeps its trained value"
+            f"{name}.weight was tied to {', '.join(others)}; merging unties them (+{base.weight.numel():,} parameters, "
+            f"tie_word_embeddings false): the adapter changes {name} only, {', '.join(others)} keeps the base weight"
         )
     config = getattr(model, "config", None)
     if notes and config is not None:

@@ -53,6 +53,8 @@ class Direction:
     peft_type: ClassVar[str]
     tensors: ClassVar[dict[str, str]]
     """PEFT key suffix (after `base_model.model.<module>.`) -> attribute of the adapted layer."""
+    peft_keys: ClassVar[frozenset[str]]
+    """The fields of PEFT's adapter_config.json that `from_peft` reads (any value it accepts is supported)."""
 
     @classmethod
     def init(cls, layer: nn.Module, d_out: int, d_in: int, opts: LayerOptions, params: dict) -> None:
@@ -110,7 +112,10 @@ class Direction:
 
     @classmethod
     def from_peft(cls, raw: dict) -> dict:
-        """AdapterConfig fields from a PEFT adapter_config.json of this direction's peft_type."""
+        """AdapterConfig fields from a PEFT adapter_config.json of this direction's peft_type.
+
+        ValueError("<field>: ...") for a value of one of `peft_keys` that dora_cli does not support.
+        """
         raise NotImplementedError
 
     @classmethod
@@ -124,6 +129,9 @@ class LowRank(Direction):
     name = "lowrank"
     peft_type = "LORA"
     tensors = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
+    peft_keys = frozenset({"r", "target_modules", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights"})
+    plain_inits = (True, False, "gaussian", "eva", "orthogonal", "mica")
+    """PEFT initialisations that leave the base weights as they are (PiSSA, OLoRA, CorDA, LoftQ change them)."""
 
     @classmethod
     def init(cls, layer, d_out, d_in, opts, params):
@@ -157,6 +165,12 @@ class LowRank(Direction):
 
     @classmethod
     def from_peft(cls, raw):
+        init = raw.get("init_lora_weights", True)
+        if not any(init is v or (isinstance(v, str) and init == v) for v in cls.plain_inits):
+            raise ValueError(
+                f"init_lora_weights: {init!r} changes the base weights, which dora_cli does not reproduce "
+                "(convert the adapter to plain LoRA in PEFT first)"
+            )
         return {
             "r": raw["r"], "alpha": raw.get("lora_alpha", 8), "dropout": raw.get("lora_dropout", 0.0),
             "rslora": bool(raw.get("use_rslora")),
@@ -173,6 +187,7 @@ class Vera(Direction):
     name = "vera"
     peft_type = "VERA"
     tensors = {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"}
+    peft_keys = frozenset({"r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout", "d_initial", "init_weights"})
     shared_tensors = {"base_model.vera_A": "A", "base_model.vera_B": "B"}
     """Keys of the model-wide projections (VeraProjections attributes)."""
 
