@@ -7,6 +7,8 @@ such layers needs it.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,14 +72,20 @@ def base_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def dequantized_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight the forward pass actually uses, as a dense [out, in] tensor (a copy for quantized layers)."""
+    """The weight the forward pass multiplies by, as a dense [out, in] tensor (a copy for quantized layers).
+
+    Quantized weights are dequantized exactly, in fp32 (a 4-bit layer's own matmul does the same for an
+    fp32 input; for a 16-bit input it rounds these values to its compute dtype).
+    """
     kind = base_kind(layer)
     if kind == "linear":
         w = layer.weight.detach()
     elif kind == "4bit":
         import bitsandbytes.functional as bnbF
 
-        w = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        state = copy.copy(layer.weight.quant_state)
+        state.dtype = torch.float32  # not the dtype the weight was quantized from: no rounding
+        w = bnbF.dequantize_4bit(layer.weight.data, state)
     elif kind == "8bit":
         import bitsandbytes.functional as bnbF
 

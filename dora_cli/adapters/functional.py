@@ -55,6 +55,11 @@ def _autocast(state: tuple[str, bool, torch.dtype]):
     return torch.autocast(device, dtype=dtype, enabled=enabled) if enabled else contextlib.nullcontext()
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or as it is if it is wider (a float64 model stays float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., k] -> [tokens, k]."""
     return t.reshape(-1, t.shape[-1])
@@ -102,17 +107,17 @@ def add_low_rank(acc: torch.Tensor, u: torch.Tensor, up: torch.Tensor, alpha: fl
 # ---- the magnitude -----------------------------------------------------------------------------------------
 def _column_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Σ_t a ⊙ b over tokens, [out], the products formed in fp32."""
-    return (_rows(a).float() * _rows(b).float()).sum(dim=0)
+    return (_wide(_rows(a)) * _wide(_rows(b))).sum(dim=0)
 
 
 class _Rescale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out, w0x, u, b, g, bias, scale: float, keep_output: bool):
-        out = base_out.float()
+        out = _wide(base_out)
         if w0x is not None:
-            z0 = w0x.float()
+            z0 = _wide(w0x)
         elif bias is not None:
-            z0 = out - bias.float()
+            z0 = out - _wide(bias)
         else:
             z0 = out
         corr = z0 * (g - 1)
@@ -131,7 +136,7 @@ class _Rescale(torch.autograd.Function):
         kept, u, b, g, bias = ctx.saved_tensors
         need_base, need_w0x, need_u, need_b, need_g, need_bias = ctx.needs_input_grad[:6]
         s = ctx.scale
-        gy = grad_y.float()
+        gy = _wide(grad_y)
         gy_g = gy * g
         grad_base = grad_w0x = grad_u = grad_b = grad_g = grad_bias = None
         if need_base:
@@ -144,7 +149,7 @@ class _Rescale(torch.autograd.Function):
         gy_u = None  # grad_yᵀ·u [out, r], fp32
         if u is not None and (need_b or (need_g and not ctx.keep_output)):
             with _autocast(ctx.autocast):
-                gy_u = (_rows(gy).T.to(u.dtype) @ _rows(u)).float()
+                gy_u = _wide(_rows(gy).T.to(u.dtype) @ _rows(u))
         if need_u:
             with _autocast(ctx.autocast):
                 grad_u = (gy_g.to(u.dtype) @ (b * s).to(u.dtype)).to(u.dtype)
@@ -154,10 +159,10 @@ class _Rescale(torch.autograd.Function):
             if ctx.keep_output:  # z = y / g (no bias; every |g| >= G_MIN)
                 grad_g = _column_dot(gy, kept) / g
             else:
-                z0 = kept.float() if ctx.delta_mode or bias is None else kept.float() - bias.float()
+                z0 = _wide(kept) if ctx.delta_mode or bias is None else _wide(kept) - _wide(bias)
                 grad_g = _column_dot(gy, z0)
                 if gy_u is not None:
-                    grad_g = grad_g + s * (b.float() * gy_u).sum(dim=1)
+                    grad_g = grad_g + s * (_wide(b) * gy_u).sum(dim=1)
         return grad_base, grad_w0x, grad_u, grad_b, grad_g, grad_bias, None, None
 
 

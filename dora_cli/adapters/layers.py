@@ -56,6 +56,10 @@ from dora_cli.adapters.variants import METHODS, LayerOptions, Magnitude, VeraPro
 class AdaptedLinear(nn.Module):
     """A frozen linear layer (`base_layer`) with one adapter: a method of variants.METHODS (its `kind`)."""
 
+    recover_z_from_output = True
+    """Whether a bias-free layer may keep its output for the magnitude gradient (see the module); False keeps
+    the base output always: exact for every g in every dtype, at the cost of one [tokens, out] tensor."""
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -132,7 +136,9 @@ class AdaptedLinear(nn.Module):
 
     def _output_recovers_z(self, g: torch.Tensor) -> bool:
         """May the backward recover z = y / g from the output? (bias-free, every |g| >= G_MIN; see the module)"""
-        if self.base_layer.bias is not None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not self.recover_z_from_output or self.base_layer.bias is not None or not torch.is_grad_enabled():
+            return False
+        if torch.compiler.is_compiling():
             return False
         versions = tuple(p._version for p in self.parameters(recurse=False))
         if not self._g_checked or self._g_checked[0] != versions:

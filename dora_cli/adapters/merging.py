@@ -143,13 +143,14 @@ def _forget_quantization(model: nn.Module) -> None:
 
 # ---- merged state dicts --------------------------------------------------------------------------------------
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The state dict of the plain base architecture with every adapter folded in (the model is left as it is).
 
     Loads with `load_state_dict(strict=True)` into a plain model of the base architecture: adapted
     layers give `<name>.weight` / `.bias`, quantized layers (adapted or not) their dequantized weight
-    in the model's dtype and no quantization state. A shared (tied) adapted weight is written untied,
-    with a warning: load it into a model built with tied weights off.
+    in the model's dtype and no quantization state. `dtype`: every floating tensor in this dtype instead.
+    A shared (tied) adapted weight is written untied, with a warning: load it into a model built with
+    tied weights off.
     """
     for name, others in shared_weights(model).items():
         warnings.warn(
@@ -158,7 +159,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             UntiedWeightsWarning,
             stacklevel=2,
         )
-    dtype = model_dtype(model)
+    default = dtype or model_dtype(model)
     owners: dict[str, nn.Module] = dict(adapted_modules(model))
     owners.update(
         (name, m) for name, m in model.named_modules()
@@ -168,14 +169,14 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, value in model.state_dict().items():
         owner = next((n for n in owners if key.startswith(n + ".")), None)
         if owner is None:
-            sd[key] = value
+            sd[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
             continue
         module, rest = owners[owner], key[len(owner) + 1 :]
         base = module.base_layer if isinstance(module, AdaptedLinear) else module
         prefix = "base_layer." if isinstance(module, AdaptedLinear) else ""
-        out_dtype = _layer_dtype(base, dtype)
+        out_dtype = dtype or _layer_dtype(base, default)
         if rest == prefix + "weight":
-            w = module.merged_weight() if isinstance(module, AdaptedLinear) else dequantized_weight(module)
+            w = module.merged_weight() if isinstance(module, AdaptedLinear) else dequantized_weight(module, torch.float32)
             sd[f"{owner}.weight"] = w.to(out_dtype)
         elif rest == prefix + "bias":
             sd[f"{owner}.bias"] = value.to(out_dtype)
