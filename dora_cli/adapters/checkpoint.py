@@ -1,4 +1,4 @@
-"""Save and load adapters in the PEFT layout; merge, unmerge and unwrap.
+"""Save and load adapters in the PEFT layout; refuse, by name, PEFT features dora_cli does not implement.
 
 Layout: `adapter_config.json` + `adapter_model.safetensors` with PEFT's key names:
 
