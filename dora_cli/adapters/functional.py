@@ -12,8 +12,9 @@ output as a correction that is exactly zero at initialisation (PEFT's formulatio
 
 with g = m / n [out], u = A·drop(x) [.., r], B [out, r]. The base layer adds its bias inside its own
 GEMM (in its compute dtype, for nn.Linear and bitsandbytes alike), so at step 0 (g = 1 exactly, B = 0)
-y is the base layer's output bit for bit. The correction is formed in fp32 and added to the base
-output once, then rounded to the activation dtype.
+y is the base layer's output bit for bit. Everything is summed in fp32 (the fast form as
+g ⊙ base_out + (1 − g) ⊙ bias + ..., one pass less, as exact at g = 1) and rounded once to the
+activation dtype.
 
 The backward needs z = w0x + s·u·Bᵀ per token for the magnitude gradient Σ_t grad_y ⊙ z. It keeps one
 [tokens, out] tensor, chosen by the caller (`keep_output`):
@@ -93,15 +94,21 @@ def widen_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the up-projection ------------------------------------------------------------------------------------
-def add_low_rank(acc: torch.Tensor, u: torch.Tensor, up: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def add_low_rank(acc: torch.Tensor, u: torch.Tensor, up: torch.Tensor, alpha: float = 1.0, *, inplace: bool = False):
     """acc + alpha · u·upᵀ ([..., out]) in acc's dtype: one fused addmm, or under autocast a GEMM in
-    autocast's dtype whose result is added in acc's dtype (autocast would round acc and the sum too)."""
+    autocast's dtype whose result is added in acc's dtype (autocast would round acc and the sum too).
+
+    inplace: into `acc` (a contiguous temporary of the caller), which is returned.
+    """
     acc2d, u2d = _rows(acc), _rows(u)
     if torch.is_autocast_enabled(acc.device.type):
-        out = torch.add(acc2d, F.linear(u2d, up), alpha=alpha)
+        delta = F.linear(u2d, up)
+        out = acc2d.add_(delta, alpha=alpha) if inplace else torch.add(acc2d, delta, alpha=alpha)
+    elif inplace:
+        out = acc2d.addmm_(u2d.to(acc.dtype), up.T.to(acc.dtype), alpha=alpha)
     else:
         out = torch.addmm(acc2d, u2d.to(acc.dtype), up.T.to(acc.dtype), alpha=alpha)
-    return out.view(acc.shape)
+    return acc if inplace else out.view(acc.shape)
 
 
 # ---- the magnitude -----------------------------------------------------------------------------------------
@@ -114,16 +121,18 @@ class _Rescale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out, w0x, u, b, g, bias, scale: float, keep_output: bool):
         out = _wide(base_out)
-        if w0x is not None:
-            z0 = _wide(w0x)
-        elif bias is not None:
-            z0 = out - _wide(bias)
-        else:
-            z0 = out
-        corr = z0 * (g - 1)
+        if w0x is not None:  # delta mode: out + (g − 1)·w0x + ...
+            acc = _wide(w0x) * (g - 1)
+        else:  # out + (g − 1)·(out − bias) + ... = g·out + (1 − g)·bias + ...: one pass less
+            acc = out * g
+            if bias is not None:
+                acc += _wide(bias) * (1 - g)
+        acc = acc.contiguous()  # our own temporary, returned as the output: no view
         if u is not None:  # g ⊙ s·u·Bᵀ = u·(diag(g)·s·B)ᵀ
-            corr = add_low_rank(corr, u, b * (g * scale)[:, None])
-        y = (out + corr).to(base_out.dtype)  # a new tensor: an output that is no view can be modified in place
+            add_low_rank(acc, u, b * (g * scale)[:, None], inplace=True)
+        if w0x is not None:
+            acc += out
+        y = acc.to(base_out.dtype)
 
         ctx.autocast = _autocast_state(base_out)
         ctx.scale, ctx.keep_output, ctx.delta_mode = scale, keep_output, w0x is not None
