@@ -75,8 +75,10 @@ def base_model(arch: str, dtype: torch.dtype, base: str = "plain", compute_dtype
 
 
 def adapter_config(method: str) -> AdapterConfig:
+    """The config of `method` on TARGETS; magnitude-only on all of them (the engine takes that, the recipe
+    schema wants a direction target: hence model_construct)."""
     if method == "magnitude":
-        return AdapterConfig(method="dora", target_modules=[], magnitude_only_modules=TARGETS)
+        return AdapterConfig.model_construct(method="dora", target_modules=[], magnitude_only_modules=TARGETS)
     return AdapterConfig(method=method, r=16 if method in ("vera", "dvora") else 4, alpha=8, target_modules=TARGETS)
 
 

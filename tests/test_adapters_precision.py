@@ -62,7 +62,7 @@ class One(nn.Module):
 
 def config(method: str) -> AdapterConfig:
     if method == "magnitude":
-        return AdapterConfig(method="dora", target_modules=[], magnitude_only_modules=["proj"])
+        return AdapterConfig.model_construct(method="dora", target_modules=[], magnitude_only_modules=["proj"])
     r = 16 if method in ("vera", "dvora") else 4
     return AdapterConfig(method=method, r=r, alpha=2 * r, target_modules=["proj"])
 

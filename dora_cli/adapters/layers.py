@@ -48,7 +48,7 @@ from dora_cli.adapters.base_ops import (
     prepare_base,
     weight_row_norm_sq,
 )
-from dora_cli.adapters.functional import G_MIN, rescale
+from dora_cli.adapters.functional import G_MIN, rescale, widen_linear
 from dora_cli.adapters.norm import EPS, factored_row_norm
 from dora_cli.adapters.variants import METHODS, LayerOptions, Magnitude, VeraProjections
 
@@ -157,8 +157,8 @@ class AdaptedLinear(nn.Module):
         u = b = None
         scale = 1.0
         if self.direction:
-            u = self.direction.project(self, xd)
-            b, scale = self.direction.up(self)
+            b, a, scale = self.factors()
+            u = widen_linear(xd, a)  # ΔW·xd = scale · u·Bᵀ, left to the rescale
         if self.dropout_mode == "delta" and self.training and isinstance(self.dropout, nn.Dropout):
             w0x = base_matmul(self.base_layer, xd)
             return rescale(base_out, g, w0x=w0x, u=u, b=b, scale=scale)

@@ -8,7 +8,7 @@
     magnitude   —           on          0, rows scaled to m                  (ours: DORA_CLI)
 
 A direction class owns everything about its update: the parameters it registers on an adapted layer,
-`factors()` (ΔW = scale·B·A, for the factored norm and merging), the forward contribution ΔW·x, the
+`factors()` (ΔW = scale·B·A: the forward x·Aᵀ·Bᵀ, the factored norm and merging all follow from it), the
 PEFT tensor names and shapes, its fragment of `adapter_config.json` and how to read PEFT's back. The
 magnitude (`Magnitude`) owns m and the cached ‖W0‖². `AdaptedLinear` (layers.py), checkpoint I/O,
 merge checks, the sweep and the analysis ask a `Method` and never branch on a method's name.
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dora_cli.adapters.functional import add_low_rank, widen_linear
@@ -47,7 +46,8 @@ class LayerOptions:
 # Directions
 # ==================================================================================================
 class Direction:
-    """A kind of directional update ΔW = scale · B · A. Subclasses fill in every method."""
+    """A kind of directional update ΔW = scale · B · A. Subclasses fill in init, shapes, factors and the
+    PEFT translation; the forward (x·Aᵀ, then ·Bᵀ) and the merge follow from `factors`."""
 
     name: ClassVar[str]
     peft_type: ClassVar[str]
@@ -72,32 +72,13 @@ class Direction:
         raise NotImplementedError
 
     @classmethod
-    def project(cls, layer, xd: torch.Tensor) -> torch.Tensor:
-        """u [..., r] with ΔW · xd = scale · u · upᵀ (`up`): the down-projection, in the adapter's dtype."""
-        raise NotImplementedError
-
-    @classmethod
-    def up(cls, layer) -> tuple[torch.Tensor, float]:
-        """(up [out, r], scale): the up-projection of `project`'s u."""
-        raise NotImplementedError
-
-    @classmethod
-    def delta(cls, layer, xd: torch.Tensor) -> torch.Tensor:
-        """ΔW · xd without forming ΔW, in the adapter's dtype (autocast permitting)."""
-        u = cls.project(layer, xd)
-        up, scale = cls.up(layer)
-        return F.linear(u, up.to(u.dtype)) * scale
-
-    @classmethod
     def add_delta(cls, layer, base: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
-        """base + ΔW · xd, summed in the adapter's dtype and rounded once to base's (PEFT's LoRA forward).
-
-        The add rides in the up-projection's GEMM (addmm); with B = 0 the result is `base` bit for bit.
-        """
-        u = cls.project(layer, xd)
-        up, scale = cls.up(layer)
-        acc = base.to(torch.promote_types(base.dtype, up.dtype))
-        return add_low_rank(acc, u, up, alpha=scale).to(base.dtype)
+        """base + ΔW · xd without forming ΔW: scale · (xd·Aᵀ)·Bᵀ in the adapter's dtype (functional.py),
+        summed with base in fp32 and rounded once to base's dtype (PEFT's LoRA forward). The add rides in
+        the up-projection's GEMM (addmm); with B = 0 the result is `base` bit for bit."""
+        b, a, scale = cls.factors(layer)
+        acc = base.to(torch.promote_types(base.dtype, b.dtype))
+        return add_low_rank(acc, widen_linear(xd, a), b, alpha=scale).to(base.dtype)
 
     @classmethod
     def delta_weight(cls, layer) -> torch.Tensor:
@@ -147,14 +128,6 @@ class LowRank(Direction):
     @classmethod
     def factors(cls, layer):
         return layer.lora_B, layer.lora_A, layer.scaling
-
-    @classmethod
-    def project(cls, layer, xd):
-        return widen_linear(xd, layer.lora_A)
-
-    @classmethod
-    def up(cls, layer):
-        return layer.lora_B, layer.scaling
 
     @classmethod
     def peft_fields(cls, cfg):
@@ -215,16 +188,6 @@ class Vera(Direction):
     def factors(cls, layer):
         b_s, a_s = cls._slices(layer)
         return layer.vera_lambda_b[:, None] * b_s * layer.vera_lambda_d[None, :], a_s, 1.0
-
-    @classmethod
-    def project(cls, layer, xd):
-        _, a_s = cls._slices(layer)
-        return widen_linear(xd, a_s) * layer.vera_lambda_d
-
-    @classmethod
-    def up(cls, layer):
-        b_s, _ = cls._slices(layer)
-        return layer.vera_lambda_b[:, None] * b_s, 1.0
 
     @classmethod
     def peft_fields(cls, cfg):
