@@ -4,7 +4,7 @@ Matrix: model dtype (fp32, bf16, fp16) x mode (plain, autocast bf16 / fp16 over 
 loss scaling) x base (nn.Linear, nf4, fp4, int8) x bias x method (lora, dora, vera, dvora, magnitude-only).
 The inputs x and the upstream gradient are fixed 16- or 32-bit tensors; the reference is the textbook
 function of those very numbers in float64 (adapter_cases.RefLinear), so the only errors measured are the
-layer's own arithmetic. Errors are ‖got − exact‖ / ‖exact‖, summed over three seeds.
+layer's own arithmetic. Errors are ‖got − exact‖ / ‖exact‖, averaged over three seeds.
 
 What is asserted, for the output and every gradient (the adapter's tensors and x):
 - finite;
