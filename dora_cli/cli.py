@@ -1,28 +1,43 @@
 """The `dora` command. Parses arguments and calls one run_* function per command: no logic here.
 
-Each command module is imported inside its command so that `dora --help` stays fast.
+Each command module is imported inside its command so that `dora --help` stays fast. A usage error
+(missing argument, unknown option, a value of the wrong type) is one `error:` line like every other
+refused input, not Click's boxed panel; `--help` is Typer's.
 """
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from dora_cli.errors import run_main
+from dora_cli.errors import UserError, note_user_paths, run_main
 
 app = typer.Typer(
     name="dora",
-    help="DoRA fine-tuning from YAML recipes: train, eval, merge, sweep-rank, analyze.",
+    help="DoRA fine-tuning from YAML recipes: train, eval, generate, chat, merge, sweep-rank, analyze.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from dora_cli import version_line
+
+        print(version_line())
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                          help="Print the versions of dora_cli, torch and transformers, then exit.")] = False,
+) -> None:
     """DoRA fine-tuning from YAML recipes."""
 
 
@@ -36,7 +51,7 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the trainable share, then exit.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run of a different recipe in output_dir.")] = False,
-    nproc: Annotated[Optional[int], typer.Option("--nproc", help="Processes (overrides launch.num_processes).")] = None,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Processes (overrides launch.num_processes).")] = None,
 ) -> None:
     """Train a causal LM from a recipe (LoRA, DoRA, VeRA, DVoRA, full; 4-bit or not)."""
     from dora_cli.train import run_train
@@ -68,6 +83,8 @@ def eval_(
     """Score a model: the paper's commonsense suite (8 tasks), MT-Bench (answers + judge) or math exact match.
 
     Flags are shorthands for dotted overrides of the recipe's eval section (eval.tasks, eval.mode, ...).
+
+    Example: dora eval runs/x/final eval.mode=loglik eval.limit=100
     """
     from dora_cli.evaluate import run_eval
 
@@ -80,6 +97,45 @@ def eval_(
     if tasks:
         extra.append(f"eval.tasks=[{','.join(_csv(tasks) or [])}]")
     run_eval(target, [*extra, *(overrides or [])], base=base, out=out, overwrite=overwrite)
+
+
+Target = Annotated[str, typer.Argument(help="A checkpoint (ours or PEFT's), a merged model dir, a model dir, a .gguf file or a hub id.")]
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", min=1, max=2**31 - 1, help="New tokens per answer at most.")]
+Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy (the default); above 0: sampling.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the sampling (the whole session).")]
+Template = Annotated[Optional[str], typer.Option("--template", help="llm_adapters, alpaca or chat (default: the recipe's; without one, chat when the tokenizer has a chat template).")]
+Base = Annotated[Optional[str], typer.Option("--base", help="Base model of an adapter (default: from its recipe or config).")]
+
+
+@app.command()
+def generate(
+    target: Target,
+    prompt: Annotated[str, typer.Argument(help="The instruction (user message) to answer.")],
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Temperature = 0.0,
+    seed: Seed = 0,
+    template: Template = None,
+    base: Base = None,
+) -> None:
+    """Answer one prompt, asked through the template the model was trained with."""
+    from dora_cli.generate import Sampling, run_generate
+
+    run_generate(target, prompt, Sampling(max_new_tokens, temperature, seed), template=template, base=base)
+
+
+@app.command()
+def chat(
+    target: Target,
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Temperature = 0.0,
+    seed: Seed = 0,
+    template: Template = None,
+    base: Base = None,
+) -> None:
+    """Talk with a model: one user turn per line of stdin, the conversation kept; /exit or end of input ends it."""
+    from dora_cli.generate import Sampling, run_chat
+
+    run_chat(target, Sampling(max_new_tokens, temperature, seed), template=template, base=base)
 
 
 @app.command()
@@ -133,7 +189,63 @@ def analyze(
 
 
 def main() -> None:
-    run_main(app)
+    note_user_paths(*_path_arguments(sys.argv[1:]))
+    run_main(lambda: sys.exit(_invoke()))
+
+
+def _path_arguments(argv: list[str]) -> list[str]:
+    """The words of the command line that may name files: arguments and option values, not overrides."""
+    paths = []
+    for word in argv:
+        if word.startswith("--") and "=" in word:
+            paths.append(word.partition("=")[2])
+        elif not word.startswith("-") and "=" not in word:
+            paths.append(word)
+    return paths
+
+
+def _invoke() -> int:
+    """Run the Typer app; its exit status. A usage error becomes a UserError (one line, status 2)."""
+    click = _click_exceptions()
+    try:
+        result = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as err:  # `dora` alone: Typer has printed the help
+        return err.exit_code
+    except click.ClickException as err:
+        raise UserError(usage_message(err)) from None
+    return result if isinstance(result, int) else 0
+
+
+def _click_exceptions():
+    """Click's exception classes: Typer >= 0.22 carries its own copy of Click, older Typer uses Click."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def _subcommands(ctx) -> list[str]:
+    """The command names below the root, innermost first (the root is `dora`, however it was started)."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return names
+
+
+def usage_message(err) -> str:
+    """Click's usage error as `<command>: <what is wrong> (did you mean ...) (see <command> --help)`."""
+    ctx = getattr(err, "ctx", None)
+    command = " ".join(["dora", *reversed(_subcommands(ctx))])
+    if isinstance(err, _click_exceptions().NoSuchOption):
+        hint = f' (did you mean "{err.possibilities[0]}"?)' if err.possibilities else ""
+        text = f"unknown option {err.option_name}{hint}"
+    else:
+        text = " ".join(err.format_message().split()).rstrip(".")
+        text = text[:1].lower() + text[1:]
+        text = re.sub(r"\.? ?Did you mean '([^']*)'\?", r' (did you mean "\1"?)', text)
+    return f"{command}: {text} (see {command} --help)"
 
 
 if __name__ == "__main__":

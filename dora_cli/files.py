@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from dora_cli.errors import UserError
+from dora_cli.errors import UserError, problem_of, reading
 
 TMP_PREFIX = ".tmp-"
 
@@ -184,10 +184,8 @@ def looks_local(name: str, suffixes: tuple[str, ...] = ()) -> bool:
 def read_json_object(path: str | Path) -> dict:
     """A JSON file holding an object; anything else (unreadable, not JSON, not an object) is a UserError."""
     path = Path(path)
-    try:
+    with reading(path):
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise UserError(f"{path}: not valid JSON ({str(err).splitlines()[0][:200]})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a JSON object")
     return raw
@@ -238,18 +236,20 @@ def read_jsonl_resumable(path: str | Path, *, repair: bool = True) -> list[dict]
 
 
 def read_jsonl(path: str | Path, what: str) -> list[dict]:
-    """A JSON-lines input file; a missing file or a bad line is a UserError naming it."""
+    """A JSON-lines input file; a missing file, an unreadable one or a bad line is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what}: {path} does not exist")
+    with reading(path):
+        lines = path.read_text(encoding="utf-8").splitlines()
     records = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except ValueError as err:
-            raise UserError(f"line {i + 1}: not JSON ({err})", where=str(path)) from None
+        except (ValueError, RecursionError) as err:
+            raise UserError(f"line {i + 1}: not JSON ({problem_of(err)})", where=str(path)) from None
         if not isinstance(rec, dict):
             raise UserError(f"line {i + 1}: expected a JSON object", where=str(path))
         records.append(rec)

@@ -192,14 +192,15 @@ def strategy_here(recipe: Recipe) -> tuple[str, bool]:
     return chosen, True
 
 
-def make_accelerator(recipe: Recipe):
-    """The Accelerator of this process, set up for the recipe's strategy (or the launcher's config)."""
+def make_accelerator(recipe: Recipe, **options):
+    """The Accelerator of this process, set up for the recipe's strategy (or the launcher's config);
+    `options`: further Accelerator arguments (the trackers')."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     strategy, from_file = strategy_here(recipe)
     cuda = torch.cuda.is_available()
-    kwargs: dict = {"mixed_precision": recipe.train.mixed_precision}
+    kwargs: dict = {"mixed_precision": recipe.train.mixed_precision, **options}
     plugin = None
     if strategy == "deepspeed":
         plugin = deepspeed_plugin(recipe, from_file)

@@ -7,7 +7,7 @@
   `$DORA_CACHE/gguf/<stem>-<key>/` (default `~/.cache/dora_cli`), where `<key>` hashes the file's
   absolute path, size and mtime; later loads read the cached directory;
 - a Hugging Face Hub id (`owner/name`), loaded with `from_pretrained` (needs the network or the
-  local hub cache);
+  local hub cache; `hub.py` decides which: HF_HUB_OFFLINE honoured, an unreachable hub found in seconds);
 - null, with `model.config` giving the architecture of a tiny random model (`model_type: llama`,
   `hidden_size: 64`, ...; `seed:` seeds the initialisation) and `model.tokenizer` its tokenizer.
 
@@ -34,11 +34,12 @@ from typing import Any, Literal
 
 import torch
 
+from dora_cli import hub
 from dora_cli.adapters.base_ops import prepare_base
 from dora_cli.console import say
-from dora_cli.errors import UserError, did_you_mean
+from dora_cli.errors import UserError, clip, did_you_mean, note_user_paths
 from dora_cli.files import atomic_directory, looks_local
-from dora_cli.recipe import ModelConfig, QuantizationConfig
+from dora_cli.recipe import INT32_MAX, SEED_MAX, ModelConfig, QuantizationConfig
 
 CACHE_ENV = "DORA_CACHE"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -165,30 +166,71 @@ def cached_gguf_dir(gguf_path: str | os.PathLike) -> Path:
     out = gguf_cache_dir(gguf_path)
     if (out / "config.json").is_file():
         return out
+    check_gguf_header(gguf_path)
+    note_user_paths(cache_root())  # a cache the user cannot write to is theirs to fix
     out.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(out.with_name(out.name + ".lock")):
         if not (out / "config.json").is_file():
             say(f"converting {gguf_path} to a Hugging Face directory (once) at {out}")
-            convert_gguf(gguf_path, out)
+            with loading(f"{gguf_path}: the .gguf file cannot be converted", where="model.name_or_path"):
+                convert_gguf(gguf_path, out)
             meta = {"gguf": str(Path(gguf_path).resolve()), "size": Path(gguf_path).stat().st_size,
                     "mtime_ns": Path(gguf_path).stat().st_mtime_ns}
             (out / "dora_source.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+
+
+def check_gguf_header(gguf_path: str | os.PathLike) -> None:
+    """Refuse a file that does not start like a GGUF file, before converting (and before saying so).
+
+    The header is the magic bytes, the version (2 or 3), then the tensor and metadata counts, which must
+    fit the file (a tensor's description takes at least 32 bytes, a metadata entry 13).
+    """
+    where = "model.name_or_path"
+    with open(gguf_path, "rb") as fh:
+        head = fh.read(24)
+        size = os.fstat(fh.fileno()).st_size
+    if head[:4] != GGUF_MAGIC:
+        raise UserError(f"{gguf_path}: not a GGUF file (it does not start with the bytes GGUF)", where=where)
+    version = int.from_bytes(head[4:8], "little") if len(head) >= 8 else None
+    if version not in GGUF_VERSIONS:
+        raise UserError(f"{gguf_path}: GGUF version {version}; versions 2 and 3 can be read", where=where)
+    tensors, entries = int.from_bytes(head[8:16], "little"), int.from_bytes(head[16:24], "little")
+    if len(head) < 24 or 24 + 32 * tensors + 13 * entries > size:
+        raise UserError(f"{gguf_path}: damaged GGUF header ({tensors} tensors and {entries} metadata entries "
+                        f"announced in {size} bytes)", where=where)
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path):
+    """An exclusive lock file, removed when released.
+
+    Removing it is safe because a waiter re-checks, once it holds the lock, that the path still names
+    the file it locked (else the holder has removed it and the waiter starts over on a new file)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock, the atomic rename still keeps the cache consistent
         yield
         return
-    with open(path, "a") as fh:
+    while True:
+        fh = open(path, "a")
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            if os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        fh.close()  # closing releases the lock
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,26 +264,50 @@ def _load_tokenizer_from(source: ModelSource, name: str, *, where: str, trust_re
     from transformers import AutoTokenizer
 
     if source.kind == "gguf":
-        return AutoTokenizer.from_pretrained(str(cached_gguf_dir(source.location)))
+        location = str(cached_gguf_dir(source.location))
+        with loading(f"{location}: the tokenizer converted from the .gguf file cannot be loaded", where=where):
+            return AutoTokenizer.from_pretrained(location)
     if source.kind == "dir":
         if not any((Path(source.location) / f).is_file() for f in _TOKENIZER_FILES):
             raise UserError(f"{name!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})", where=where)
-        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
-    with _hub_errors(name, where):
-        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+        with loading(f"{source.location}: the tokenizer files cannot be loaded", where=where):
+            return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+    access = hub.access()
+    with hub.loading(name, where, access):
+        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code,
+                                             **access.from_pretrained_kwargs())
+
+
+def _loader_errors() -> tuple[type[BaseException], ...]:
+    """What loading a model, tokenizer or config from the user's files raises when the files are bad.
+
+    OSError (unreadable, transformers' "not a valid JSON file"), ValueError (decode errors, gguf),
+    KeyError / IndexError / TypeError / AttributeError (a JSON file of the wrong shape: the library looks
+    up what is not there), RecursionError (JSON nested too deeply), EOFError, RuntimeError (weights whose
+    shapes disagree with config.json), safetensors' SafetensorError and huggingface_hub's strict config
+    validation. The tokenizers library raises a bare `Exception`, matched by exact type in `loading`.
+    """
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError, EOFError,
+            RuntimeError, SafetensorError, *_config_validation_errors())
 
 
 @contextlib.contextmanager
-def _hub_errors(name: str, where: str):
-    """Turn "hub unreachable / repository not found" (OSError from from_pretrained) into one line."""
+def loading(what: str, *, where: str):
+    """Turn a loader's failure on the user's files into one line, `<where>: <what> (<the error>)`, where
+    `what` names the files ("DIR: the tokenizer files cannot be loaded"); a UserError passes through.
+
+    Only the library call that opens the user's files goes inside: a bug of ours elsewhere keeps its traceback.
+    """
     try:
         yield
-    except OSError as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(
-            f"{name!r} is not a local path and could not be loaded from the Hugging Face Hub: {reason}",
-            where=where,
-        ) from e
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - narrowed just below
+        if not (isinstance(err, _loader_errors()) or type(err) is Exception):
+            raise
+        raise UserError(f"{what} ({type(err).__name__}: {clip(str(err), 160)})", where=where) from err
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -255,23 +321,30 @@ def load_model(cfg: ModelConfig, *, for_training: bool = True, padding_side: Pad
     otherwise eval mode with every parameter frozen. The tokenizer pads on the right for training and
     on the left for generation unless `padding_side` says otherwise.
     """
-    if cfg.trust_remote_code:
-        say(f"model.trust_remote_code is on: the model's own Python code from {cfg.name_or_path or cfg.tokenizer} will run")
     source = resolve_source(cfg.name_or_path)
     if source.kind == "dir" and not (Path(source.location) / "config.json").is_file():
         raise UserError(f"{cfg.name_or_path!r} is a directory without config.json", where="model.name_or_path")
+    if cfg.trust_remote_code:
+        say(f"model.trust_remote_code is on: the model's own Python code from {cfg.name_or_path or cfg.tokenizer} will run")
     tokenizer = load_tokenizer(cfg, padding_side=padding_side or ("right" if for_training else "left"))
     dtype = getattr(torch, cfg.dtype)
     quant = bnb_config(cfg.quantization)
 
     if source.kind == "random":
         config, seed = build_config(cfg.config, tokenizer=tokenizer)
-        model = _random_model(config, seed=seed, dtype=dtype, quant=quant)
+        check_fits_memory(config, dtype)
+        with loading("a model of this architecture cannot be built", where="model.config"):
+            model = _random_model(config, seed=seed, dtype=dtype, quant=quant)
     else:
         location = str(cached_gguf_dir(source.location)) if source.kind == "gguf" else source.location
-        hub = _hub_errors(cfg.name_or_path, "model.name_or_path") if source.kind == "hub" else contextlib.nullcontext()
-        with hub:
-            model = _from_pretrained(location, dtype=dtype, quant=quant, trust_remote_code=cfg.trust_remote_code)
+        access = hub.access() if source.kind == "hub" else None
+        with _source_errors(source, cfg, f"{location}: config.json cannot be loaded", access):
+            config = _pretrained_config(location, trust_remote_code=cfg.trust_remote_code,
+                                        **(access.from_pretrained_kwargs() if access else {}))
+        check_vocabulary(tokenizer, config, cfg)
+        with _source_errors(source, cfg, f"{location}: the model weights cannot be loaded", access):
+            model = _from_pretrained(location, dtype=dtype, quant=quant, trust_remote_code=cfg.trust_remote_code,
+                                     config=config, **(access.from_pretrained_kwargs(model=True) if access else {}))
         if source.kind == "gguf":
             model.config._name_or_path = source.location
 
@@ -309,13 +382,57 @@ def bnb_config(q: QuantizationConfig):
     )
 
 
-def _from_pretrained(location: str, *, dtype: torch.dtype, quant, trust_remote_code: bool):
+def _from_pretrained(location: str, *, dtype: torch.dtype, quant, trust_remote_code: bool, config=None, **extra):
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    if config is not None:
+        kwargs["config"] = config
     return AutoModelForCausalLM.from_pretrained(location, **kwargs)
+
+
+def _source_errors(source: ModelSource, cfg: ModelConfig, what: str, access: hub.Access | None):
+    """The error wrapper of a model source: the hub's (unreachable, not found) or the local files' (`loading`)."""
+    if source.kind == "hub":
+        return hub.loading(cfg.name_or_path, "model.name_or_path", access)
+    return loading(what, where="model.name_or_path")
+
+
+def _pretrained_config(location: str, *, trust_remote_code: bool, **extra):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
+
+
+def check_vocabulary(tokenizer, config, cfg: ModelConfig) -> None:
+    """Refuse a tokenizer with more tokens than the model has embedding rows (its high ids cannot be embedded)."""
+    rows = getattr(config, "vocab_size", None)
+    if not isinstance(rows, int) or len(tokenizer) <= rows:
+        return
+    where = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    raise UserError(
+        f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows (vocab_size in "
+        f"config.json): token ids from {rows} up cannot be embedded; use the tokenizer the model was trained with",
+        where=where,
+    )
+
+
+def check_fits_memory(config, dtype: torch.dtype) -> None:
+    """Refuse a random model whose parameters alone exceed this machine's memory (counted on the meta device)."""
+    with loading("a model of this architecture cannot be built", where="model.config"):
+        params = sum(p.numel() for p in build_meta_model(config).parameters())
+    need = params * torch.finfo(dtype).bits // 8
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: let the allocator decide
+        return
+    if need > have:
+        raise UserError(
+            f"this architecture has {params:,} parameters ({need / 2**30:.1f} GiB in {dtype}), more than the "
+            f"{have / 2**30:.1f} GiB of memory of this machine", where="model.config",
+        )
 
 
 def _random_model(config, *, seed: int, dtype: torch.dtype, quant):
@@ -373,8 +490,11 @@ def build_config(spec: dict[str, Any], *, tokenizer=None, where: str = "model.co
 
     kwargs = dict(spec)
     seed = kwargs.pop("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise UserError(f"seed: expected an integer, got {seed!r}", where=where)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        raise UserError(f"seed: expected an integer from 0 to 2**32 - 1, got {clip(repr(seed), 40)}", where=where)
+    for key, value in kwargs.items():
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT32_MAX:
+            raise UserError(f"{key}: {clip(str(value), 40)} is out of range (at most 2**31 - 1)", where=where)
     model_type = kwargs.pop("model_type", None)
     if model_type is None:
         raise UserError("model_type is required (for example llama)", where=where)
@@ -400,6 +520,8 @@ def build_config(spec: dict[str, Any], *, tokenizer=None, where: str = "model.co
     if tokenizer is not None:
         n_tokens = len(tokenizer)
         vocab_key = "vocab_size"
+        if vocab_key in kwargs and (not isinstance(kwargs[vocab_key], int) or isinstance(kwargs[vocab_key], bool)):
+            raise UserError(f"vocab_size: expected an integer, got {clip(repr(kwargs[vocab_key]), 40)}", where=where)
         if vocab_key in kwargs and kwargs[vocab_key] < n_tokens:
             raise UserError(f"vocab_size: {kwargs[vocab_key]} is smaller than the tokenizer's {n_tokens} tokens",
                             where=where)
@@ -410,9 +532,9 @@ def build_config(spec: dict[str, Any], *, tokenizer=None, where: str = "model.co
                 kwargs[name] = token_id
     try:
         config = AutoConfig.for_model(model_type, **kwargs)
-    except _config_validation_errors() as e:
+    except (*_config_validation_errors(), ValueError, TypeError) as e:  # transformers' checks of the values
         reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        raise UserError(reason, where=where) from e
+        raise UserError(clip(reason, 300), where=where) from e
     return config, seed
 
 
@@ -474,9 +596,12 @@ def model_config(cfg: ModelConfig):
     if source.kind == "random":
         return build_config(cfg.config, tokenizer=load_tokenizer(cfg))[0]
     location = str(cached_gguf_dir(source.location)) if source.kind == "gguf" else source.location
-    hub = _hub_errors(cfg.name_or_path, "model.name_or_path") if source.kind == "hub" else contextlib.nullcontext()
-    with hub:
+    if source.kind != "hub":
         return AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    access = hub.access()
+    with hub.loading(cfg.name_or_path, "model.name_or_path", access):
+        return AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code,
+                                          **access.from_pretrained_kwargs())
 
 
 def meta_model(cfg: ModelConfig):

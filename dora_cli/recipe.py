@@ -29,8 +29,10 @@ Loading (`load_recipe`), in this order:
    was expected.
 
 Paths inside a recipe (data sources, output_dir, model directories, ...) are relative to the current
-working directory, not to the recipe file, and are never resolved here. Only `base:` is relative to
-the file that names it.
+working directory, not to the recipe file, and are not resolved while loading. Only `base:` is relative
+to the file that names it. `absolute_paths(recipe)` makes them absolute (the form a run saves, so that
+its checkpoints work from any directory): every field marked `LOCAL_PATH` (output_dir), and every field
+marked `LOCAL_OR_HUB` whose value exists on disk (a hub id stays a hub id).
 """
 
 from __future__ import annotations
@@ -40,19 +42,98 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dora_cli.adapters.config import AdapterConfig
-from dora_cli.errors import UserError, did_you_mean, one_of
+from dora_cli.errors import UserError, clip, did_you_mean, note_user_paths, one_of, problem_of
+
+MAX_VALUES = 10_000
+"""Most values a recipe document may hold once its aliases (`*name`) are expanded: far above any real
+recipe, far below a "billion laughs" document (a few hundred bytes of nested aliases that expand to
+billions of values)."""
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names the same key twice (YAML requires unique keys; PyYAML keeps the last silently)."""
+
+
+class AliasBombError(yaml.constructor.ConstructorError):
+    """The document's aliases expand past MAX_VALUES values."""
 
 
 class RecipeLoader(yaml.SafeLoader):
     """yaml.SafeLoader with YAML 1.2's plain scalars: `1e-4` is a float and only true / false are
     booleans (`mixed_precision: no` stays the string "no"). Only resolvers change; no tag constructs
-    anything beyond plain data."""
+    anything beyond plain data.
+
+    Two refusals on top: a key repeated in one mapping (`<<` merges may still be overridden) and a
+    document whose aliases expand past MAX_VALUES values, counted on the node graph before anything
+    is built."""
+
+    def construct_document(self, node):
+        size = _expanded_size(node, MAX_VALUES)
+        if size > MAX_VALUES:
+            raise AliasBombError(
+                None, None, f"its aliases (*name) expand to more than {MAX_VALUES} values; write the values out",
+                node.start_mark,
+            )
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self._refuse_duplicate_keys(node)
+        return super().construct_mapping(node, deep=deep)
+
+    def _refuse_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # unhashable: the constructor itself refuses it
+                continue
+            if first is not key_node:
+                raise DuplicateKeyError(
+                    None, None, f"{_show_key(key)}: duplicate key (first at line {first.start_mark.line + 1}); "
+                    "a key may appear once in a mapping", key_node.start_mark,
+                )
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """How many nodes the document has with every alias expanded; stops early past `limit`.
+
+    Iterative and memoised on the node graph (an alias is the same node object), so a document
+    that would expand to billions of values is measured in microseconds. A recursive alias counts
+    once here (the copy in `_copy_tree` refuses it with its depth limit)."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        children = _children(node)
+        if finished:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes.get(id(c), 1) for c in children)
+            if sizes[id(node)] > limit:
+                return sizes[id(node)]
+        elif id(node) not in sizes and id(node) not in on_path:
+            on_path.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children)
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 RecipeLoader.yaml_implicit_resolvers = {
@@ -73,8 +154,25 @@ def safe_load(text: str):
     return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+# Markers of the fields that hold paths (json_schema_extra), read by `absolute_paths`.
+LOCAL_PATH = {"path": "local"}
+"""Always a local path (it may not exist yet): made absolute."""
+LOCAL_OR_HUB = {"path": "local_or_hub"}
+"""A local path or a hub id: made absolute when it exists on disk."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**32 - 1
+Count = Annotated[int, Field(gt=0, le=INT32_MAX)]
+"""A positive count (steps, examples, tokens): it reaches torch and the tokenizers, which take 32 / 64-bit ints."""
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+"""A random seed: numpy (through accelerate.set_seed) takes 0 .. 2**32 - 1."""
+Beta = Annotated[float, Field(ge=0, lt=1)]
+"""An Adam beta: torch.optim.AdamW takes 0 <= beta < 1."""
 
 
 class QuantizationConfig(_Section):
@@ -84,9 +182,9 @@ class QuantizationConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name_or_path: str | None = None
+    name_or_path: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
     """Hub id, local directory, or a .gguf file. When null, `config` builds a tiny random model."""
-    tokenizer: str | None = None
+    tokenizer: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
     """Tokenizer location when it differs from `name_or_path` (required with `config`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
@@ -103,37 +201,57 @@ class ModelConfig(_Section):
 
 
 class DataSource(_Section):
-    path: str
-    """A local .json / .jsonl file, a directory of them, or a hub dataset name."""
+    path: str = Field(json_schema_extra=LOCAL_OR_HUB)
+    """A local .json / .jsonl / .parquet file, a directory of them, a `datasets.save_to_disk` directory, or a
+    hub dataset name."""
     split: str = "train"
-    weight: float | None = None
-    """Fraction of the mix taken from this source (None: all of it)."""
+    weight: float | None = Field(None, gt=0, le=100)
+    """Fraction of the mix taken from this source (None: all of it; 2.5: all twice and a half)."""
+
+
+CONVERSATION_FORMATS = ("messages", "sharegpt")
+"""Record layouts that hold whole conversations, rendered by the tokenizer's chat template."""
 
 
 class DataConfig(_Section):
-    format: Literal["commonsense", "alpaca", "orca_math"] = "commonsense"
+    format: Literal["commonsense", "alpaca", "orca_math", "messages", "sharegpt"] = "commonsense"
     """Record layout: commonsense (LLM-Adapters: instruction/input/output/answer), alpaca
-    (instruction/input/output) or orca_math (question/answer)."""
+    (instruction/input/output), orca_math (question/answer), messages (OpenAI-style
+    `{"messages": [{"role", "content"}, ...]}`) or sharegpt (`{"conversations": [{"from", "value"}, ...]}`).
+    The two conversation formats imply `template: chat`."""
     sources: list[DataSource] = Field(default_factory=list)
     template: Literal["llm_adapters", "alpaca", "chat"] = "llm_adapters"
-    cutoff_len: int = Field(256, gt=0)
+    cutoff_len: int = Field(256, ge=2, le=INT32_MAX)
+    """Tokens per example. At least 2: the loss predicts token i+1 from tokens up to i, so a one-token
+    example has nothing to learn (LLM-Adapters uses 256)."""
     train_on_inputs: bool = True
     add_eos_token: bool = True
-    val_set_size: int = Field(0, ge=0)
-    max_samples: int | None = Field(None, gt=0)
-    seed: int = 42
+    val_set_size: int = Field(0, ge=0, le=INT32_MAX)
+    max_samples: Count | None = None
+    seed: Seed = 42
+
+    @model_validator(mode="after")
+    def _conversations_use_the_chat_template(self) -> DataConfig:
+        if self.format in CONVERSATION_FORMATS and self.template != "chat":
+            if "template" in self.model_fields_set:
+                raise ValueError(
+                    f"format {self.format} is rendered by the tokenizer's chat template, so template must be "
+                    f"chat (or left out), got {self.template}"
+                )
+            self.template = "chat"
+        return self
 
 
 class OptimConfig(_Section):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
 
 
 class ScheduleConfig(_Section):
     type: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_steps: int | None = Field(None, ge=0)
+    warmup_steps: int | None = Field(None, ge=0, le=INT32_MAX)
     warmup_ratio: float | None = Field(None, ge=0, le=1)
 
     @model_validator(mode="after")
@@ -144,22 +262,24 @@ class ScheduleConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: float | None = Field(None, gt=0)
-    max_steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0, le=1e6)
+    max_steps: Count | None = None
     """Optimizer steps; wins over `epochs` when both are set."""
-    batch_size: int = Field(16, gt=0)
+    batch_size: Count = 16
     """Global batch: examples per optimizer step, over all processes."""
-    micro_batch_size: int = Field(4, gt=0)
+    micro_batch_size: Count = 4
     """Examples per forward pass on one process; accumulation = batch / (micro * processes)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     max_grad_norm: float | None = Field(None, gt=0)
-    seed: int = 42
-    log_every: int = Field(10, gt=0)
-    eval_every: int | None = Field(None, gt=0)
-    save_every: int | None = Field(None, gt=0)
-    keep_last: int | None = Field(None, gt=0)
-    skip_nonfinite: int = Field(0, ge=0)
+    seed: Seed = 42
+    log_every: Count = 10
+    eval_every: Count | None = None
+    save_every: Count | None = None
+    keep_last: Count | None = None
+    skip_nonfinite: int = Field(0, ge=0, le=INT32_MAX)
     """How many steps with a NaN / inf loss or gradient may be skipped before training stops."""
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    """Experiment trackers (through Accelerate) that get the records of metrics.jsonl."""
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
@@ -172,7 +292,7 @@ class LaunchConfig(_Section):
     """How many processes train and how the model is spread over them (launch.py builds Accelerate's
     setup from it). Strategy settings left unset keep their defaults; nothing else is set."""
 
-    num_processes: int = Field(1, gt=0)
+    num_processes: int = Field(1, gt=0, le=4096)
     """Processes in all, over every machine."""
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     config_file: str | None = None
@@ -246,15 +366,15 @@ def launch_problems(launch: LaunchConfig) -> list[str]:
 
 
 class MTBenchConfig(_Section):
-    questions: str | None = None
+    questions: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
     """question.jsonl of MT-Bench (FastChat layout)."""
-    reference_answers: str | None = None
-    judge_prompts: str | None = None
+    reference_answers: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
+    judge_prompts: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
     judge_url: str | None = None
     judge_model: str | None = None
     judge_api_key_env: str = "OPENAI_API_KEY"
     """Name of the environment variable that holds the judge's API key (never the key itself)."""
-    max_new_tokens: int = Field(1024, gt=0)
+    max_new_tokens: Count = 1024
 
 
 class EvalConfig(_Section):
@@ -264,15 +384,15 @@ class EvalConfig(_Section):
             "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
         ]
     )
-    data_dir: str | None = None
+    data_dir: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
     """Root of the LLM-Adapters layout (`<root>/<task>/test.json`) or a hub dataset `hf://owner/name`;
     for the math suite, the records file."""
     mode: Literal["generate", "loglik"] = "generate"
-    batch_size: int = Field(8, gt=0)
-    limit: int | None = Field(None, gt=0)
-    num_beams: int | None = Field(None, gt=0)
+    batch_size: Count = 8
+    limit: Count | None = None
+    num_beams: int | None = Field(None, gt=0, le=1024)
     """Beams of generate mode; null: the suite's default (commonsense 4, math 1)."""
-    max_new_tokens: int | None = Field(None, gt=0)
+    max_new_tokens: Count | None = None
     """New tokens of generate mode; null: the suite's default (commonsense 32, math 1024)."""
     mt_bench: MTBenchConfig = Field(default_factory=MTBenchConfig)
 
@@ -287,7 +407,7 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    output_dir: str = "runs/default"
+    output_dir: str = Field("runs/default", json_schema_extra=LOCAL_PATH)
     expected: dict[str, float] = Field(default_factory=dict)
     """The paper's numbers for this row (task name or `avg` -> value), carried into metric JSON."""
 
@@ -328,18 +448,52 @@ def _validate(
     applied: list[tuple[tuple[str, ...], str]] = []
     for text in overrides:
         parts, value = _parse_override(text)
-        data = _set_key(data, parts, value, f"override {_oneline(text)}")
+        data = _set_key(data, parts, value, _override_label(text))
         applied.append((parts, text))
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise _friendly(err, source, applied, layers) from None
+    note_user_paths(*recipe_paths(recipe))
+    return recipe
+
+
+def recipe_paths(recipe: Recipe) -> list[str]:
+    """The file and directory names a recipe gives (model, tokenizer, data, output, eval inputs)."""
+    bench = recipe.eval.mt_bench
+    return [
+        p for p in (
+            recipe.model.name_or_path, recipe.model.tokenizer, recipe.output_dir, recipe.eval.data_dir,
+            bench.questions, bench.reference_answers, bench.judge_prompts, *(s.path for s in recipe.data.sources),
+        ) if p
+    ]
 
 
 def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML (no `base:`), keys in schema order; `load_recipe` reads it back."""
     data = recipe.model_dump(mode="python", exclude={"base"})
     return yaml.safe_dump(_plain(data), sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def absolute_paths(section: BaseModel) -> BaseModel:
+    """A copy of a recipe (or of one of its sections) with its path fields absolute (see LOCAL_PATH,
+    LOCAL_OR_HUB); relative paths are taken from the current directory. Idempotent."""
+    update: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        value, extra = getattr(section, name), field.json_schema_extra
+        kind = extra.get("path") if isinstance(extra, dict) else None
+        if kind is not None and isinstance(value, str) and value:
+            update[name] = _absolute(value, kind)
+        elif isinstance(value, BaseModel):
+            update[name] = absolute_paths(value)
+        elif isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):
+            update[name] = [absolute_paths(v) if isinstance(v, BaseModel) else v for v in value]
+    return section.model_copy(update=update)
+
+
+def _absolute(value: str, kind: str) -> str:
+    path = Path(value).expanduser()
+    return os.path.abspath(path) if kind == "local" or path.exists() else value
 
 
 def check_batch(recipe: Recipe, num_processes: int) -> int:
@@ -410,6 +564,8 @@ def _parse_yaml(text: str, where: str) -> Any:
     """yaml.safe_load, with errors as `file:line: malformed YAML: reason`."""
     try:
         return safe_load(text)
+    except (DuplicateKeyError, AliasBombError) as err:
+        raise UserError(err.problem, where=f"{where}:{err.problem_mark.line + 1}") from None
     except yaml.MarkedYAMLError as err:
         line = f":{err.problem_mark.line + 1}" if err.problem_mark else ""
         reason = err.problem or err.context or "cannot parse"
@@ -420,7 +576,7 @@ def _parse_yaml(text: str, where: str) -> Any:
     except yaml.YAMLError as err:
         raise UserError(f"malformed YAML: {_oneline(str(err))}", where=where) from None
     except ValueError as err:  # an integer literal over Python's digit limit
-        raise UserError(f"malformed YAML: {_oneline(str(err))}", where=where) from None
+        raise UserError(f"malformed YAML: {problem_of(err)}", where=where) from None
     except RecursionError:
         raise UserError("malformed YAML: nested too deeply", where=where) from None
 
@@ -505,7 +661,7 @@ def _interpolate(value: _EnvText, key: tuple) -> str:
 
 def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     """`a.b=value` -> (("a", "b"), value parsed as YAML), with the key checked against the schema."""
-    label = f"override {_oneline(text)}"
+    label = _override_label(text)
     key, eq, raw = text.partition("=")
     parts = tuple(key.strip().split("."))
     if not eq or not all(parts):
@@ -513,10 +669,19 @@ def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     _check_key(parts, label)
     try:
         value = safe_load(raw)
-    except (yaml.YAMLError, ValueError, RecursionError) as err:
+    except (DuplicateKeyError, AliasBombError) as err:
+        raise UserError(err.problem, where=label) from None
+    except (yaml.YAMLError, RecursionError) as err:
         reason = getattr(err, "problem", None) or str(err) or type(err).__name__
         raise UserError(f"malformed YAML value: {_oneline(reason)}", where=label) from None
+    except ValueError as err:
+        raise UserError(f"malformed YAML value: {problem_of(err)}", where=label) from None
     return parts, _copy_tree(value, label, parts)
+
+
+def _override_label(text: str) -> str:
+    """`override key=value` for error messages, a long value cut after a whole word."""
+    return f"override {clip(text, 120)}"
 
 
 def _check_key(parts: tuple[str, ...], label: str) -> None:
@@ -530,7 +695,7 @@ def _check_key(parts: tuple[str, ...], label: str) -> None:
             raise UserError("base: cannot be overridden (overrides apply after inheritance)", where=label)
         fields = [name for name in model.model_fields if not (model is Recipe and name == "base")]
         if part not in fields:
-            raise UserError(f"{dotted}: unknown key{did_you_mean(part, fields)}", where=label)
+            raise UserError(f"{dotted}: {_unknown_key(part, fields)}", where=label)
         annotation = model.model_fields[part].annotation
         model = _section_model(annotation, through_lists=False)
         if model is None and i + 1 < len(parts) and not _is_mapping(annotation):
@@ -601,7 +766,7 @@ def _friendly(
     for parts, text in applied:
         n = min(len(parts), len(loc))
         if parts[:n] == loc[:n]:
-            where = f"override {_oneline(text)}"
+            where = _override_label(text)
     message = _explain(first, loc)
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     return UserError(f"{message}{more}", where=where)
@@ -616,8 +781,8 @@ def _explain(error: dict[str, Any], loc: tuple) -> str:
     key = _format_loc(loc)
     if kind == "extra_forbidden":
         model = _model_at(loc[:-1])
-        fields = [name for name in model.model_fields] if model else []
-        return f"{key}: unknown key{did_you_mean(loc[-1], fields)}"
+        fields = list(model.model_fields) if model else []
+        return f"{key}: {_unknown_key(loc[-1], fields)}"
     if kind == "missing":
         return f"{key}: missing item" if isinstance(loc[-1], int) else f"{key}: required, not set"
     if kind == "literal_error":
@@ -629,6 +794,8 @@ def _explain(error: dict[str, Any], loc: tuple) -> str:
     if kind in bounds:
         limit = next(iter(error["ctx"].values()))
         return f"{key}: expected a value {bounds[kind]} {limit}, got {_show(value)}"
+    if kind == "too_short":
+        return f"{key}: expected at least {error['ctx']['min_length']} item(s), got {error['ctx']['actual_length']}"
     if kind == "finite_number":
         return f"{key}: expected a finite number, got {_show(value)}"
     word = _TYPE_WORDS.get(kind.split("_")[0])
@@ -636,6 +803,14 @@ def _explain(error: dict[str, Any], loc: tuple) -> str:
         return f"{key}: expected {word}, got {_show(value)}"
     message = _oneline(error["msg"])
     return f"{key}: {message[:1].lower()}{message[1:]}, got {_show(value)}"
+
+
+def _unknown_key(key: Any, fields: list[str]) -> str:
+    """'unknown key (did you mean "x"?)', or with no close name the section's valid keys."""
+    hint = did_you_mean(key, fields)
+    if hint or not fields:
+        return f"unknown key{hint}"
+    return f"unknown key (valid keys here: {', '.join(sorted(fields))})"
 
 
 def _file_of(loc: tuple, layers: list[tuple[str, dict[str, Any]]]) -> str | None:
@@ -698,8 +873,7 @@ def _show(value: Any, limit: int = 40) -> str:
         return "a list"
     if isinstance(value, _EnvText):
         value = value.text
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return clip(repr(value), limit)
 
 
 def _oneline(text: str) -> str:

@@ -12,7 +12,7 @@ import torch
 from dora_cli import datasets as ds
 from dora_cli import prompts
 from dora_cli.errors import UserError
-from dora_cli.recipe import DataConfig, DataSource
+from dora_cli.recipe import DataConfig, DataSource, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "data" / "smoke"
@@ -182,7 +182,7 @@ def test_empty_dataset_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no records"):
         ds.load_records(cfg(tmp_path / "e.jsonl"))
     (tmp_path / "sub").mkdir()
-    with pytest.raises(UserError, match="no train.json, train.jsonl or other .json / .jsonl file"):
+    with pytest.raises(UserError, match="no train.json, train.jsonl, train.parquet or other .json / .jsonl / .parquet file"):
         ds.load_records(cfg(tmp_path / "sub"))
     with pytest.raises(UserError, match="data.sources: no training data"):
         ds.load_records(DataConfig())
@@ -245,7 +245,10 @@ def test_weight_above_one_repeats_and_weight_zero_is_refused(tmp_path):
     got = ds.load_records(cfg(DataSource(path=str(a), weight=2.5)))
     assert len(got) == 25 and got[:10] == got[10:20]
     with pytest.raises(UserError, match=r"data.sources\[0\].weight: 0.0 is not a fraction"):
-        ds.load_records(cfg(DataSource(path=str(a), weight=0.0)))
+        ds.load_records(cfg(DataSource.model_construct(path=str(a), split="train", weight=0.0)))
+    for weight, bound in ((0, "> 0"), (1e300, "<= 100")):  # the schema refuses them first
+        with pytest.raises(UserError, match=rf"data.sources\[0\].weight: expected a value {bound}"):
+            recipe_from_dict({"model": {"name_or_path": "a"}, "data": {"sources": [{"path": str(a), "weight": weight}]}}, "t")
 
 
 def test_max_samples_is_a_seeded_subset():

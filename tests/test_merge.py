@@ -136,6 +136,23 @@ def test_dtype_bf16_and_a_single_file_base(tmp_path):
     assert record["dtype"] == "bfloat16" and record["verify"]["tolerance"] is None  # 16-bit: reported only
 
 
+def test_a_tied_lm_head_adapter_is_merged_untied_and_said(base_dir, tmp_path, capsys):
+    """The base stores lm_head's weight once, as the input embedding: merging unties them (in memory), says so."""
+    cfg = AdapterConfig(method="dora", r=4, alpha=8, target_modules=["q_proj", "lm_head"])
+    adapter_model = make_adapter(base_dir, tmp_path / "ckpt", cfg)
+    out = run_merge(tmp_path / "ckpt", out=tmp_path / "merged", verify=True)
+    err = capsys.readouterr().err
+    assert "lm_head.weight was tied to model.embed_tokens.weight; merging unties them" in err
+    record = json.loads((out / "dora_merge.json").read_text())
+    assert not record["streamed"] and record["verify"]["max_abs_logit_diff"] <= 1e-4
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    merged = load(out)
+    assert merged.lm_head.weight.data_ptr() != merged.model.embed_tokens.weight.data_ptr()
+    assert max_diff(merged.model.embed_tokens.weight, adapter_model.model.embed_tokens.weight) == 0
+    with torch.no_grad():
+        assert max_diff(merged(IDS).logits, adapter_model(IDS).logits) <= 1e-4
+
+
 # ---- in memory: random recipe, 4-bit recipe -------------------------------------------------------------
 def recipe_checkpoint(path: Path, overrides: list[str], *, method: str = "dora"):
     """A checkpoint of ours with recipe.yaml (the smoke recipe's random model), built without training."""
@@ -284,3 +301,38 @@ def test_cli_reports_a_user_error_on_one_line(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: does not exist"]
+
+
+def test_force_onto_a_symlinked_out_replaces_the_link_not_its_target(base_dir, tmp_path):
+    make_adapter(base_dir, tmp_path / "ckpt", CASES["dora"])
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "mine.txt").write_text("mine")
+    (tmp_path / "merged").symlink_to(target)
+    run_merge(tmp_path / "ckpt", out=tmp_path / "merged", force=True)
+    assert (tmp_path / "merged").is_dir() and not (tmp_path / "merged").is_symlink()
+    assert (target / "mine.txt").read_text() == "mine"  # what the link pointed to is untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no .old / .tmp left behind
+
+
+def test_sigterm_during_a_merge_cleans_up_and_exits_143(base_dir, tmp_path, monkeypatch, capsys):
+    """The real CLI entry: SIGTERM half-way through the shards leaves no temporary and no --out."""
+    import signal
+
+    from dora_cli import cli
+
+    make_adapter(base_dir, tmp_path / "ckpt", CASES["dora"])
+    real = merge_mod.fold
+
+    def terminated_mid_way(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merge_mod, "fold", terminated_mid_way)
+    monkeypatch.setattr(sys, "argv", ["dora", "merge", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 143 and capsys.readouterr().err.strip().splitlines()[-1] == "interrupted (SIGTERM)"
+    assert not (tmp_path / "merged").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back

@@ -310,7 +310,7 @@ def test_gguf_cache_converts_once_and_rekeys_on_change(tmp_path, tok_dir, monkey
 
     monkeypatch.setenv("DORA_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF fake")
+    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16))  # a header of version 3, no tensors
     calls = []
 
     def fake_convert(path, out_dir, **_):
@@ -334,6 +334,7 @@ def test_gguf_cache_converts_once_and_rekeys_on_change(tmp_path, tok_dir, monkey
     assert models.gguf_cache_dir(gguf) != cached  # a changed file is converted again
     load_model(ModelConfig(name_or_path=str(gguf)))
     assert len(calls) == 2
+    assert not list(cached.parent.glob("*.lock"))  # the conversion lock is removed once released
 
 
 # --- the real model (slow) ----------------------------------------------------------------------------

@@ -29,7 +29,8 @@ def write(path: Path, text: str) -> Path:
 
 
 def smoke_with(tmp_path: Path, extra: str = "", data: list | None = None) -> Path:
-    """The smoke recipe writing into tmp_path/out, with `extra` YAML appended (later keys win)."""
+    """The smoke recipe writing into tmp_path/out, with `extra` YAML appended (new keys only: a key
+    written twice is refused)."""
     text = SMOKE.replace("output_dir: runs/smoke", f"output_dir: {tmp_path / 'out'}")
     if data is not None:
         write(tmp_path / "data.json", json.dumps(data))
@@ -49,7 +50,8 @@ CASES = {
     "batch not divisible": (lambda t: smoke_with(t), ["train.batch_size=10"], "train.batch_size=10 is not divisible"),
     "unknown base": (lambda t: write(t / "r.yaml", "base: nowhere.yaml\n"), [], "nowhere.yaml"),
     "base cycle": (lambda t: (write(t / "a.yaml", "base: b.yaml\n"), write(t / "b.yaml", "base: a.yaml\n"))[0], [], "cycle"),
-    "unset env": (lambda t: smoke_with(t, "\ndata:\n  sources: [{path: '${env:DORA_TEST_UNSET_VAR}'}]\n"), [], "DORA_TEST_UNSET_VAR"),
+    "unset env": (lambda t: write(t / "recipe.yaml", smoke_with(t).read_text().replace(
+        "data/smoke/train.json", "${env:DORA_TEST_UNSET_VAR}")), [], "DORA_TEST_UNSET_VAR"),
     "no module matches": (lambda t: smoke_with(t), ["adapter.target_modules=[q_prj]"], 'did you mean "q_proj"'),
 }
 

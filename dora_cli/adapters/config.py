@@ -32,18 +32,21 @@ class AdapterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     method: str = "dora"
-    r: int = Field(8, gt=0)
+    r: int = Field(8, gt=0, le=65536)
     alpha: float = 16.0
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], min_length=1
+    )
     magnitude_only_modules: list[str] = Field(default_factory=list)
     rslora: bool = False
     detach_norm: bool = True
     """Treat the row norm as a constant in backward (paper Sec. 4.3); false = Table 7's full gradient."""
     dropout_mode: Literal["fast", "delta"] = "fast"
     """fast: one base GEMM, dropout on the low-rank branch only; delta: the official code's semantics."""
-    vera_seed: int = 0
-    """Seed of VeRA / DVoRA's shared frozen random matrices (PEFT: projection_prng_key)."""
+    vera_seed: int = Field(0, ge=0, le=2**64 - 1)
+    """Seed of VeRA / DVoRA's shared frozen random matrices (PEFT: projection_prng_key); torch.Generator
+    takes up to 2**64 - 1."""
     vera_d_init: float = 0.1
 
     @field_validator("method")

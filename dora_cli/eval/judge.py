@@ -15,26 +15,32 @@ Follows FastChat `fastchat/llm_judge/common.py` (run_judge_single, chat_compelet
   score, turn, tstamp (and answer_id: the answer it judged, so that new answers are judged anew);
 - the MT-Bench score is the mean over judged turns with a valid score (FastChat show_result drops -1).
 
-HTTP: POST {judge_url}/chat/completions with urllib (no client library). Timeouts, connection errors,
-HTTP 408/409/429 and 5xx are retried with exponential backoff; other HTTP errors (401, 404, ...) are
-not. The API key is read from the environment, sent in the Authorization header, and never written:
-it is removed from every message that could reach a file or the terminal.
+HTTP: the `openai` client (`chat.completions.create` on `{judge_url}`), so any OpenAI-compatible endpoint
+works, with the client's own timeouts and retries: connection errors, timeouts, HTTP 408 / 409 / 429 and 5xx
+are retried up to `max_retries` times with exponential backoff (0.5 s doubling to 8 s, or the server's
+Retry-After); other HTTP errors (401, 404, ...) are not. A judge on this machine is reached directly,
+whatever proxy the environment names. The API key is read from the environment (the variable the recipe
+names, never the client's own OPENAI_API_KEY fallback), sent as the bearer token (no Authorization header
+without a key), and never written: every text that comes back from the network (the judgment, an error
+body, a reason phrase, an exception message, and the `openai` / `httpx` log records while a request runs)
+goes through `redact.Redactor` where it enters `JudgeClient.complete`, before it is cut, parsed into a
+score, stored or printed. Messages name the endpoint without user:password@.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 import re
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dora_cli.console import progress_bar
-from dora_cli.errors import UserError, one_of
+from dora_cli.errors import UserError, clip, one_of, reading
+from dora_cli.eval.redact import Redactor, public_url
 from dora_cli.files import append_jsonl, read_jsonl, read_jsonl_resumable
 
 NEED_REF_CATS = ("math", "reasoning", "coding")
@@ -47,6 +53,10 @@ TEMPLATES = {  # (multi_turn, needs_reference) -> judge_prompts.jsonl name
 ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 RETRY_STATUS = {408, 409, 429}
+"""With every 5xx: the statuses the `openai` client retries."""
+NETWORK_LOGGERS = ("openai", "httpx", "httpx2")
+"""Loggers that may write text from the network (with OPENAI_LOG=debug, or a logging set up by a caller)."""
+TEMPLATE_FIELDS = ("question", "answer", "question_1", "question_2", "answer_1", "answer_2", "ref_answer_1", "ref_answer_2")
 
 
 def parse_rating(judgment: str) -> float:
@@ -61,17 +71,33 @@ class JudgeUnavailable(Exception):
     """The judge did not answer after all retries (or refused the request for good)."""
 
 
+class _RedactRecords(logging.Filter):
+    """A log record's text with the key redacted (a filter on the network libraries' loggers)."""
+
+    def __init__(self, redact):
+        super().__init__()
+        self.redact = redact
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.redact(record.getMessage()), ()
+        return True
+
+
+def _network_loggers() -> list[logging.Logger]:
+    """The NETWORK_LOGGERS and their children (a logger's filters see only the records made on it)."""
+    names = [n for n in logging.root.manager.loggerDict if any(n == p or n.startswith(p + ".") for p in NETWORK_LOGGERS)]
+    return [logging.getLogger(n) for n in sorted({*NETWORK_LOGGERS, *names})]
+
+
 @dataclass
 class JudgeClient:
     """A chat-completions endpoint: `complete(system, user)` returns the judge's text."""
 
     url: str
     model: str
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     timeout: float = 120.0
     max_retries: int = 8
-    backoff: float = 2.0
-    max_backoff: float = 60.0
     temperature: float = 0.0
     max_tokens: int = 2048
 
@@ -79,63 +105,123 @@ class JudgeClient:
     def endpoint(self) -> str:
         return self.url.rstrip("/") + "/chat/completions"
 
-    def _opener(self) -> urllib.request.OpenerDirector:
-        """A judge on this machine is reached directly, whatever proxy the environment names."""
-        host = urllib.parse.urlsplit(self.url).hostname or ""
-        if host in ("localhost", "127.0.0.1", "::1"):
-            return urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        return urllib.request.build_opener()
+    def __post_init__(self) -> None:
+        key, in_url = Redactor(self.api_key), Redactor(urllib.parse.urlsplit(self.url).password)
+        self.redact = lambda text: key(in_url(text))
+        self._openai = None  # made by the first request, then reused (one connection pool)
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self.api_key, "***") if self.api_key else text
+    @property
+    def public_endpoint(self) -> str:
+        """The endpoint for messages: without user:password@."""
+        return public_url(self.endpoint)
+
+    def _client(self):
+        """The `openai` client of this endpoint: its timeout and retries; direct to a judge on this machine.
+
+        The key is always given (a placeholder without one, whose header is then omitted), so that the client
+        never falls back to an OPENAI_API_KEY the recipe did not name (and the redactor does not know)."""
+        import openai
+
+        if self._openai is None:
+            host = urllib.parse.urlsplit(self.url).hostname or ""
+            local = host in ("localhost", "127.0.0.1", "::1")
+            self._openai = openai.OpenAI(
+                base_url=self.url, api_key=self.api_key or "no-key", timeout=self.timeout,
+                max_retries=self.max_retries, http_client=openai.DefaultHttpxClient(trust_env=False) if local else None,
+            )
+        return self._openai
 
     def complete(self, system: str, user: str) -> str:
-        body = json.dumps({
-            "model": self.model,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            "temperature": self.temperature, "max_tokens": self.max_tokens, "n": 1,
-        }).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
-            request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-            try:
-                with self._opener().open(request, timeout=self.timeout) as response:
-                    payload = json.loads(response.read().decode("utf-8"))
-                return payload["choices"][0]["message"]["content"]
-            except urllib.error.HTTPError as err:
-                detail = err.read().decode("utf-8", "replace")[:200] if err.fp else ""
-                last = self._redact(f"HTTP {err.code} {err.reason} {detail}".strip())
-                if err.code not in RETRY_STATUS and err.code < 500:
-                    raise JudgeUnavailable(f"{last} (not retried)") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
-                last = self._redact(f"{type(err).__name__}: {getattr(err, 'reason', err)}")
-            except (ValueError, KeyError, IndexError, TypeError) as err:  # not a chat-completions answer
-                last = self._redact(f"unexpected response ({type(err).__name__}: {err})")
-        raise JudgeUnavailable(f"{last}, after {self.max_retries + 1} tries")
+        """The judge's text for one request, with the API key redacted from it (and from every error)."""
+        import openai
+
+        guard = _RedactRecords(self.redact)
+        loggers = _network_loggers()
+        for logger in loggers:
+            logger.addFilter(guard)
+        try:
+            response = self._client().chat.completions.create(
+                model=self.model,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+                temperature=self.temperature, max_tokens=self.max_tokens, n=1,
+                extra_headers=None if self.api_key else {"Authorization": openai.Omit()},
+            )
+            return self._content(response)
+        except openai.APIStatusError as err:
+            raise JudgeUnavailable(self._status_problem(err)) from None
+        except openai.APIConnectionError as err:
+            cause = err.__cause__ or err
+            problem = f"timed out after {self.timeout:g} s" if isinstance(err, openai.APITimeoutError) else (
+                f"{type(cause).__name__}: {cause}")
+            raise JudgeUnavailable(f"{clip(self.redact(problem), 300)}, after {self.max_retries + 1} tries") from None
+        finally:
+            for logger in loggers:
+                logger.removeFilter(guard)
+
+    def _content(self, response) -> str:
+        """The message content of a chat completion, redacted; JudgeUnavailable when it is not one."""
+        try:
+            content = response.choices[0].message.content
+        except (AttributeError, IndexError, KeyError, TypeError) as err:
+            raise JudgeUnavailable(clip(self.redact(f"unexpected response ({type(err).__name__}: {err})"), 300)) from None
+        if not isinstance(content, str):
+            raise JudgeUnavailable(f"unexpected response (the message content is {type(content).__name__}, not text)")
+        return self.redact(content)
+
+    def _status_problem(self, err) -> str:
+        """`HTTP <status> <reason> <body>`, redacted and cut; whether it was retried."""
+        response = err.response
+        line = f"HTTP {response.status_code} {self.redact(response.reason_phrase)} {self._text(response.text)}"
+        retried = response.status_code in RETRY_STATUS or response.status_code >= 500
+        return clip(line, 300) + (f", after {self.max_retries + 1} tries" if retried else " (not retried)")
+
+    def _text(self, body: str) -> str:
+        """An error body as one redacted line; JSON is decoded first, so that an escaped key is seen as the key."""
+        try:
+            body = json.dumps(json.loads(body), ensure_ascii=False)
+        except (ValueError, RecursionError):
+            pass
+        return self.redact(" ".join(body.split()))
 
 
 def load_judge_prompts(path: str | Path) -> dict[str, dict]:
     """judge_prompts.jsonl by name; the four single-answer templates must be there."""
-    prompts = {p.get("name"): p for p in read_jsonl(path, "judge prompts")}
+    with reading(path):
+        prompts = {p.get("name"): p for p in read_jsonl(path, "judge prompts")}
     missing = [n for n in TEMPLATES.values() if n not in prompts]
     if missing:
         raise UserError(f"missing judge templates {one_of(missing)}", where=str(path))
+    for name in TEMPLATES.values():
+        _check_template(prompts[name], path)
     return prompts
+
+
+def _check_template(template: dict, path: str | Path) -> None:
+    """A judge template has a string system_prompt and a prompt_template that str.format can fill."""
+    where = f"{path}: template {template['name']}"
+    if not isinstance(template.get("system_prompt"), str) or not isinstance(template.get("prompt_template"), str):
+        raise UserError("needs string fields system_prompt and prompt_template", where=where)
+    try:
+        template["prompt_template"].format(**dict.fromkeys(TEMPLATE_FIELDS, ""))
+    except (KeyError, IndexError, ValueError, AttributeError) as err:
+        raise UserError(
+            f"prompt_template cannot be filled ({type(err).__name__}: {clip(str(err), 80)}); its fields are "
+            f"{', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}", where=where,
+        ) from None
 
 
 def load_reference_answers(path: str | Path) -> dict[int, dict]:
     """Reference answers (FastChat model_answer format) by question_id."""
     refs = {}
-    for i, rec in enumerate(read_jsonl(path, "reference answers")):
+    with reading(path):
+        records = read_jsonl(path, "reference answers")
+    for i, rec in enumerate(records):
         try:
-            rec["choices"][0]["turns"]
+            turns = rec["choices"][0]["turns"]
         except (KeyError, IndexError, TypeError):
-            raise UserError(f"line {i + 1}: expected choices[0].turns", where=str(path)) from None
+            turns = None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise UserError(f"line {i + 1}: expected choices[0].turns, a non-empty list of strings", where=str(path))
         refs[rec.get("question_id")] = rec
     return refs
 
@@ -204,7 +290,7 @@ def judge_answers(
             except JudgeUnavailable as err:
                 judged = len(keys) - len(todo) + todo.index((q, turn))
                 raise UserError(
-                    f"the judge at {client.endpoint} is not answering ({err}); {judged} of {len(keys)} turns "
+                    f"the judge at {client.public_endpoint} is not answering ({err}); {judged} of {len(keys)} turns "
                     f"are judged and kept in {judgment_file}; run again to judge the rest"
                 ) from None
             record = {

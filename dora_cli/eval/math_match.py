@@ -4,11 +4,13 @@ As LLM-Adapters `evaluate.py` (`extract_answer_number`, AddSub / MultiArith / Si
 removed, the numbers are the matches of `-?\\d+\\.?\\d*`, the LAST one is the answer, and two answers
 agree when they differ by at most 0.001. Here the gold answer is extracted the same way from the
 record's `answer` text (orca-math answers are worked solutions that end with the result); a text with
-no number gives None, and a prediction of None is wrong.
+no number gives None, and a prediction of None is wrong. A number too large for a float (over about
+309 digits) is no number here: as a prediction it gives None, as a gold answer `gold_number` refuses it.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 NUMBER = re.compile(r"-?\d+\.?\d*")
@@ -16,15 +18,30 @@ TOLERANCE = 1e-3
 
 
 def extract_number(text: str) -> float | None:
-    """The last number in `text` (thousands separators removed), or None."""
+    """The last number in `text` (thousands separators removed), or None (also for one past float's range)."""
     found = NUMBER.findall(text.replace(",", ""))
-    return float(found[-1]) if found else None
+    return _finite(float(found[-1])) if found else None
+
+
+def gold_number(gold: str | float | int) -> float | None:
+    """The gold answer as a float: a number as given, else the last number of its text; None when there is
+    none or it is too large for a float."""
+    if isinstance(gold, (int, float)) and not isinstance(gold, bool):
+        try:
+            return _finite(float(gold))
+        except OverflowError:  # an int of more than ~309 digits
+            return None
+    return extract_number(str(gold))
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def math_correct(generated: str, gold: str | float | int) -> bool:
     """True when the final number of `generated` equals the gold answer's (within 0.001)."""
     pred = extract_number(generated)
-    target = float(gold) if isinstance(gold, (int, float)) else extract_number(str(gold))
+    target = gold_number(gold)
     return pred is not None and target is not None and abs(pred - target) <= TOLERANCE
 
 
@@ -35,7 +52,7 @@ def score_math(generations: list[str], records: list[dict]) -> dict:
     rows = []
     for text, rec in zip(generations, records):
         rows.append({
-            "prediction": extract_number(text), "gold": extract_number(str(rec["answer"])),
+            "prediction": extract_number(text), "gold": gold_number(rec["answer"]),
             "correct": math_correct(text, rec["answer"]),
         })
     n = len(rows)

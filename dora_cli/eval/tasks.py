@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dora_cli.errors import UserError, did_you_mean, one_of
+from dora_cli.errors import UserError, did_you_mean, one_of, problem_of
 from dora_cli.prompts import response_of
 
 
@@ -228,8 +228,8 @@ def _read_records(path: Path) -> list:
     """The JSON list of a test file; unreadable, not a list or empty is a UserError."""
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UserError(f"not a readable JSON file ({err})", where=str(path)) from None
+    except (OSError, ValueError, RecursionError) as err:
+        raise UserError(f"not a readable JSON file ({problem_of(err)})", where=str(path)) from None
     if not isinstance(records, list):
         raise UserError("expected a JSON list of {instruction, answer} records", where=str(path))
     if not records:

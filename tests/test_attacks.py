@@ -1,0 +1,498 @@
+"""The attack battery (issue 13): bad input of every kind through the real `dora` entry point, in process.
+
+Every case runs `dora_cli.cli.main()` with sys.argv patched, from the repository root, and asserts what
+the README promises for refused input: exit status 2, exactly one stderr line and it starts with
+`error:`, no traceback, and the test's directory byte-identical before and after (names, kinds, sizes,
+mtimes and contents of everything under it). Inputs are built per case under the test's tmp_path;
+outputs are pointed there too, so that anything written shows up in the snapshot.
+
+CASES must all pass. LEAD_CASES are the same promise in code that issue 11 (the architecture refactor)
+owns: they are strict xfails naming the module, so that each turns into a failure the day it is fixed
+and moves to CASES.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY_TOKENIZER, tiny_llama
+
+from dora_cli import cli
+
+SMOKE = (ROOT / "recipes" / "smoke.yaml").read_text()
+BIG = "1" + "0" * 5000  # past Python's 4300-digit limit for int()
+DEEP = "[" * 100_000 + "]" * 100_000  # past json's recursion limit
+LAUGHS = "".join(
+    [f"l0: &l0 [{', '.join(['lol'] * 9)}]\n"]
+    + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 10)]
+)  # about 600 bytes, 9**10 values once expanded
+GOOD_RECORD = {"instruction": "q?", "input": "", "output": "the correct answer is true", "answer": "true"}
+QUESTION = {"question_id": 1, "category": "writing", "turns": ["Write a poem.", "Shorter."]}
+
+
+# --------------------------------------------------------------------------------------------------
+# What a case builds its input from
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 2-step run of recipes/smoke.yaml (checkpoint `final` with its recipe and manifest)."""
+    from dora_cli import train
+
+    out = tmp_path_factory.mktemp("attack-run") / "run"
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        train.run_train(str(ROOT / "recipes" / "smoke.yaml"), [f"output_dir={out}", "train.max_steps=2",
+                                                              "train.save_every=null"])
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A local model directory: a tiny LLaMA (vocab 512) with the project's tiny tokenizer."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("attack-model") / "model"
+    tiny_llama(vocab_size=512).save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(TINY_TOKENIZER)).save_pretrained(out)
+    return out
+
+
+@dataclass
+class Kit:
+    tmp: Path
+    monkeypatch: pytest.MonkeyPatch
+    run_source: Path
+    model_source: Path
+
+    def write(self, name: str, data: str | bytes | list | dict) -> Path:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, (list, dict)):
+            data = json.dumps(data)
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+        return path
+
+    def recipe(self, extra: str = "", text: str | None = None) -> str:
+        """The smoke recipe writing into tmp/out, with `extra` YAML appended (new sections only)."""
+        text = SMOKE.replace("output_dir: runs/smoke", f"output_dir: {self.tmp / 'out'}") if text is None else text
+        return str(self.write("recipe.yaml", text + extra))
+
+    def data(self, name: str, content: str | bytes | list) -> list[str]:
+        """Overrides for training on one data file."""
+        path = self.write(name, content)
+        return [f"data.sources=[{{path: '{path}'}}]", "data.val_set_size=0"]
+
+    def run(self) -> Path:
+        """A copy of the tiny run under tmp; its final checkpoint."""
+        shutil.copytree(self.run_source, self.tmp / "run")
+        return self.tmp / "run" / "final"
+
+    def model(self, mutate: Callable[[Path], object] = lambda d: None) -> str:
+        """A copy of the tiny model directory under tmp, changed by `mutate`."""
+        shutil.copytree(self.model_source, self.tmp / "model")
+        mutate(self.tmp / "model")
+        return str(self.tmp / "model")
+
+    def local_model(self, path: str) -> list[str]:
+        """Overrides that train on a model from disk instead of the smoke recipe's random one."""
+        return [f"model.name_or_path={path}", "model.config=null", "model.tokenizer=null"]
+
+    def unreadable(self, path: Path) -> Path:
+        """`path` raises PermissionError when read (mode 000 is readable for root, who runs the tests)."""
+        real = Path.read_text
+
+        def read_text(self_, *args, **kwargs):
+            if Path(self_).resolve() == path.resolve():
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self_))
+            return real(self_, *args, **kwargs)
+
+        self.monkeypatch.setattr(Path, "read_text", read_text)
+        return path
+
+    def eval_out(self) -> list[str]:
+        return ["--out", str(self.tmp / "out")]
+
+    def commonsense(self) -> list[str]:
+        """Valid eval inputs (the smoke test set), output under tmp: what fails is the target."""
+        return ["--tasks", "boolq", "--data-dir", "data/smoke/commonsense", *self.eval_out()]
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def gguf(k: Kit, data: bytes) -> str:
+    return str(k.write("model.gguf", data))
+
+
+def judge_files(k: Kit, prompts: list[dict] | str, refs: list[dict] | None = None) -> list[str]:
+    """An MT-Bench directory (one writing question), the given judge prompts, and a judge URL nobody serves."""
+    k.write("bench/question.jsonl", json.dumps(QUESTION) + "\n")
+    text = prompts if isinstance(prompts, str) else "".join(json.dumps(p) + "\n" for p in prompts)
+    k.write("bench/judge_prompts.jsonl", text)
+    if refs is not None:
+        k.write("bench/reference_answer/gpt-4.jsonl", "".join(json.dumps(r) + "\n" for r in refs))
+    return ["--suite", "mt_bench", "--questions", str(k.tmp / "bench" / "question.jsonl"),
+            "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "j", "--limit", "1", *k.eval_out()]
+
+
+def prompts_with(template: str) -> list[dict]:
+    names = ["single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn"]
+    return [{"name": n, "system_prompt": "s", "prompt_template": template} for n in names]
+
+
+DUPLICATE_LAUNCH = "launch: {num_processes: 1}\nlaunch: {strategy: ddp}\n"
+
+
+def child_of(base: str, k: Kit) -> str:
+    return str(k.write("child.yaml", f"base: {base}\n"))
+
+
+Build = Callable[[Kit], list[str]]
+
+# --------------------------------------------------------------------------------------------------
+# The cases: id -> argv builder
+
+CASES: dict[str, Build] = {
+    # --- usage errors of every command (cli.py) ---
+    "train-no-recipe": lambda k: ["train"],
+    "train-unknown-option": lambda k: ["train", k.recipe(), "--bogus"],
+    "train-misspelt-option": lambda k: ["train", k.recipe(), "--overwrit"],
+    "train-nproc-not-int": lambda k: ["train", k.recipe(), "--nproc", "abc"],
+    "train-nproc-zero": lambda k: ["train", k.recipe(), "--nproc", "0"],
+    "train-nproc-negative": lambda k: ["train", k.recipe(), "--nproc", "-2"],
+    "train-resume-and-overwrite": lambda k: ["train", k.recipe(), "--resume", "--overwrite"],
+    "eval-no-target": lambda k: ["eval"],
+    "eval-limit-not-int": lambda k: ["eval", str(k.run()), "--limit", "abc"],
+    "eval-batch-size-float": lambda k: ["eval", str(k.run()), "--batch-size", "1.5"],
+    "eval-limit-no-value": lambda k: ["eval", str(k.run()), "--limit"],
+    "merge-no-checkpoint": lambda k: ["merge"],
+    "merge-dtype-no-value": lambda k: ["merge", str(k.run()), "--dtype"],
+    "merge-misspelt-option": lambda k: ["merge", str(k.run()), "--frce"],
+    "analyze-no-checkpoint": lambda k: ["analyze"],
+    "analyze-misspelt-option": lambda k: ["analyze", str(k.run()), "--module", "q_proj"],
+    "sweep-ranks-no-value": lambda k: ["sweep-rank", k.recipe(), "--ranks"],
+    "sweep-misspelt-option": lambda k: ["sweep-rank", k.recipe(), "--method", "lora"],
+    "unknown-command": lambda k: ["trian", k.recipe()],
+    # --- recipes (recipe.py): YAML, keys, numeric ranges ---
+    "recipe-duplicate-section": lambda k: ["train", k.recipe("train: {max_steps: 1}\n")],
+    "recipe-duplicate-key": lambda k: ["train", k.recipe(text=SMOKE.replace("  r: 8\n", "  r: 8\n  r: 4\n"))],
+    "recipe-duplicate-key-in-base": lambda k: ["train", child_of(k.recipe(DUPLICATE_LAUNCH), k)],
+    "recipe-billion-laughs": lambda k: ["train", k.recipe(LAUGHS)],
+    "recipe-recursive-alias": lambda k: ["train", k.recipe("expected: &a {x: *a}\n")],
+    "recipe-unknown-key-no-close-name": lambda k: ["train", k.recipe(), "adapter.rnak=8"],
+    "recipe-negative-seed": lambda k: ["train", k.recipe(), "train.seed=-1"],
+    "recipe-seed-past-numpy": lambda k: ["train", k.recipe(), f"train.seed={2**40}"],
+    "recipe-data-seed-negative": lambda k: ["train", k.recipe(), "data.seed=-5"],
+    "recipe-vera-seed-2-70": lambda k: ["train", k.recipe(), "adapter.method=vera", f"adapter.vera_seed={2**70}"],
+    "recipe-beta-above-1": lambda k: ["train", k.recipe(), "optim.betas=[0.9,1.5]"],
+    "recipe-beta-negative": lambda k: ["train", k.recipe(), "optim.betas=[-0.1,0.9]"],
+    "recipe-no-target-modules": lambda k: ["train", k.recipe(), "adapter.target_modules=[]"],
+    "recipe-weight-1e300": lambda k: ["train", k.recipe(), "data.sources=[{path: data/smoke/train.json, weight: 1e300}]"],
+    "recipe-cutoff-1": lambda k: ["train", k.recipe(), "data.cutoff_len=1"],
+    "recipe-cutoff-huge": lambda k: ["train", k.recipe(), f"data.cutoff_len={10**30}"],
+    "recipe-max-steps-huge": lambda k: ["train", k.recipe(), f"train.max_steps={10**30}"],
+    "recipe-micro-batch-huge": lambda k: ["train", k.recipe(), f"train.micro_batch_size={10**30}"],
+    "recipe-rank-huge": lambda k: ["train", k.recipe(), f"adapter.r={10**9}"],
+    "recipe-processes-huge": lambda k: ["train", k.recipe(), f"launch.num_processes={10**9}"],
+    "recipe-epochs-1e300": lambda k: ["train", k.recipe(), "train.epochs=1e300", "train.max_steps=null"],
+    "recipe-expected-inf": lambda k: ["train", k.recipe("expected: {boolq: 1e400}\n")],
+    "recipe-5000-digits": lambda k: ["train", k.recipe(f"expected: {{boolq: {BIG}}}\n")],
+    "override-5000-digits": lambda k: ["train", k.recipe(), f"train.seed={BIG}"],
+    "recipe-not-utf8": lambda k: ["train", str(k.write("recipe.yaml", b"model: {name_or_path: \xff\xfe}\n"))],
+    "recipe-is-a-directory": lambda k: ["train", str(k.tmp)],
+    "recipe-unreadable": lambda k: ["train", str(k.unreadable(Path(k.recipe())))],
+    "eval-num-beams-huge": lambda k: ["eval", str(k.run()), "eval.num_beams=1000000", *k.eval_out()],
+    "sweep-duplicate-key": lambda k: ["sweep-rank", k.recipe("train: {max_steps: 1}\n"), "--ranks", "2"],
+    "sweep-billion-laughs": lambda k: ["sweep-rank", k.recipe(LAUGHS), "--ranks", "2"],
+    "sweep-rank-zero": lambda k: ["sweep-rank", k.recipe(), "--ranks", "0"],
+    "sweep-unknown-method": lambda k: ["sweep-rank", k.recipe(), "--methods", "dorra"],
+    # --- model configs and loaders (models.py) ---
+    "config-vocab-not-int": lambda k: ["train", k.recipe(), "model.config.vocab_size=abc"],
+    "config-hidden-past-int32": lambda k: ["train", k.recipe(), f"model.config.hidden_size={10**13}"],
+    "config-hidden-past-memory": lambda k: ["train", k.recipe(), f"model.config.hidden_size={2**30}",
+                                            "model.config.intermediate_size=1024"],
+    "config-seed-negative": lambda k: ["train", k.recipe(), "model.config.seed=-1"],
+    "config-heads-do-not-divide": lambda k: ["train", k.recipe(), "model.config.num_attention_heads=3",
+                                             "model.config.num_key_value_heads=3"],
+    "safetensors-truncated-eval": lambda k: ["eval", k.model(lambda d: truncate(d / "model.safetensors")),
+                                             "--tasks", "boolq", "--data-dir", "data/smoke/commonsense", *k.eval_out()],
+    "safetensors-truncated-train": lambda k: [
+        "train", k.recipe(), *k.local_model(k.model(lambda d: truncate(d / "model.safetensors")))],
+    "safetensors-garbage-header": lambda k: [
+        "eval", k.model(lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 64)),
+        "--tasks", "boolq", "--data-dir", "data/smoke/commonsense", *k.eval_out()],
+    "tokenizer-json-missing-section": lambda k: [
+        "eval", k.model(lambda d: (d / "tokenizer.json").write_text('{"version": "1.0", "model": 5}')),
+        "--tasks", "boolq", "--data-dir", "data/smoke/commonsense", *k.eval_out()],
+    "tokenizer-json-random-bytes": lambda k: [
+        "eval", k.model(lambda d: (d / "tokenizer.json").write_bytes(bytes(range(256)) * 3)),
+        "--tasks", "boolq", "--data-dir", "data/smoke/commonsense", *k.eval_out()],
+    "tokenizer-json-nested-100k": lambda k: [
+        "train", k.recipe(), *k.local_model(k.model(lambda d: (d / "tokenizer.json").write_text(DEEP)))],
+    "tokenizer-dir-corrupt-for-random-model": lambda k: [
+        "train", k.recipe(), f"model.tokenizer={k.model(lambda d: (d / 'tokenizer.json').write_text('[]'))}"],
+    "config-json-invalid": lambda k: [
+        "eval", k.model(lambda d: (d / "config.json").write_text("{not json")),
+        "--tasks", "boolq", "--data-dir", "data/smoke/commonsense", *k.eval_out()],
+    "config-json-vocab-not-int": lambda k: [
+        "eval", k.model(lambda d: edit_json(d / "config.json", vocab_size="abc")),
+        "--tasks", "boolq", "--data-dir", "data/smoke/commonsense", *k.eval_out()],
+    "tokenizer-larger-than-embedding-eval": lambda k: [
+        "eval", k.model(lambda d: edit_json(d / "config.json", vocab_size=256)),
+        "--tasks", "boolq", "--data-dir", "data/smoke/commonsense", *k.eval_out()],
+    "tokenizer-larger-than-embedding-train": lambda k: [
+        "train", k.recipe(), *k.local_model(k.model(lambda d: edit_json(d / "config.json", vocab_size=256)))],
+    "gguf-random-bytes": lambda k: ["eval", gguf(k, bytes(range(256)) * 4), *k.commonsense()],
+    "gguf-random-bytes-train": lambda k: ["train", k.recipe(), *k.local_model(gguf(k, b"\x00" * 100))],
+    "gguf-empty": lambda k: ["eval", gguf(k, b""), *k.commonsense()],
+    "gguf-bad-version": lambda k: ["eval", gguf(k, b"GGUF\x63\x00\x00\x00" + bytes(64)), *k.commonsense()],
+    "gguf-damaged-counts": lambda k: ["eval", gguf(k, b"GGUF\x03\x00\x00\x00" + b"\xff" * 16 + bytes(64)), *k.commonsense()],
+    "merge-base-garbage-gguf": lambda k: ["merge", str(k.run()), "--base", gguf(k, b"not a gguf"),
+                                          "--out", str(k.tmp / "merged")],
+    # --- training data (datasets.py) ---
+    "data-json-nested-100k": lambda k: ["train", k.recipe(), *k.data("d.json", DEEP)],
+    "data-jsonl-nested-100k": lambda k: ["train", k.recipe(), *k.data("d.jsonl", json.dumps(GOOD_RECORD) + "\n" + DEEP + "\n")],
+    "data-json-5000-digits": lambda k: ["train", k.recipe(), *k.data("d.json", f'[{{"instruction": "q", "output": "a", "answer": {BIG}}}]')],
+    "data-jsonl-5000-digits": lambda k: ["train", k.recipe(), *k.data("d.jsonl", f'{{"instruction": "q", "output": {BIG}}}\n')],
+    "data-not-utf8": lambda k: ["train", k.recipe(), *k.data("d.json", b'[{"instruction": "\xff"}]')],
+    "data-unreadable": lambda k: ["train", k.recipe(), *unreadable_data(k)],
+    "data-object-not-list": lambda k: ["train", k.recipe(), *k.data("d.json", {"instruction": "q"})],
+    "data-field-not-string": lambda k: ["train", k.recipe(), *k.data("d.json", [{**GOOD_RECORD, "output": 5}])],
+    "data-empty-list": lambda k: ["train", k.recipe(), *k.data("d.json", [])],
+    # --- eval inputs (eval/tasks.py, mtbench.py, mathqa.py, math_match.py, judge.py) ---
+    "questions-nested-100k": lambda k: ["eval", str(k.run()), "--suite", "mt_bench",
+                                        "--questions", str(k.write("q.jsonl", DEEP + "\n")), *k.eval_out()],
+    "questions-not-utf8": lambda k: ["eval", str(k.run()), "--suite", "mt_bench",
+                                     "--questions", str(k.write("q.jsonl", b'{"turns": ["\xff"]}\n')), *k.eval_out()],
+    "questions-5000-digits": lambda k: ["eval", str(k.run()), "--suite", "mt_bench",
+                                        "--questions", str(k.write("q.jsonl", f'{{"question_id": {BIG}}}\n')), *k.eval_out()],
+    "questions-unreadable": lambda k: ["eval", str(k.run()), "--suite", "mt_bench", "--questions",
+                                       str(k.unreadable(k.write("q.jsonl", json.dumps(QUESTION) + "\n"))), *k.eval_out()],
+    "questions-turns-not-list": lambda k: ["eval", str(k.run()), "--suite", "mt_bench", "--questions",
+                                           str(k.write("q.jsonl", json.dumps({**QUESTION, "turns": "x"}) + "\n")), *k.eval_out()],
+    "math-answer-400-digit-int": lambda k: ["eval", str(k.run()), "--suite", "math", "--data-dir",
+                                            str(k.write("m.jsonl", f'{{"question": "q", "answer": {"9" * 400}}}\n')), *k.eval_out()],
+    "math-answer-400-digit-text": lambda k: ["eval", str(k.run()), "--suite", "math", "--data-dir",
+                                             str(k.write("m.json", [{"question": "q", "answer": "so " + "9" * 400}])), *k.eval_out()],
+    "math-file-nested-100k": lambda k: ["eval", str(k.run()), "--suite", "math", "--data-dir",
+                                        str(k.write("m.json", DEEP)), *k.eval_out()],
+    "math-file-5000-digits": lambda k: ["eval", str(k.run()), "--suite", "math", "--data-dir",
+                                        str(k.write("m.json", f'[{{"question": "q", "answer": {BIG}}}]')), *k.eval_out()],
+    "commonsense-test-nested-100k": lambda k: ["eval", str(k.run()), "--tasks", "boolq", "--data-dir",
+                                               str(k.write("cs/boolq/test.json", DEEP).parents[1]), *k.eval_out()],
+    "commonsense-test-5000-digits": lambda k: ["eval", str(k.run()), "--tasks", "boolq", "--data-dir",
+                                               str(k.write("cs/boolq/test.json", f"[{BIG}]").parents[1]), *k.eval_out()],
+    "commonsense-test-unreadable": lambda k: [
+        "eval", str(k.run()), "--tasks", "boolq", "--data-dir",
+        str(k.unreadable(k.write("cs/boolq/test.json", [GOOD_RECORD])).parents[1]), *k.eval_out()],
+    "eval-unknown-suite": lambda k: ["eval", str(k.run()), "--suite", "mtbench", *k.eval_out()],
+    "eval-unknown-task": lambda k: ["eval", str(k.run()), "--tasks", "boolqq", *k.eval_out()],
+    "judge-template-unknown-field": lambda k: ["eval", str(k.run()), *judge_files(k, prompts_with("{question} {nope}"))],
+    "judge-template-positional": lambda k: ["eval", str(k.run()), *judge_files(k, prompts_with("{0}"))],
+    "judge-template-not-text": lambda k: ["eval", str(k.run()), *judge_files(k, prompts_with("x") + [
+        {"name": "single-v1", "system_prompt": 1, "prompt_template": "x"}])],
+    "judge-prompts-nested-100k": lambda k: ["eval", str(k.run()), *judge_files(k, DEEP + "\n")],
+    # --- generate and chat (generate.py; the target as dora eval loads it) ---
+    "generate-no-prompt": lambda k: ["generate", str(k.run())],
+    "generate-empty-prompt": lambda k: ["generate", str(k.run()), "  "],
+    "generate-missing-target": lambda k: ["generate", str(k.tmp / "nope"), "Name a fruit."],
+    "generate-max-new-tokens-zero": lambda k: ["generate", str(k.run()), "q", "--max-new-tokens", "0"],
+    "generate-max-new-tokens-huge": lambda k: ["generate", str(k.run()), "q", "--max-new-tokens", str(10**30)],
+    "generate-temperature-negative": lambda k: ["generate", str(k.run()), "q", "--temperature", "-1"],
+    "generate-temperature-nan": lambda k: ["generate", str(k.run()), "q", "--temperature", "nan"],
+    "generate-temperature-inf": lambda k: ["generate", str(k.run()), "q", "--temperature", "inf"],
+    "generate-seed-past-2-32": lambda k: ["generate", str(k.run()), "q", "--seed", str(2**70)],
+    "generate-unknown-template": lambda k: ["generate", str(k.run()), "q", "--template", "alpacca"],
+    "generate-chat-template-missing": lambda k: ["generate", str(k.run()), "q", "--template", "chat"],
+    "generate-peft-adapter-without-base": lambda k: ["generate", str(peft_copy(k)), "q"],
+    "generate-altered-adapter": lambda k: ["generate", str(alter_adapter(k.run())), "q"],
+    "generate-garbage-gguf": lambda k: ["generate", gguf(k, b"not a gguf"), "q"],
+    "chat-misspelt-option": lambda k: ["chat", str(k.run()), "--temprature", "1"],
+    "chat-missing-target": lambda k: ["chat", "no/such/model"],
+    "chat-unknown-template": lambda k: ["chat", str(k.run()), "--template", "chatml"],
+    "chat-temperature-nan": lambda k: ["chat", str(k.run()), "--temperature", "nan"],
+    # --- output paths: checked by the commands, or caught by the boundary net for OSErrors (errors.run_main) ---
+    "output-dir-below-a-file": lambda k: ["train", k.recipe(), f"output_dir={k.write('afile', 'x') / 'out'}"],
+    "output-dir-is-a-file": lambda k: ["train", k.recipe(), f"output_dir={k.write('afile', 'x')}"],
+    "eval-out-below-a-file": lambda k: ["eval", str(k.run()), "--tasks", "boolq", "--limit", "1",
+                                        "--out", str(k.write("afile", "x") / "out")],
+    "merge-out-is-a-file": lambda k: ["merge", str(k.run()), "--out", str(k.write("afile", "x"))],
+    "merge-truncated-adapter": lambda k: ["merge", str(truncate_adapter(k.run())), "--out", str(k.tmp / "merged")],
+    "analyze-missing-checkpoint": lambda k: ["analyze", str(k.tmp / "nope"), "--out", str(k.tmp / "analysis")],
+    "analyze-out-is-a-file": lambda k: ["analyze", str(k.run()), "--out", str(k.write("afile", "x"))],
+    "merge-out-dangling-symlink": lambda k: ["merge", str(k.run()), "--out", str(dangling(k))],
+    # --- data loss and silent corruption (issue 11 fixed these; rundir.py, evaluate.py, merge.py, sweep.py) ---
+    "overwrite-a-folder-that-is-not-a-run": lambda k: [
+        "train", k.recipe(), "--overwrite", f"output_dir={k.write('mine/notes.txt', 'mine').parent}"],
+    "output-dir-inside-a-checkpoint": lambda k: ["train", k.recipe(), f"output_dir={k.run() / 'again'}"],
+    "eval-altered-adapter": lambda k: ["eval", str(alter_adapter(k.run())), "--tasks", "boolq", *k.eval_out()],
+    "merge-altered-adapter": lambda k: ["merge", str(alter_adapter(k.run())), "--out", str(k.tmp / "merged")],
+    "eval-output-locked": lambda k: ["eval", str(k.run()), "--tasks", "boolq", "--limit", "1", "--out", str(live_lock(k))],
+    "sweep-ranks-unicode-digit": lambda k: ["sweep-rank", k.recipe(), "--ranks", "\u00b2"],
+    "analyze-modules-match-no-adapter": lambda k: [
+        "analyze", str(k.run()), "--modules", "lm_head", "--out", str(k.tmp / "analysis")],
+}
+
+
+LEAD_CASES: dict[str, tuple[str, Build]] = {
+    "deepspeed-missing": ("launch.py: launch.strategy deepspeed without DeepSpeed", lambda k: [
+        "train", k.recipe(), "launch.strategy=deepspeed", "--nproc", "2"]),
+}
+
+
+def unreadable_data(k: Kit) -> list[str]:
+    overrides = k.data("d.json", [GOOD_RECORD] * 20)
+    k.unreadable(k.tmp / "d.json")
+    return overrides
+
+
+def alter_adapter(final: Path) -> Path:
+    """The adapter file changed in place, same size (the manifest's sha256 no longer matches)."""
+    path = final / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    return final
+
+
+def peft_copy(k: Kit) -> Path:
+    """The run's adapter as a bare PEFT directory: adapter_config.json (no base model named) and the weights."""
+    final = k.run()
+    peft_dir = k.tmp / "peft"
+    peft_dir.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(final / name, peft_dir / name)
+    return peft_dir
+
+
+def truncate_adapter(final: Path) -> Path:
+    truncate(final / "adapter_model.safetensors")
+    return final
+
+
+def live_lock(k: Kit) -> Path:
+    out = k.tmp / "eval-out"
+    k.write("eval-out/.lock", json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+    return out
+
+
+def dangling(k: Kit) -> Path:
+    link = k.tmp / "merged"
+    link.symlink_to(k.tmp / "nowhere" / "merged")
+    return link
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a case
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under `root`: kind, size, mtime and (for files) the sha256 of the content."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and not path.is_symlink() else ""
+            found[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
+    return found
+
+
+def dora(argv: list[str], monkeypatch, capfd) -> tuple[int, str]:
+    """`dora ARGV` in this process from the repository root: (exit status, stderr)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["dora", *argv])
+    capfd.readouterr()
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capfd.readouterr().err
+
+
+@pytest.fixture
+def kit(tmp_path, monkeypatch, tiny_run, tiny_model_dir, tmp_path_factory) -> Kit:
+    case_dir = tmp_path / "case"
+    case_dir.mkdir()
+    monkeypatch.setenv("DORA_CACHE", str(tmp_path_factory.mktemp("dora-cache")))
+    return Kit(case_dir, monkeypatch, tiny_run, tiny_model_dir)
+
+
+def assert_refused(build: Build, kit: Kit, monkeypatch, capfd) -> str:
+    argv = build(kit)
+    before = snapshot(kit.tmp)
+    code, err = dora(argv, monkeypatch, capfd)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
+    assert snapshot(kit.tmp) == before, "the refused command changed the disk"
+    cache = Path(os.environ["DORA_CACHE"])
+    assert not [p for p in cache.rglob("*") if p.name.endswith(".lock") or ".tmp-" in p.name]
+    return lines[0]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("case", list(CASES))
+def test_refused_with_one_line_and_nothing_written(case, kit, monkeypatch, capfd):
+    assert_refused(CASES[case], kit, monkeypatch, capfd)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=f"issue 11 room: {why}"))
+             for c, (why, _) in LEAD_CASES.items()]
+)
+def test_refused_in_the_lead_s_rooms(case, kit, monkeypatch, capfd):
+    assert_refused(LEAD_CASES[case][1], kit, monkeypatch, capfd)
+
+
+def test_the_battery_is_large_enough():
+    """Issue 13 asks for at least 60 cases through the real CLI."""
+    assert len(CASES) + len(LEAD_CASES) >= 60
+
+
+# --------------------------------------------------------------------------------------------------
+# Promises of issue 13 that are not refusals, in the lead's rooms (strict xfails, as above)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_rerun_merge_removes_an_interrupted_merge_s_leftovers(kit, monkeypatch, capfd):
+    final = kit.run()
+    gone = subprocess.Popen(["true"])  # a process that has ended: the killed merge
+    gone.wait()
+    leftover = kit.tmp / f".tmp-merged-{gone.pid}"  # files.atomic_directory's temporary of --out merged
+    (leftover / "model.safetensors").parent.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"\0" * 1024)
+    code, err = dora(["merge", str(final), "--out", str(kit.tmp / "merged")], monkeypatch, capfd)
+    assert code == 0, err
+    assert not leftover.exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_largest_seed_the_schema_takes_trains(kit, monkeypatch, capfd):
+    code, err = dora(["train", kit.recipe(), "train.seed=4294967295", "train.max_steps=1", "train.save_every=null"],
+                     monkeypatch, capfd)
+    assert code == 0, err
