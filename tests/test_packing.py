@@ -241,7 +241,7 @@ def test_packing_needs_use_cache_false():
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # flex isolates too, but compiles for minutes
 def test_probe_accepts_isolating_models(arch, attention):
     model = ARCHS[arch]()
     model.set_attn_implementation(attention)
