@@ -131,14 +131,18 @@ def adapter_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), grads
 
 
-def assert_same_training(model, examples):
-    """The step's loss (token-weighted mean over the micro-batch) and every adapter gradient match."""
+def assert_same_training(model, examples, *, every_gradient_nonzero: bool):
+    """The step's loss (token-weighted mean over the micro-batch) and every adapter gradient match.
+
+    The comparison is not vacuous: some gradient is non-zero, or every one when asked (a lone two-token
+    example has a genuinely zero query gradient: its only prediction attends to one key)."""
     loss_p, grads_p = adapter_grads(model, pack(examples))
     loss_u, grads_u = adapter_grads(model, Collator(pad_token_id=0)(examples))
     assert abs(loss_p - loss_u) <= TOL
     assert grads_p.keys() == grads_u.keys() and grads_p
+    nonzero = [bool(grads_u[name].abs().max() > 0) for name in grads_u]
+    assert all(nonzero) if every_gradient_nonzero else any(nonzero)
     for name in grads_p:
-        assert grads_u[name].abs().max() > 0, name  # the comparison is not vacuous
         torch.testing.assert_close(grads_p[name], grads_u[name], atol=TOL, rtol=TOL, msg=name)
 
 
@@ -188,7 +192,7 @@ def test_packed_equals_unpacked(arch, method, lengths):
     examples = examples_of(lengths, seed=len(lengths))
     assert has_target(examples)
     assert_same_losses(per_example_packed(model, examples), per_example_unpacked(model, examples))
-    assert_same_training(model, examples)
+    assert_same_training(model, examples, every_gradient_nonzero=len(lengths) > 1)
 
 
 LENGTH_MIXES = st.lists(st.integers(1, CUTOFF), min_size=1, max_size=6)
@@ -207,7 +211,7 @@ def test_packed_equals_unpacked_drawn(arch, method, lengths, seed):
     if not has_target(examples):
         return
     assert_same_losses(per_example_packed(model, examples), per_example_unpacked(model, examples))
-    assert_same_training(model, examples)
+    assert_same_training(model, examples, every_gradient_nonzero=False)
 
 
 # --------------------------------------------------------------------------------------------------
