@@ -160,8 +160,11 @@ def packing_leak(model: torch.nn.Module) -> float:
 
 
 def check_packing(model: torch.nn.Module, data: DataConfig) -> None:
-    """Refuse data.packing for a model whose attention does not isolate packed examples (UserError)."""
-    if not data.packing:
+    """Refuse data.packing for a model whose attention does not isolate packed examples (UserError).
+
+    A process whose weights are still on the meta device (FSDP's RAM-efficient loading gives the weights
+    to rank 0 only) has nothing to run: the process that holds them decides for all."""
+    if not data.packing or next(model.parameters()).device.type == "meta":
         return
     ratio = packing_leak(model)
     if not ratio <= LEAK_RATIO:
