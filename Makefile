@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip >/dev/null
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0 \
 	  || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(BIN)/pip install -q -e '.[test,lint]'
+	$(BIN)/pip install -q -e '.[test,lint,bench]'
 	touch $(STAMP)
 
 fetch-model: $(SMOLLM2)/config.json
@@ -42,6 +42,7 @@ demo: setup fetch-model
 
 bench: setup fetch-model
 	$(BIN)/python bench/bench_adapters.py --model $(SMOLLM2) --out bench/results/adapters.json
+	$(BIN)/python bench/bench_e2e.py --model $(SMOLLM2) --out bench/results/e2e.json
 
 lint: setup
 	$(BIN)/ruff check dora_cli tests bench data

@@ -16,8 +16,9 @@ Features, top to bottom:
   effective weights come from its tensors (merge.fold, no model per checkpoint); a full checkpoint's
   from its own safetensors
 - analysis.json: every point (group, step, layer, module, ΔM, ΔD) and per group the Pearson
-  correlation of ΔD with ΔM over all its points; analysis.png: one scatter panel per group, colour
-  by step, the least-squares line and the correlation in the title (the paper's Figure 2)
+  correlation of ΔD with ΔM over all its points; analysis.png: one scatter panel per group on shared
+  axes, colour by step, the least-squares line and the correlation in the title, the number of points in
+  the caption (the paper's Figure 2)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from dora_cli.checkpoints import (
 from dora_cli.console import say
 from dora_cli.errors import UserError, did_you_mean
 from dora_cli.files import atomic_file, check_output_dir, write_json
+from dora_cli.plots import fit, model_name
 
 JSON_NAME = "analysis.json"
 PNG_NAME = "analysis.png"
@@ -321,8 +323,10 @@ def summarize(ckpts: list[Analysed], points: list[dict], src: Base, patterns: li
 # ==================================================================================================
 # The figure
 # ==================================================================================================
-def plot(result: dict, path: str | Path) -> None:
-    """One scatter panel per method: x = ΔD, y = ΔM, colour by step, the least-squares line."""
+def plot(result: dict, path: str | Path):
+    """One scatter panel per method on shared axes: x = ΔD, y = ΔM, colour and marker by step, the
+    least-squares line; titles wrapped to their panel, the number of points in the caption. Returns the
+    figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -331,8 +335,9 @@ def plot(result: dict, path: str | Path) -> None:
     from matplotlib.figure import Figure
 
     groups = list(result["methods"].items())
-    fig = Figure(figsize=(4.4 * max(1, len(groups)), 4.0), layout="constrained")
-    axes = fig.subplots(1, max(1, len(groups)), squeeze=False)[0]
+    panel = 4.4
+    fig = Figure(figsize=(panel * max(1, len(groups)), 4.4), layout="constrained")
+    axes = fig.subplots(1, max(1, len(groups)), squeeze=False, sharex=True, sharey=True)[0]
     markers = "o^sDvP*Xh<>"
     for ax, (label, g) in zip(axes, groups):
         pts = g["points"]
@@ -351,12 +356,22 @@ def plot(result: dict, path: str | Path) -> None:
             xs = np.linspace(x.min(), x.max(), 2)
             ax.plot(xs, slope * xs + intercept, color="crimson", linewidth=1.5, label="least squares")
         corr = g["correlation"]
-        ax.set_title(f"{label}  (corr = {corr:+.2f})" if corr is not None else f"{label}  (corr n/a)")
+        title = f"{label}  (corr = {corr:+.2f})" if corr is not None else f"{label}  (corr n/a)"
+        ax.set_title(fit(title, panel, 10), fontsize=10)
         ax.set_xlabel("ΔD  (mean 1 − cos per row)")
-        ax.set_ylabel("ΔM  (mean |Δ‖row‖|)")
         ax.ticklabel_format(axis="both", style="sci", scilimits=(-2, 3))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"Weight decomposition: {', '.join(result['modules'])} of {Path(result['base']).name}", fontsize=10)
+    axes[0].set_ylabel("ΔM  (mean |Δ‖row‖|)")
+    width = panel * max(1, len(groups))
+    fig.suptitle(fit(f"Weight decomposition: {', '.join(result['modules'])} of {model_name(result['base'])}", width, 11), fontsize=11)
+    fig.supxlabel(fit(_caption(result), width, 8), fontsize=8)
     fig.savefig(path, dpi=120, format="png")
+    return fig
 
+
+def _caption(result: dict) -> str:
+    """The number of points behind each panel, and what one point is."""
+    counts = ", ".join(f"{label}: {len(g['points'])}" for label, g in result["methods"].items())
+    return (f"One point per module, layer and checkpoint (points per panel: {counts}); shared axes; "
+            "the line is the least-squares fit of ΔM on ΔD, corr its Pearson correlation.")

@@ -18,15 +18,26 @@ from dora_cli.errors import UserError, note_user_paths, run_main
 
 app = typer.Typer(
     name="dora",
-    help="DoRA fine-tuning from YAML recipes: train, eval, merge, sweep-rank, analyze.",
+    help="DoRA fine-tuning from YAML recipes: train, eval, generate, chat, merge, sweep-rank, analyze.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from dora_cli import version_line
+
+        print(version_line())
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                          help="Print the versions of dora_cli, torch and transformers, then exit.")] = False,
+) -> None:
     """DoRA fine-tuning from YAML recipes."""
 
 
@@ -72,6 +83,8 @@ def eval_(
     """Score a model: the paper's commonsense suite (8 tasks), MT-Bench (answers + judge) or math exact match.
 
     Flags are shorthands for dotted overrides of the recipe's eval section (eval.tasks, eval.mode, ...).
+
+    Example: dora eval runs/x/final eval.mode=loglik eval.limit=100
     """
     from dora_cli.evaluate import run_eval
 
@@ -84,6 +97,45 @@ def eval_(
     if tasks:
         extra.append(f"eval.tasks=[{','.join(_csv(tasks) or [])}]")
     run_eval(target, [*extra, *(overrides or [])], base=base, out=out, overwrite=overwrite)
+
+
+Target = Annotated[str, typer.Argument(help="A checkpoint (ours or PEFT's), a merged model dir, a model dir, a .gguf file or a hub id.")]
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", min=1, max=2**31 - 1, help="New tokens per answer at most.")]
+Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy (the default); above 0: sampling.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the sampling (the whole session).")]
+Template = Annotated[Optional[str], typer.Option("--template", help="llm_adapters, alpaca or chat (default: the recipe's; without one, chat when the tokenizer has a chat template).")]
+Base = Annotated[Optional[str], typer.Option("--base", help="Base model of an adapter (default: from its recipe or config).")]
+
+
+@app.command()
+def generate(
+    target: Target,
+    prompt: Annotated[str, typer.Argument(help="The instruction (user message) to answer.")],
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Temperature = 0.0,
+    seed: Seed = 0,
+    template: Template = None,
+    base: Base = None,
+) -> None:
+    """Answer one prompt, asked through the template the model was trained with."""
+    from dora_cli.generate import Sampling, run_generate
+
+    run_generate(target, prompt, Sampling(max_new_tokens, temperature, seed), template=template, base=base)
+
+
+@app.command()
+def chat(
+    target: Target,
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Temperature = 0.0,
+    seed: Seed = 0,
+    template: Template = None,
+    base: Base = None,
+) -> None:
+    """Talk with a model: one user turn per line of stdin, the conversation kept; /exit or end of input ends it."""
+    from dora_cli.generate import Sampling, run_chat
+
+    run_chat(target, Sampling(max_new_tokens, temperature, seed), template=template, base=base)
 
 
 @app.command()

@@ -35,3 +35,13 @@ def progress_bar(enabled: bool = True, *, fields: str = ""):
 
 def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
+
+
+def duration(seconds: float) -> str:
+    """42s, 12m05s, 3h07m: a time span as a person reads it."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

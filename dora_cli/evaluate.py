@@ -139,11 +139,30 @@ def run_eval(
 
 
 def _report(out_dir: Path, metrics: dict) -> None:
-    """The table a person reads: results.md where the suite writes one, else the headline numbers."""
+    """The table a person reads: results.md where the suite writes one, else the headline numbers (and a
+    judged score: MT-Bench's)."""
     table = out_dir / "results.md"
     if table.is_file():
         print(table.read_text().rstrip())
     else:
         headline = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != "suite"}
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in headline.items()))
+    if "scores" in metrics:
+        print(_judged_score(metrics))
     print(f"(metrics and predictions in {out_dir})")
+
+
+def _judged_score(metrics: dict) -> str:
+    """`MT-Bench score 6.21 / 10 (turn 1 6.50, turn 2 5.92; 160 judged turns)`, or why there is none."""
+    scores = metrics["scores"]
+    if not scores or scores.get("overall") is None:
+        if metrics.get("judge") is None:
+            return "MT-Bench score: none (no judge: set eval.mt_bench.judge_url and eval.mt_bench.judge_model)"
+        return "MT-Bench score: none (the judge gave no valid rating)"
+    turns = ", ".join(f"turn {t} {v:.2f}" for t, v in scores["turns"].items() if v is not None)
+    rated = scores["judged_turns"] - scores["invalid_turns"]
+    line = f"MT-Bench score {scores['overall']:.2f} / 10 ({turns}; {rated} judged turns)"
+    difference = (metrics.get("difference") or {}).get("mt_bench")
+    if difference is not None:
+        line += f"; paper {metrics['expected']['mt_bench']:.1f}, difference {difference:+.2f}"
+    return line

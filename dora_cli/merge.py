@@ -30,6 +30,7 @@ Features, top to bottom:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -105,6 +106,7 @@ def run_merge(
     adapter, src = _sources(ckpt, base, quantized_base)
     if src.directory is not None:
         _check_out(out, force, protected=[ckpt.path, src.directory])
+    src = _in_memory_if_tied(adapter, src)
     out_dtype = target if target is not None else src.cast  # auto: the dtype the trained forward saw
     record = _provenance(ckpt, adapter, src, out_dtype, quantized_base)
 
@@ -142,6 +144,27 @@ def _sources(ckpt: Checkpoint, base: str | None, quantized_base: str) -> tuple[A
     model = ModelConfig(name_or_path=str(ckpt.path), dtype=ckpt.recipe.model.dtype if ckpt.recipe else "float32")
     return None, Base(model=model, description=f"full fine-tuning checkpoint {ckpt.path}", directory=ckpt.path,
                       cast=None, tokenizer_dir=ckpt.path)
+
+
+def _in_memory_if_tied(adapter: Adapter | None, src: Base) -> Base:
+    """`src` without its shards to stream when the adapter changes a weight the base stores only once,
+    tied to another (lm_head with tied embeddings): the in-memory merge unties them, and says so."""
+    if adapter is None or src.directory is None:
+        return src
+    shapes = read_shapes(src.directory).shapes
+    missing = [n for n in adapter.modules if n not in shapes]
+    if not missing:
+        return src
+    from dora_cli.models import meta_model
+
+    shared: dict[int, list[str]] = {}
+    for name, p in meta_model(src.model).named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    tied = sorted(n for n in missing if any(f"{n}.weight" in names for names in shared.values() if len(names) > 1))
+    if not tied:
+        return src  # not a tie: check_fits refuses the adapter
+    say(f"{', '.join(tied)}: tied to another weight in {src.directory}, which stores it once: merging in memory to untie it")
+    return dataclasses.replace(src, directory=None)
 
 
 def _provenance(ckpt: Checkpoint, adapter: Adapter | None, src: Base, dtype: torch.dtype | None, quantized_base: str) -> dict:
@@ -275,28 +298,18 @@ def _load_adapted(src: Base, adapter_dir: Path | None):
 
 
 def _save_unwrapped(model, tokenizer, dtype: torch.dtype | None, tmp: Path) -> None:
-    from dora_cli.adapters import unwrap
+    from dora_cli.adapters import untie_adapted_weights, unwrap
 
-    unwrap(model, dtype=dtype)
-    _drop_quantization(model)
+    for note in untie_adapted_weights(model):  # a tied lm_head adapted: said here, not left to a warning
+        say(note)
+    unwrap(model, dtype=dtype)  # a plain model: no quantized layer, no quantization markers
     if dtype is not None:
-        model.to(dtype)
         model.config.dtype = dtype
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     config = json.loads((tmp / "config.json").read_text())
     if config.pop("quantization_config", None) is not None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _drop_quantization(model) -> None:
-    """After unwrap no quantized layer is left: forget that the model was loaded quantized."""
-    model.hf_quantizer = None
-    for attr in ("is_quantized", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
-        if attr in vars(model):
-            delattr(model, attr)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 # ==================================================================================================

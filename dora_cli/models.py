@@ -7,7 +7,7 @@
   `$DORA_CACHE/gguf/<stem>-<key>/` (default `~/.cache/dora_cli`), where `<key>` hashes the file's
   absolute path, size and mtime; later loads read the cached directory;
 - a Hugging Face Hub id (`owner/name`), loaded with `from_pretrained` (needs the network or the
-  local hub cache);
+  local hub cache; `hub.py` decides which: HF_HUB_OFFLINE honoured, an unreachable hub found in seconds);
 - null, with `model.config` giving the architecture of a tiny random model (`model_type: llama`,
   `hidden_size: 64`, ...; `seed:` seeds the initialisation) and `model.tokenizer` its tokenizer.
 
@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 
+from dora_cli import hub
 from dora_cli.adapters.base_ops import prepare_base
 from dora_cli.console import say
 from dora_cli.errors import UserError, clip, did_you_mean, note_user_paths
@@ -271,8 +272,10 @@ def _load_tokenizer_from(source: ModelSource, name: str, *, where: str, trust_re
             raise UserError(f"{name!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})", where=where)
         with loading(f"{source.location}: the tokenizer files cannot be loaded", where=where):
             return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
-    with _hub_errors(name, where):
-        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+    access = hub.access()
+    with hub.loading(name, where, access):
+        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code,
+                                             **access.from_pretrained_kwargs())
 
 
 def _loader_errors() -> tuple[type[BaseException], ...]:
@@ -307,19 +310,6 @@ def loading(what: str, *, where: str):
         raise UserError(f"{what} ({type(err).__name__}: {clip(str(err), 160)})", where=where) from err
 
 
-@contextlib.contextmanager
-def _hub_errors(name: str, where: str):
-    """Turn "hub unreachable / repository not found" (OSError from from_pretrained) into one line."""
-    try:
-        yield
-    except OSError as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(
-            f"{name!r} is not a local path and could not be loaded from the Hugging Face Hub: {reason}",
-            where=where,
-        ) from e
-
-
 # ----------------------------------------------------------------------------------------------------
 # Model
 
@@ -347,12 +337,14 @@ def load_model(cfg: ModelConfig, *, for_training: bool = True, padding_side: Pad
             model = _random_model(config, seed=seed, dtype=dtype, quant=quant)
     else:
         location = str(cached_gguf_dir(source.location)) if source.kind == "gguf" else source.location
-        with _source_errors(source, cfg, f"{location}: config.json cannot be loaded"):
-            config = _pretrained_config(location, trust_remote_code=cfg.trust_remote_code)
+        access = hub.access() if source.kind == "hub" else None
+        with _source_errors(source, cfg, f"{location}: config.json cannot be loaded", access):
+            config = _pretrained_config(location, trust_remote_code=cfg.trust_remote_code,
+                                        **(access.from_pretrained_kwargs() if access else {}))
         check_vocabulary(tokenizer, config, cfg)
-        with _source_errors(source, cfg, f"{location}: the model weights cannot be loaded"):
+        with _source_errors(source, cfg, f"{location}: the model weights cannot be loaded", access):
             model = _from_pretrained(location, dtype=dtype, quant=quant, trust_remote_code=cfg.trust_remote_code,
-                                     config=config)
+                                     config=config, **(access.from_pretrained_kwargs(model=True) if access else {}))
         if source.kind == "gguf":
             model.config._name_or_path = source.location
 
@@ -386,10 +378,10 @@ def bnb_config(q: QuantizationConfig):
     )
 
 
-def _from_pretrained(location: str, *, dtype: torch.dtype, quant, trust_remote_code: bool, config=None):
+def _from_pretrained(location: str, *, dtype: torch.dtype, quant, trust_remote_code: bool, config=None, **extra):
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     if quant is not None:
         kwargs["quantization_config"] = quant
     if config is not None:
@@ -397,17 +389,17 @@ def _from_pretrained(location: str, *, dtype: torch.dtype, quant, trust_remote_c
     return AutoModelForCausalLM.from_pretrained(location, **kwargs)
 
 
-def _source_errors(source: ModelSource, cfg: ModelConfig, what: str):
+def _source_errors(source: ModelSource, cfg: ModelConfig, what: str, access: hub.Access | None):
     """The error wrapper of a model source: the hub's (unreachable, not found) or the local files' (`loading`)."""
     if source.kind == "hub":
-        return _hub_errors(cfg.name_or_path, "model.name_or_path")
+        return hub.loading(cfg.name_or_path, "model.name_or_path", access)
     return loading(what, where="model.name_or_path")
 
 
-def _pretrained_config(location: str, *, trust_remote_code: bool):
+def _pretrained_config(location: str, *, trust_remote_code: bool, **extra):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
 
 
 def check_vocabulary(tokenizer, config, cfg: ModelConfig) -> None:
@@ -586,9 +578,12 @@ def model_config(cfg: ModelConfig):
     if source.kind == "random":
         return build_config(cfg.config, tokenizer=load_tokenizer(cfg))[0]
     location = str(cached_gguf_dir(source.location)) if source.kind == "gguf" else source.location
-    hub = _hub_errors(cfg.name_or_path, "model.name_or_path") if source.kind == "hub" else contextlib.nullcontext()
-    with hub:
+    if source.kind != "hub":
         return AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    access = hub.access()
+    with hub.loading(cfg.name_or_path, "model.name_or_path", access):
+        return AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code,
+                                          **access.from_pretrained_kwargs())
 
 
 def meta_model(cfg: ModelConfig):

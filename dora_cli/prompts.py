@@ -53,6 +53,25 @@ alpaca-lora adds the "\\n" that we keep, so the response marker is always follow
 `apply_chat_template(..., add_generation_prompt=True)`; the training text is that prompt plus the output
 (the end-of-sequence token is added at tokenisation, `datasets.tokenize_record`), so again the training
 prompt is byte for byte the evaluation prompt.
+
+Conversations
+-------------
+`conversation(tokenizer, messages)` renders a whole multi-turn conversation (the `messages` / `sharegpt`
+data formats) through the chat template, and finds the text of every assistant turn by rendering
+prefixes of the conversation and taking differences, which works for any template that renders
+incrementally (the rendering of the first k messages is a prefix of the rendering of all of them):
+
+    before  = render(messages[:i], add_generation_prompt=True)    # ... up to "<|im_start|>assistant\n"
+    through = render(messages[:i + 1])                            # ... up to "reply<|im_end|>\n"
+    trained = through[len(before):], cut after its last special token when only whitespace follows
+
+so the trained text of a turn is its content and the end-of-turn token(s) as the template writes them
+("reply<|im_end|>"; a newline after the end-of-turn token is the next turn's framing, as templates that
+mark `{% generation %}` have it). A template that does not render incrementally is refused.
+
+`dialogue_prompt(template, tokenizer, questions, answers)` is the prompt for the next answer of a
+conversation in any template (`dora chat`, MT-Bench): the chat template with the earlier turns, or the
+Alpaca / LLM-Adapters text with earlier turns as "### Instruction:" / "### Response:" blocks.
 """
 
 from __future__ import annotations
@@ -63,6 +82,8 @@ from dora_cli.errors import UserError, did_you_mean, one_of
 
 RESPONSE_MARKER = "### Response:"
 """Everything after the last occurrence of this marker in a decoded generation is the answer."""
+INSTRUCTION_MARKER = "### Instruction:"
+"""Where a user turn starts in the Alpaca / LLM-Adapters text (a model that writes one has ended its answer)."""
 
 _HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 _HEADER_INPUT = (
@@ -111,23 +132,99 @@ def alpaca_prompt(instruction: str, input: str = "", output: str | None = None) 
     return _fill(ALPACA, instruction, input) + (output or "")
 
 
+def require_chat_template(tokenizer: Any, where: str = "data.template: chat") -> None:
+    """UserError unless the tokenizer has a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise UserError(
+            f"the tokenizer {name!r} has no chat template (expected llm_adapters for a base model)", where=where
+        )
+
+
 def chat_prompt(tokenizer: Any, instruction: str, input: str = "", output: str | None = None) -> str:
     """One user turn rendered by the tokenizer's chat template, ready for the assistant; then `output`.
 
     The text already holds whatever special tokens the template writes (a BOS, turn markers): tokenise it
     with `add_special_tokens=False`.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise UserError(
-            f"the tokenizer {name!r} has no chat template (expected llm_adapters for a base model)",
-            where="data.template: chat",
-        )
+    require_chat_template(tokenizer)
     content = f"{instruction}\n\n{input}" if input else instruction
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
+    prompt = _render(tokenizer, [{"role": "user", "content": content}], True, "data.template: chat")
     return prompt + (output or "")
+
+
+def render_conversation(tokenizer: Any, messages: list[dict], where: str = "data") -> str:
+    """The whole conversation rendered by the chat template. `where` names the record in errors."""
+    require_chat_template(tokenizer)
+    return _render(tokenizer, messages, False, where)
+
+
+def conversation(tokenizer: Any, messages: list[dict], where: str = "data") -> tuple[str, list[tuple[int, int]]]:
+    """(text, spans): the conversation rendered by the chat template and the [start, end) character spans of
+    its assistant turns' trained text (see the module docstring). `where` names the record in errors."""
+    text = render_conversation(tokenizer, messages, where)
+    specials = special_tokens(tokenizer)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True, where)
+        through = _render(tokenizer, messages[: i + 1], False, where)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise UserError(
+                f"the tokenizer's chat template does not render this conversation turn by turn (the text up to "
+                f"message {i} is not a prefix of the whole), so its assistant turns cannot be found; "
+                "set data.train_on_inputs: true to train on the whole text",
+                where=where,
+            )
+        spans.append((len(before), _end_of_turn(through, len(before), specials)))
+    return text, spans
+
+
+def special_tokens(tokenizer: Any) -> list[str]:
+    """The text of every special token of the tokenizer (its named ones and added tokens marked special)."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+        if getattr(token, "special", False):
+            found.add(str(token))
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+def _end_of_turn(text: str, start: int, specials: list[str]) -> int:
+    """Where a turn's trained text ends: after its last special token when only whitespace follows it."""
+    end = max((text.rfind(t, start) + len(t) for t in specials if text.rfind(t, start) >= 0), default=-1)
+    if end >= 0 and not text[end:].strip():
+        return end
+    return len(text)
+
+
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    """The chat template's text; a template that refuses the messages (jinja's raise_exception) is a UserError."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as err:
+        raise UserError(f"the tokenizer's chat template refuses this conversation: {err}", where=where) from None
+
+
+def dialogue_prompt(template: str, tokenizer: Any, questions: list[str], answers: list[str]) -> tuple[str, bool]:
+    """The prompt for the answer to the last of `questions`, after the earlier questions and their `answers`.
+
+    Returns (text, add_special_tokens): chat-template text already holds its special tokens.
+    """
+    if template == "chat":
+        require_chat_template(tokenizer)
+        messages = []
+        for i, question in enumerate(questions):
+            messages.append({"role": "user", "content": question})
+            if i < len(answers):
+                messages.append({"role": "assistant", "content": answers[i]})
+        return _render(tokenizer, messages, True, "data.template: chat"), False
+    text = render(template, questions[0])
+    for answer, question in zip(answers, questions[1:]):
+        text += f"{answer}\n\n{INSTRUCTION_MARKER}\n{question}\n\n{RESPONSE_MARKER}\n"
+    return text, True
 
 
 def render(

@@ -29,8 +29,10 @@ Loading (`load_recipe`), in this order:
    was expected.
 
 Paths inside a recipe (data sources, output_dir, model directories, ...) are relative to the current
-working directory, not to the recipe file, and are never resolved here. Only `base:` is relative to
-the file that names it.
+working directory, not to the recipe file, and are not resolved while loading. Only `base:` is relative
+to the file that names it. `absolute_paths(recipe)` makes them absolute (the form a run saves, so that
+its checkpoints work from any directory): every field marked `LOCAL_PATH` (output_dir), and every field
+marked `LOCAL_OR_HUB` whose value exists on disk (a hub id stays a hub id).
 """
 
 from __future__ import annotations
@@ -152,6 +154,13 @@ def safe_load(text: str):
     return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+# Markers of the fields that hold paths (json_schema_extra), read by `absolute_paths`.
+LOCAL_PATH = {"path": "local"}
+"""Always a local path (it may not exist yet): made absolute."""
+LOCAL_OR_HUB = {"path": "local_or_hub"}
+"""A local path or a hub id: made absolute when it exists on disk."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -173,9 +182,9 @@ class QuantizationConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name_or_path: str | None = None
+    name_or_path: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
     """Hub id, local directory, or a .gguf file. When null, `config` builds a tiny random model."""
-    tokenizer: str | None = None
+    tokenizer: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
     """Tokenizer location when it differs from `name_or_path` (required with `config`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
@@ -192,17 +201,24 @@ class ModelConfig(_Section):
 
 
 class DataSource(_Section):
-    path: str
-    """A local .json / .jsonl file, a directory of them, or a hub dataset name."""
+    path: str = Field(json_schema_extra=LOCAL_OR_HUB)
+    """A local .json / .jsonl / .parquet file, a directory of them, a `datasets.save_to_disk` directory, or a
+    hub dataset name."""
     split: str = "train"
     weight: float | None = Field(None, gt=0, le=100)
     """Fraction of the mix taken from this source (None: all of it; 2.5: all twice and a half)."""
 
 
+CONVERSATION_FORMATS = ("messages", "sharegpt")
+"""Record layouts that hold whole conversations, rendered by the tokenizer's chat template."""
+
+
 class DataConfig(_Section):
-    format: Literal["commonsense", "alpaca", "orca_math"] = "commonsense"
+    format: Literal["commonsense", "alpaca", "orca_math", "messages", "sharegpt"] = "commonsense"
     """Record layout: commonsense (LLM-Adapters: instruction/input/output/answer), alpaca
-    (instruction/input/output) or orca_math (question/answer)."""
+    (instruction/input/output), orca_math (question/answer), messages (OpenAI-style
+    `{"messages": [{"role", "content"}, ...]}`) or sharegpt (`{"conversations": [{"from", "value"}, ...]}`).
+    The two conversation formats imply `template: chat`."""
     sources: list[DataSource] = Field(default_factory=list)
     template: Literal["llm_adapters", "alpaca", "chat"] = "llm_adapters"
     cutoff_len: int = Field(256, ge=2, le=INT32_MAX)
@@ -221,6 +237,17 @@ class DataConfig(_Section):
     group_by_length: bool = False
     """Seeded length-grouped batches: each global batch holds examples of similar length (less padding);
     still a pure function of (train.seed, epoch), so resume and multi-process runs see the same batches."""
+
+    @model_validator(mode="after")
+    def _conversations_use_the_chat_template(self) -> DataConfig:
+        if self.format in CONVERSATION_FORMATS and self.template != "chat":
+            if "template" in self.model_fields_set:
+                raise ValueError(
+                    f"format {self.format} is rendered by the tokenizer's chat template, so template must be "
+                    f"chat (or left out), got {self.template}"
+                )
+            self.template = "chat"
+        return self
 
 
 class OptimConfig(_Section):
@@ -259,6 +286,8 @@ class TrainConfig(_Section):
     keep_last: Count | None = None
     skip_nonfinite: int = Field(0, ge=0, le=INT32_MAX)
     """How many steps with a NaN / inf loss or gradient may be skipped before training stops."""
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    """Experiment trackers (through Accelerate) that get the records of metrics.jsonl."""
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
@@ -273,10 +302,10 @@ class LaunchConfig(_Section):
 
 
 class MTBenchConfig(_Section):
-    questions: str | None = None
+    questions: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
     """question.jsonl of MT-Bench (FastChat layout)."""
-    reference_answers: str | None = None
-    judge_prompts: str | None = None
+    reference_answers: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
+    judge_prompts: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
     judge_url: str | None = None
     judge_model: str | None = None
     judge_api_key_env: str = "OPENAI_API_KEY"
@@ -291,7 +320,7 @@ class EvalConfig(_Section):
             "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
         ]
     )
-    data_dir: str | None = None
+    data_dir: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
     """Root of the LLM-Adapters layout (`<root>/<task>/test.json`) or a hub dataset `hf://owner/name`;
     for the math suite, the records file."""
     mode: Literal["generate", "loglik"] = "generate"
@@ -314,7 +343,7 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    output_dir: str = "runs/default"
+    output_dir: str = Field("runs/default", json_schema_extra=LOCAL_PATH)
     expected: dict[str, float] = Field(default_factory=dict)
     """The paper's numbers for this row (task name or `avg` -> value), carried into metric JSON."""
 
@@ -380,6 +409,27 @@ def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML (no `base:`), keys in schema order; `load_recipe` reads it back."""
     data = recipe.model_dump(mode="python", exclude={"base"})
     return yaml.safe_dump(_plain(data), sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def absolute_paths(section: BaseModel) -> BaseModel:
+    """A copy of a recipe (or of one of its sections) with its path fields absolute (see LOCAL_PATH,
+    LOCAL_OR_HUB); relative paths are taken from the current directory. Idempotent."""
+    update: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        value, extra = getattr(section, name), field.json_schema_extra
+        kind = extra.get("path") if isinstance(extra, dict) else None
+        if kind is not None and isinstance(value, str) and value:
+            update[name] = _absolute(value, kind)
+        elif isinstance(value, BaseModel):
+            update[name] = absolute_paths(value)
+        elif isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):
+            update[name] = [absolute_paths(v) if isinstance(v, BaseModel) else v for v in value]
+    return section.model_copy(update=update)
+
+
+def _absolute(value: str, kind: str) -> str:
+    path = Path(value).expanduser()
+    return os.path.abspath(path) if kind == "local" or path.exists() else value
 
 
 def check_batch(recipe: Recipe, num_processes: int) -> int:

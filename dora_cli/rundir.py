@@ -7,6 +7,8 @@
       train.log                every line the run printed, with time stamps
       metrics.jsonl            one record per log step / validation / skipped step
       metrics.json             the summary, written at the end
+      trackers/                the experiment trackers of train.report_to (TensorBoard event files under
+                               dora_cli/, wandb's offline runs under wandb/)
       checkpoint-<step>/       complete checkpoints only: written under a temporary name, then renamed
         adapter_config.json, adapter_model.safetensors, dora_cli_adapter.json (or a whole model: method full)
         recipe.yaml
@@ -44,13 +46,16 @@ RECIPE_NAME = "recipe.yaml"
 LOG_NAME = "train.log"
 METRICS_LOG_NAME = "metrics.jsonl"
 METRICS_NAME = "metrics.json"
+TRACKERS_NAME = "trackers"
 STATE_DIR = "trainer_state"
 FINAL_NAME = "final"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # Keys that may change between a run and its resumption without changing what is trained.
 VOLATILE = {"output_dir", "eval", "expected", "launch"}
-VOLATILE_TRAIN = {"log_every", "eval_every", "save_every", "keep_last", "max_steps", "epochs", "skip_nonfinite"}
+VOLATILE_TRAIN = {
+    "log_every", "eval_every", "save_every", "keep_last", "max_steps", "epochs", "skip_nonfinite", "report_to",
+}
 
 
 # ---- lock ---------------------------------------------------------------------------------------
@@ -249,10 +254,11 @@ def inside_a_checkpoint(path: Path) -> Path | None:
 
 # ---- the identity of a run ------------------------------------------------------------------------------
 def identity(recipe) -> dict:
-    """What makes two runs the same run (resumable into each other): the recipe without volatile keys."""
-    from dora_cli.recipe import dump_recipe, safe_load
+    """What makes two runs the same run (resumable into each other): the recipe without volatile keys,
+    its paths absolute (a saved recipe's are; relative ones are taken from the current directory)."""
+    from dora_cli.recipe import absolute_paths, dump_recipe, safe_load
 
-    data = safe_load(dump_recipe(recipe))
+    data = safe_load(dump_recipe(absolute_paths(recipe)))
     for key in VOLATILE:
         data.pop(key, None)
     for key in VOLATILE_TRAIN:
@@ -312,6 +318,7 @@ class RunDir:
         self.metrics_log = self.path / METRICS_LOG_NAME
         self.metrics_file = self.path / METRICS_NAME
         self.final = self.path / FINAL_NAME
+        self.trackers = self.path / TRACKERS_NAME
         self.log_file: Path | None = None  # set when the run owns the directory
 
     def checkpoint(self, step: int) -> Path:

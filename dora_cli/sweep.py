@@ -21,11 +21,15 @@ Features, top to bottom:
 - exit status: 0 when at least one trial succeeded (failed trials are results of the study, marked in
   every report), 1 (RunFailure) when every trial failed
 - OUTPUT/sweep/sweep.json (settings, per trial: method, rank, alpha, trainable parameters and %,
-  per-task accuracy, average, status, error, paths), sweep.md (the layout of the paper's Table 15)
-  and sweep.png (average accuracy against rank on a log2 axis, one line per method, failed trials
-  marked), written atomically and rewritten after every trial: a killed sweep leaves valid partial
-  results. With the paper's model (yahma/llama-7b-hf) on the commonsense suite the paper's Table 15
-  averages are shown beside ours (dashed lines in the plot).
+  per-task accuracy, average and its standard error, test examples, validation loss, train and eval
+  time, status, error, paths), sweep.md (the layout of the paper's Table 15, Avg ± its standard error,
+  validation loss, times) and sweep.png (average accuracy against rank on a log2 axis with ±1 standard
+  error bars, one style per method, failed trials marked, a y range of at least 10 points, the model
+  by name, the examples in the caption), written atomically and rewritten after every trial: a killed
+  sweep leaves valid partial results. With the paper's model (yahma/llama-7b-hf) on the commonsense
+  suite the paper's Table 15 averages are shown beside ours (dotted lines in the plot).
+- the validation loss (train's metrics.json; set data.val_set_size) is the honest signal of a short
+  trial, whose accuracies are often within their standard errors of each other
 
 Every trial uses the recipe's learning rate. (The paper trains LoRA at 3e-4 and DoRA at 2e-4, 1e-4 at
 r=32; pass optim.lr=... to change it for the whole sweep.)
@@ -35,7 +39,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +47,8 @@ from dora_cli.adapters import METHODS
 from dora_cli.adapters.variants import recipe_methods
 from dora_cli.console import say, stderr_is_terminal
 from dora_cli.errors import RunFailure, UserError, did_you_mean, one_of
-from dora_cli.files import atomic_file, check_output_dir, write_json, write_text
+from dora_cli.files import check_output_dir, write_json, write_text
+from dora_cli.plots import fit, model_name, save_png, series_style, y_limits
 from dora_cli.recipe import Recipe, check_batch, load_recipe
 from dora_cli.rundir import RunDir
 
@@ -52,6 +56,7 @@ DEFAULT_RECIPE = Path("recipes") / "commonsense_7b.yaml"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ALPHA_RULES = ("2r", "fixed")
 SWEEP_DIR = "sweep"
+MIN_Y_SPAN = 10.0  # percentage points: sweep.png never stretches a smaller difference across its axis
 
 # The paper's Table 15: average commonsense accuracy (%) of LLaMA-7B at each rank (alpha = 2r).
 # DoRA r=32 is 78.1, as in recipes/commonsense_7b.yaml (the final arXiv v6 version reports 78.4 at
@@ -294,7 +299,8 @@ def execute(sweep: Sweep) -> dict:
         record = records[trial.name]
         seconds = time.perf_counter() - started
         if record["status"] == "ok":
-            say(f"{head}: ok, avg {_cell(record['average'])}, {_percent(record['trainable_percent'])}% trainable ({seconds:.0f} s)")
+            val = f", val loss {record['val_loss']:.4f}" if record["val_loss"] is not None else ""
+            say(f"{head}: ok, avg {_avg(record)}{val}, {_percent(record['trainable_percent'])}% trainable ({seconds:.0f} s)")
         else:
             say(f"{head}: FAILED: {record['error']}")
         write_reports(sweep, records)
@@ -351,7 +357,8 @@ def _base_record(trial: Trial) -> dict:
         "name": trial.name, "method": trial.method, "rank": trial.rank, "alpha": _number(trial.alpha),
         "status": "pending", "error": None,
         "trainable_params": None, "total_params": None, "trainable_percent": None,
-        "tasks": {}, "average": None, "paper_average": trial.paper_average,
+        "tasks": {}, "average": None, "average_se": None, "examples": None, "paper_average": trial.paper_average,
+        "val_loss": None, "train_time_s": None, "eval_time_s": None,
         "paths": {"output_dir": str(trial.dir), "final": str(trial.final), "eval_metrics": str(trial.eval_metrics)},
     }
 
@@ -365,13 +372,15 @@ def _failed(trial: Trial, error: str) -> dict:
 
 
 def _train_numbers(trial: Trial, record: dict) -> dict:
-    """Trainable parameters (parameter_report, PEFT's convention) from the metrics.json of `dora train`."""
+    """Trainable parameters (parameter_report, PEFT's convention), the validation loss and the wall time
+    from the metrics.json of `dora train`."""
     path = RunDir(trial.dir).metrics_file
     if path.is_file():
         metrics = json.loads(path.read_text())
         record.update(
             trainable_params=metrics.get("trainable_params"), total_params=metrics.get("total_params"),
-            trainable_percent=metrics.get("trainable_percent"),
+            trainable_percent=metrics.get("trainable_percent"), val_loss=metrics.get("val_loss"),
+            train_time_s=metrics.get("wall_time_s"),
         )
     return record
 
@@ -384,6 +393,9 @@ def _collect(trial: Trial) -> dict:
         status="ok",
         tasks={task: m["accuracy"] for task, m in metrics["tasks"].items()},
         average=metrics["average"],
+        average_se=metrics.get("average_se"),
+        examples=sum(m["n"] for m in metrics["tasks"].values()),
+        eval_time_s=metrics.get("wall_time_s"),
     )
     return record
 
@@ -425,80 +437,115 @@ def write_reports(sweep: Sweep, records: dict[str, dict]) -> dict:
 
 
 def render_table(doc: dict) -> str:
-    """Markdown in the layout of the paper's Table 15: one row per trial."""
+    """Markdown in the layout of the paper's Table 15: one row per trial, Avg ± its standard error, then the
+    validation loss and the times."""
     from dora_cli.eval.tasks import TASKS
 
     settings, trials = doc["settings"], doc["trials"]
-    tasks = [t for t in TASKS if t in settings["eval"]["tasks"]]
+    evaluated = settings["eval"]["tasks"]
+    tasks = [*(t for t in TASKS if t in evaluated), *(t for t in evaluated if t not in TASKS)]
     paper = settings["paper_reference"] is not None
-    columns = ["Model", "r", "# Params (%)", *(TASKS[t].column for t in tasks), "Avg", *(["Paper Avg"] if paper else [])]
+    columns = [
+        "Model", "r", "# Params (%)", *(TASKS[t].column if t in TASKS else t for t in tasks), "Avg",
+        "Val loss", "Train (s)", "Eval (s)", *(["Paper Avg"] if paper else []),
+    ]
     lines = [
-        f"# Rank study: {settings['model']}",
+        f"# Rank study: {model_name(settings['model'])}",
         "",
         "| " + " | ".join(columns) + " |",
         "|---|---:|" + "---:|" * (len(columns) - 2),
     ]
     for t in trials:
         if t["status"] == "ok":
-            cells = [_cell(t["tasks"].get(task)) for task in tasks] + [_cell(t["average"])]
+            cells = [_cell(t["tasks"].get(task)) for task in tasks] + [_avg(t)]
         else:
             cells = ["-"] * len(tasks) + [t["status"]]
+        cells += [_loss(t["val_loss"]), _seconds(t["train_time_s"]), _seconds(t["eval_time_s"])]
         if paper:
             cells.append(_cell(t["paper_average"]))
         lines.append(f"| {METHODS[t['method']].display} | {t['rank']} | {_percent(t['trainable_percent'])} | " + " | ".join(cells) + " |")
-    ev = settings["eval"]
-    alpha = "alpha = 2r" if settings["alpha_rule"] == "2r" else f"alpha = {settings['alpha']} (fixed)"
-    note = f"Accuracy (%), {alpha}; eval mode {ev['mode']}"
-    if ev["limit"]:
-        note += f", first {ev['limit']} examples per task"
-    note += "; Avg is the macro average over the tasks evaluated."
-    if paper:
-        note += " Paper Avg: the paper's Table 15 (LLaMA-7B, eight tasks)."
-    lines += ["", note]
+    lines += ["", _note(doc)]
     failed = [t for t in trials if t["status"] == "failed"]
     if failed:
         lines += ["", "Failed trials:", ""] + [f"- {t['name']}: {t['error']}" for t in failed]
     return "\n".join(lines) + "\n"
 
 
-def plot(doc: dict, path: Path) -> None:
-    """Average accuracy against rank (log2 axis, the ranks as ticks), one line per method; failed trials
-    marked with x at the bottom; the paper's averages dashed. Written atomically."""
+def _note(doc: dict) -> str:
+    settings = doc["settings"]
+    ev = settings["eval"]
+    alpha = "alpha = 2r" if settings["alpha_rule"] == "2r" else f"alpha = {settings['alpha']} (fixed)"
+    note = f"Model {settings['model']}. Accuracy (%), {alpha}; eval mode {ev['mode']}"
+    if ev["limit"]:
+        note += f", first {ev['limit']} examples per task"
+    note += (
+        f"; {_examples(doc)}. Avg is the macro average over the tasks evaluated, ± one binomial standard error"
+        " (percentage points). Val loss: the trial's validation loss (data.val_set_size examples); times in"
+        " seconds (training, and the evaluation's predictions)."
+    )
+    if settings["paper_reference"] is not None:
+        note += " Paper Avg: the paper's Table 15 (LLaMA-7B, eight tasks)."
+    return note
+
+
+def _examples(doc: dict) -> str:
+    """'n = 400 test examples per trial (2 tasks)', from the trials evaluated so far."""
+    counts = sorted({t["examples"] for t in doc["trials"] if t["status"] == "ok" and t["examples"] is not None})
+    if not counts:
+        return "no trial evaluated yet"
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    tasks = len(doc["settings"]["eval"]["tasks"])
+    return f"n = {n} test examples per trial ({tasks} task{'s' if tasks != 1 else ''})"
+
+
+def plot(doc: dict, path: Path):
+    """Average accuracy ± one standard error against rank (log2 axis, the ranks as ticks), one style per
+    method (markers, line styles and a small sideways offset keep tied methods apart); failed trials
+    marked with x at the bottom; the paper's averages dotted; at least MIN_Y_SPAN points of y range.
+    Written atomically; returns the figure."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullLocator
 
     settings, trials = doc["settings"], doc["trials"]
-    ranks = settings["ranks"]
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ranks, methods = settings["ranks"], settings["methods"]
+    width = 6.4
+    fig = Figure(figsize=(width, 4.6), layout="constrained")
     ax = fig.subplots()
-    finite = []
-    for i, method in enumerate(settings["methods"]):
-        color = f"C{i}"
+    shown: list[float] = []
+    for i, method in enumerate(methods):
+        style, name = series_style(i), METHODS[method].display
+        shift = 2 ** (0.035 * (i - (len(methods) - 1) / 2))  # a sideways offset on the log axis
         mine = {t["rank"]: t for t in trials if t["method"] == method}
-        ys = [mine[r]["average"] if r in mine and mine[r]["status"] == "ok" else math.nan for r in ranks]
-        finite += [y for y in ys if not math.isnan(y)]
-        ax.plot(ranks, ys, marker="o", color=color, label=METHODS[method].display)
+        ok = [mine[r] for r in ranks if r in mine and mine[r]["status"] == "ok"]
+        xs = [t["rank"] * shift for t in ok]
+        ys = [t["average"] for t in ok]
+        errs = [t["average_se"] or 0.0 for t in ok]
+        if ok:
+            ax.errorbar(xs, ys, yerr=errs, capsize=3, elinewidth=1.0, label=name, **style)
+            shown += [y - e for y, e in zip(ys, errs)] + [y + e for y, e in zip(ys, errs)]
         failed = [r for r in ranks if r in mine and mine[r]["status"] == "failed"]
         if failed:  # x in axis coordinates: at the bottom, whatever the accuracies
-            ax.plot(failed, [0.04] * len(failed), "x", color=color, markersize=10, markeredgewidth=2,
-                    transform=ax.get_xaxis_transform(), label=f"{METHODS[method].display} failed")
-        if settings["paper_reference"]:
-            paper = [(t["rank"], t["paper_average"]) for t in trials if t["method"] == method and t["paper_average"] is not None]
-            if paper:
-                ax.plot(*zip(*paper), linestyle="--", color=color, alpha=0.7, label=f"{METHODS[method].display} (paper)")
-                finite += [y for _, y in paper]
+            ax.plot(failed, [0.04] * len(failed), "x", color=style["color"], markersize=10, markeredgewidth=2,
+                    transform=ax.get_xaxis_transform(), label=f"{name} failed")
+        reference = [(t["rank"], t["paper_average"]) for t in trials if t["method"] == method and t["paper_average"] is not None]
+        if settings["paper_reference"] and reference:
+            ax.plot(*zip(*reference), linestyle=":", marker=style["marker"], fillstyle="none", color=style["color"],
+                    alpha=0.7, label=f"{name} (paper)")
+            shown += [y for _, y in reference]
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlim(min(ranks) / 1.4, max(ranks) * 1.4)
-    if not finite:
-        ax.set_ylim(0, 100)
+    ax.set_ylim(*y_limits(shown, MIN_Y_SPAN, floor=0.0, ceiling=100.0))
     ax.set_xlabel("rank r")
     ax.set_ylabel("average accuracy (%)")
-    ax.set_title(f"Rank study: {settings['model']}", fontsize=10)
+    ax.set_title(fit(f"Rank study: {model_name(settings['model'])}", width, 11), fontsize=11)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    atomic_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    fig.supxlabel(fit(f"{_examples(doc)}; error bars: ±1 binomial standard error of the average", width, 8), fontsize=8)
+    save_png(fig, path)
+    return fig
+
 
 # ---- formatting -----------------------------------------------------------------------------------
 def _number(x: float) -> int | float:
@@ -507,6 +554,20 @@ def _number(x: float) -> int | float:
 
 def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+def _avg(record: dict) -> str:
+    """The average with its standard error: '72.3 ± 1.1'."""
+    se = record.get("average_se")
+    return _cell(record["average"]) + (f" ± {se:.1f}" if se is not None else "")
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _percent(value: float | None) -> str:

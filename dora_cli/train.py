@@ -11,8 +11,10 @@ Features, top to bottom:
 - gradient accumulation, mixed precision, gradient checkpointing, clipping, a non-finite guard
 - checkpoints written atomically with a manifest, `keep_last`, `--resume` from the newest intact one
   (bitwise identical to an uninterrupted run on the CPU), SIGINT / SIGTERM save and exit 130 / 143
-- a progress bar (loss, lr, tokens/s), `metrics.jsonl` every `log_every` steps, `metrics.json` at the end;
-  the output directory and its files belong to rundir.RunDir
+- a progress bar (loss, lr, tokens/s), a log line every `log_every` steps (with the remaining time) and at
+  every validation, `metrics.jsonl` (the same records, also to `train.report_to`'s trackers: trackers.py),
+  `metrics.json` at the end; the output directory and its files belong to rundir.RunDir
+- the recipe is saved with absolute paths (recipe.absolute_paths): its checkpoints work from any directory
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from pathlib import Path
 
 import torch
 
+from dora_cli import trackers
 from dora_cli.batching import real_tokens, seeded_permutation
+from dora_cli.console import duration
 from dora_cli.errors import RunFailure, UserError
 from dora_cli.launch import inside_launch, process_count, relaunch
-from dora_cli.recipe import Recipe, check_batch, dump_recipe, load_recipe
+from dora_cli.recipe import Recipe, absolute_paths, check_batch, dump_recipe, load_recipe
 from dora_cli.rundir import RunDir, RunLock, checkpoints, newest_intact, prune
 
 
@@ -58,6 +62,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, npro
     """Train `recipe` into its output_dir (in `nproc` processes); returns output_dir/final."""
     if nproc is not None and nproc < 1:
         raise UserError(f"--nproc: expected a number of processes >= 1, got {nproc}")
+    recipe = absolute_paths(recipe)  # as saved with the run: its checkpoints work from any directory
+    trackers.check(recipe.train.report_to)
     processes = process_count(recipe, nproc)
     check_batch(recipe, processes)
     run_dir = RunDir(recipe.output_dir)
@@ -70,8 +76,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, npro
 
 
 def print_dry_run(recipe: Recipe, processes: int) -> None:
-    """The resolved recipe and the trainable share, from the architecture alone (no weights)."""
+    """The resolved recipe and the trainable share, from the architecture alone (no weights); then the data,
+    read and validated: example counts, token statistics and one training example with its masked text marked."""
     from dora_cli.adapters import apply_adapters, parameter_report
+    from dora_cli.datasets import load_records, split_train_val
     from dora_cli.models import meta_model
 
     accumulation = check_batch(recipe, processes)
@@ -80,7 +88,37 @@ def print_dry_run(recipe: Recipe, processes: int) -> None:
     print(dump_recipe(recipe), end="")
     print(f"# processes: {processes}, gradient accumulation: {accumulation}")
     print(f"# {parameter_report(model)}")
+    data = recipe.data
+    records = load_records(data)
+    train_records, val_records = split_train_val(records, data.val_set_size, data.seed)
+    print(f"# data: {len(records)} {data.format} records: {len(train_records)} for training, "
+          f"{len(val_records)} for validation")
+    _print_tokens(recipe, train_records)
     return None
+
+
+def _print_tokens(recipe: Recipe, records: list[dict]) -> None:
+    """Token statistics of the training records and the first of them as trained (the tokenizer is loaded;
+    a hub tokenizer that cannot be reached skips this part, as the architecture falls back to a known one)."""
+    from dora_cli.datasets import marked_text, token_stats, tokenize_records
+    from dora_cli.models import load_tokenizer, resolve_source
+
+    data = recipe.data
+    try:
+        tokenizer = load_tokenizer(recipe.model)
+    except UserError as err:
+        if resolve_source(recipe.model.tokenizer or recipe.model.name_or_path).kind != "hub":
+            raise
+        print(f"# tokens: not counted, the tokenizer cannot be loaded ({err})")
+        return
+    examples = tokenize_records(records, tokenizer, data)
+    st = token_stats(records, examples, tokenizer, data)
+    print(f"# tokens per training example (before data.cutoff_len): min {st.shortest}, median {st.median:g}, "
+          f"max {st.longest}; {st.cut} of {st.examples} are longer than cutoff_len {data.cutoff_len} and cut")
+    print(f"# trained tokens (with a loss): {st.trained:,} of {st.tokens:,} ({st.trained / max(1, st.tokens):.1%})"
+          + (f"; {st.untrained_examples} examples have none and are left out" if st.untrained_examples else ""))
+    print("# the first training example as trained: [[masked text]] has no loss, the rest is trained")
+    print(marked_text(examples[0], tokenizer))
 
 
 # ==================================================================================================
@@ -161,6 +199,19 @@ class Setup:
 
 
 @dataclass
+class Eta:
+    """The remaining time, from the pace of the steps this process ran so far (resumed steps excluded)."""
+
+    first_step: int
+    total: int
+    started: float = field(default_factory=time.perf_counter)
+
+    def remaining(self, step: int) -> float | None:
+        done = step - self.first_step
+        return (time.perf_counter() - self.started) / done * (self.total - step) if done > 0 else None
+
+
+@dataclass
 class Window:
     """What happened since the last log line."""
 
@@ -183,6 +234,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.skipped = 0
+        self.eta: Eta | None = None
+        self.last_val: tuple[int, float] | None = None  # (step, validation loss) of the newest validation
         self.signals = StopSignals(self.log)
 
     @property
@@ -199,7 +252,10 @@ class Trainer:
         from accelerate.utils import set_seed
 
         r = self.recipe
-        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=r.train.mixed_precision)
+        self.acc = Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=r.train.mixed_precision,
+            **trackers.accelerator_options(r, self.dir),
+        )
         set_seed(r.train.seed)
         self.s = self._setup()  # everything that can refuse the run, before anything is written
         lock = RunLock(self.dir.path)
@@ -211,6 +267,7 @@ class Trainer:
             with self.signals:
                 return self._loop()
         finally:
+            trackers.finish(self.acc)
             self.dir.close()
             self.acc.wait_for_everyone()
             if self.main:
@@ -262,6 +319,7 @@ class Trainer:
                 f"{len(s.train_set)} training examples, {len(s.val_set)} validation; "
                 f"{plan.total_steps} steps of {plan.batch} ({plan.accumulation} x {plan.micro} x {plan.processes} processes)"
             )
+        trackers.start(self.acc, self.recipe, self.dir, self.step)
 
     # ---- the loop -------------------------------------------------------------------------------------
     def _loop(self) -> Path:
@@ -269,9 +327,10 @@ class Trainer:
         started = time.perf_counter()
         last_saved = self.step if self.resume else -1
         window, first_loss = Window(), None
+        self.eta = Eta(self.step, plan.total_steps)
         self.s.model.train()
         with self._progress() as progress:
-            task = progress.add_task("train", total=plan.total_steps, completed=self.step, loss=float("nan"), lr=0.0, tps=0.0)
+            task = progress.add_task("train", total=plan.total_steps, completed=self.step, stats="")
             while self.step < plan.total_steps and self.signals.received is None:
                 lr = self._set_lr()
                 loss, tokens = self._accumulate()
@@ -286,7 +345,7 @@ class Trainer:
                 window.loss_sum, window.steps, window.tokens = window.loss_sum + loss, window.steps + 1, window.tokens + tokens
                 if self.step % t.log_every == 0 or self.step == plan.total_steps:
                     record = self._log_step(window, lr, grad_norm)
-                    progress.update(task, completed=self.step, loss=record["loss"], lr=lr, tps=record["tokens_per_s"])
+                    progress.update(task, completed=self.step, stats=bar_stats(record))
                     window = Window()
                 else:
                     progress.update(task, completed=self.step)
@@ -294,7 +353,7 @@ class Trainer:
 
         if self.signals.received is not None:
             self._stop(last_saved)
-        val_loss = self.evaluate() if self.s.val_set else None
+        val_loss = self._validate() if self.s.val_set else None
         final = self._save(self.dir.final, trainer_state=False)
         if self.main:
             self._write_metrics(started, first_loss, val_loss)
@@ -364,8 +423,7 @@ class Trainer:
         """Validation and checkpoints due at this step; returns the step of the newest checkpoint."""
         t = self.recipe.train
         if t.eval_every and self.step % t.eval_every == 0 and self.s.val_set:
-            val_loss = self.evaluate()
-            self._event({"step": self.step, "val_loss": val_loss})
+            self._validate()
         if t.save_every and self.step % t.save_every == 0:
             self._save(self.dir.checkpoint(self.step), trainer_state=True)
             if self.main:
@@ -404,10 +462,20 @@ class Trainer:
 
     # ---- logging ----------------------------------------------------------------------------------------
     def _progress(self):
+        """The bar: step, elapsed, remaining and (from the first log step on) loss, lr and tokens/s."""
         from dora_cli.console import progress_bar, stderr_is_terminal
 
-        fields = "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"
-        return progress_bar(self.main and stderr_is_terminal(), fields=fields)
+        return progress_bar(self.main and stderr_is_terminal(), fields="{task.fields[stats]}")
+
+    def _validate(self) -> float:
+        """The validation loss at this step (computed once per step): metrics.jsonl, trackers, the log."""
+        if self.last_val is not None and self.last_val[0] == self.step:
+            return self.last_val[1]
+        val_loss = self.evaluate()
+        self.last_val = (self.step, val_loss)
+        self._event({"step": self.step, "val_loss": val_loss})
+        self.log(f"step {self.step}/{self.s.plan.total_steps}  val loss {val_loss:.4f}")
+        return val_loss
 
     def _log_step(self, window: Window, lr: float, grad_norm: float) -> dict:
         elapsed = time.perf_counter() - window.started
@@ -421,15 +489,18 @@ class Trainer:
             "peak_memory_mb": peak_memory_mb(),
         }
         self._event(record)
+        remaining = self.eta.remaining(self.step) if self.step < self.s.plan.total_steps else None
         self.log(
-            f"step {self.step}/{self.s.plan.total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
-            f"grad {grad_norm:.3f}  {record['tokens_per_s']:.0f} tok/s"
+            f"step {self.step}/{self.s.plan.total_steps}  {bar_stats(record)}  grad {grad_norm:.3f}"
+            + (f"  eta {duration(remaining)}" if remaining is not None else "")
         )
         return record
 
     def _event(self, record: dict) -> None:
+        """One record: metrics.jsonl and the trackers of train.report_to."""
         if self.main:
             self.dir.log_event(record)
+        trackers.log(self.acc, record)
 
     def _write_metrics(self, started: float, first_loss: float | None, val_loss: float | None) -> None:
         losses = [e["loss"] for e in self.dir.events() if "loss" in e]
@@ -519,6 +590,11 @@ class StopSignals:
         for sig, handler in self._saved.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._saved.clear()
+
+
+def bar_stats(record: dict) -> str:
+    """Loss, lr and tokens/s of a log-step record, as the bar and the log line show them."""
+    return f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
 
 
 def peak_memory_mb() -> float:

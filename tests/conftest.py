@@ -39,6 +39,19 @@ def tiny_llama(seed: int = 0, **overrides):
     return model.eval()
 
 
+def tiny_qwen2(seed: int = 0, **overrides):
+    """A 2-layer Qwen2 (biases on q / k / v) with hidden 64, random weights, fp32, eval mode."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    kwargs = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**kwargs)).eval()
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

@@ -12,6 +12,7 @@ from dora_cli.adapters import (
     apply_adapters,
     load_adapter,
     merge_adapters,
+    merged_state_dict,
     save_adapter,
     unmerge_adapters,
     unwrap,
@@ -125,3 +126,38 @@ def test_8bit_base(tiny_dir):
 def test_full_fine_tuning_of_a_quantized_base_is_refused(tiny_dir):
     with pytest.raises(UserError, match="cannot train a quantized base"):
         apply_adapters(quantized(tiny_dir), AdapterConfig(method="full"))
+
+
+@pytest.mark.parametrize(
+    ("mode", "compute"), [("nf4", torch.bfloat16), ("fp4", torch.float32), ("int8", None)],
+    ids=["nf4-bf16-compute", "fp4-fp32-compute", "int8"],
+)
+def test_a_transformers_quantized_model_merges_unwraps_and_gives_a_plain_state_dict(tiny_dir, mode, compute):
+    """The recipe's default (an fp32 model, bf16 4-bit compute) and 8-bit: merge in place and unwrap work, the
+    unwrapped model is fp32 throughout and forgets its quantization, the merged state dict loads strictly."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if mode == "int8":
+        qcfg = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode, bnb_4bit_compute_dtype=compute)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=qcfg, dtype=torch.float32).eval()
+    apply_adapters(model, AdapterConfig(method="dora", r=4, target_modules=TARGETS))
+    with torch.no_grad():
+        for _, layer in adapted_modules(model):
+            layer.lora_B.normal_(0, 0.05)
+        want = model(IDS).logits
+        # README's merge tolerance: 2 epsilons of the 4-bit compute dtype; int8 rounds its input to int8
+        rel = 2.0**-4 if mode == "int8" else max(2 * torch.finfo(compute).eps, 2e-6)
+        tol = rel * max(1.0, want.abs().max().item())
+        merge_adapters(model)
+        assert (model(IDS).logits - want).abs().max() <= tol
+        unmerge_adapters(model)
+        state = merged_state_dict(model)
+        plain = tiny_llama()
+        plain.load_state_dict(state, strict=True)
+        assert (plain(IDS).logits - want).abs().max() <= tol
+        unwrap(model)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        assert not getattr(model, "is_quantized", False) and not hasattr(model.config, "quantization_config")
+        assert (model(IDS).logits - want).abs().max() <= tol

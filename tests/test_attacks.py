@@ -314,6 +314,25 @@ CASES: dict[str, Build] = {
     "judge-template-not-text": lambda k: ["eval", str(k.run()), *judge_files(k, prompts_with("x") + [
         {"name": "single-v1", "system_prompt": 1, "prompt_template": "x"}])],
     "judge-prompts-nested-100k": lambda k: ["eval", str(k.run()), *judge_files(k, DEEP + "\n")],
+    # --- generate and chat (generate.py; the target as dora eval loads it) ---
+    "generate-no-prompt": lambda k: ["generate", str(k.run())],
+    "generate-empty-prompt": lambda k: ["generate", str(k.run()), "  "],
+    "generate-missing-target": lambda k: ["generate", str(k.tmp / "nope"), "Name a fruit."],
+    "generate-max-new-tokens-zero": lambda k: ["generate", str(k.run()), "q", "--max-new-tokens", "0"],
+    "generate-max-new-tokens-huge": lambda k: ["generate", str(k.run()), "q", "--max-new-tokens", str(10**30)],
+    "generate-temperature-negative": lambda k: ["generate", str(k.run()), "q", "--temperature", "-1"],
+    "generate-temperature-nan": lambda k: ["generate", str(k.run()), "q", "--temperature", "nan"],
+    "generate-temperature-inf": lambda k: ["generate", str(k.run()), "q", "--temperature", "inf"],
+    "generate-seed-past-2-32": lambda k: ["generate", str(k.run()), "q", "--seed", str(2**70)],
+    "generate-unknown-template": lambda k: ["generate", str(k.run()), "q", "--template", "alpacca"],
+    "generate-chat-template-missing": lambda k: ["generate", str(k.run()), "q", "--template", "chat"],
+    "generate-peft-adapter-without-base": lambda k: ["generate", str(peft_copy(k)), "q"],
+    "generate-altered-adapter": lambda k: ["generate", str(alter_adapter(k.run())), "q"],
+    "generate-garbage-gguf": lambda k: ["generate", gguf(k, b"not a gguf"), "q"],
+    "chat-misspelt-option": lambda k: ["chat", str(k.run()), "--temprature", "1"],
+    "chat-missing-target": lambda k: ["chat", "no/such/model"],
+    "chat-unknown-template": lambda k: ["chat", str(k.run()), "--template", "chatml"],
+    "chat-temperature-nan": lambda k: ["chat", str(k.run()), "--temperature", "nan"],
     # --- output paths: checked by the commands, or caught by the boundary net for OSErrors (errors.run_main) ---
     "output-dir-below-a-file": lambda k: ["train", k.recipe(), f"output_dir={k.write('afile', 'x') / 'out'}"],
     "output-dir-is-a-file": lambda k: ["train", k.recipe(), f"output_dir={k.write('afile', 'x')}"],
@@ -356,6 +375,16 @@ def alter_adapter(final: Path) -> Path:
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))
     return final
+
+
+def peft_copy(k: Kit) -> Path:
+    """The run's adapter as a bare PEFT directory: adapter_config.json (no base model named) and the weights."""
+    final = k.run()
+    peft_dir = k.tmp / "peft"
+    peft_dir.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(final / name, peft_dir / name)
+    return peft_dir
 
 
 def truncate_adapter(final: Path) -> Path:

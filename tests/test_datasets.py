@@ -182,7 +182,7 @@ def test_empty_dataset_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no records"):
         ds.load_records(cfg(tmp_path / "e.jsonl"))
     (tmp_path / "sub").mkdir()
-    with pytest.raises(UserError, match="no train.json, train.jsonl or other .json / .jsonl file"):
+    with pytest.raises(UserError, match="no train.json, train.jsonl, train.parquet or other .json / .jsonl / .parquet file"):
         ds.load_records(cfg(tmp_path / "sub"))
     with pytest.raises(UserError, match="data.sources: no training data"):
         ds.load_records(DataConfig())

@@ -76,8 +76,9 @@ def test_all_tasks_end_to_end(model, tok, data_root, tmp_path, mode):
     )
     assert list(m["tasks"]) == list(TASKS)
     for t in m["tasks"].values():
-        assert set(t) == {"accuracy", "correct", "n", "no_answer_rate"} and t["n"] == 3
+        assert set(t) == {"accuracy", "se", "correct", "n", "no_answer_rate"} and t["n"] == 3
         assert t["accuracy"] == pytest.approx(100 * t["correct"] / 3, abs=1e-3)
+        assert t["se"] == pytest.approx((t["accuracy"] * (100 - t["accuracy"]) / 3) ** 0.5, abs=1e-3)
         if mode == "loglik":
             assert t["no_answer_rate"] == 0
     assert m["average"] == pytest.approx(sum(t["accuracy"] for t in m["tasks"].values()) / 8)

@@ -121,7 +121,8 @@ def test_custom_task_evaluates_end_to_end_in_both_modes(quiz, tok, tmp_path):
         assert m["average"] == m["tasks"]["quiz"]["accuracy"]
         assert m["examples_per_s"]["quiz"] > 0
         header, _, row = (tmp_path / mode / "results.md").read_text().splitlines()[:3]
-        assert header.endswith("| quiz | Avg |") and row.endswith(f"| {m['average']:.1f} | {m['average']:.1f} |")
+        se = m["tasks"]["quiz"]["se"]
+        assert header.endswith("| quiz | Avg |") and row.endswith(f"| {m['average']:.1f} ± {se:.1f} | {m['average']:.1f} ± {se:.1f} |")
         lines = (tmp_path / mode / "predictions" / "quiz.jsonl").read_text().splitlines()
         assert len(lines) == 8
         if mode == "loglik":

@@ -82,7 +82,8 @@ class StubJudge:
 
     Ratings: 8 for turn 1, 6 for turn 2, 3 for any math question (whose prompt has a reference).
     `fail_every=2`: every second request gets HTTP 500 (its body echoes the Authorization header);
-    `down_after=n`: from the (n+1)-th request on, HTTP 503 always.
+    `down_after=n`: from the (n+1)-th request on, HTTP 503 always. Failures echo the header in their reason
+    phrase too, and say `retry-after-ms: 1`, which the client honours instead of its own backoff.
     """
 
     def __init__(self):
@@ -107,7 +108,8 @@ class StubJudge:
                     self._send(404, {"error": "no such route"})
                     return
                 if failing:
-                    self._send(500 if stub.down_after is None else 503, {"error": f"boom, your header was {auth}"})
+                    self._send(500 if stub.down_after is None else 503, {"error": f"boom, your header was {auth}"},
+                               {"retry-after-ms": "1"}, reason=f"Boom {auth}")
                     return
                 stub.requests.append({"body": body, "auth": auth})
                 user = body["messages"][1]["content"]
@@ -119,9 +121,11 @@ class StubJudge:
                     text = "Good. Rating: [[8]]"
                 self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
 
-            def _send(self, code, payload):
+            def _send(self, code, payload, headers=None, reason=None):
                 data = json.dumps(payload).encode()
-                self.send_response(code)
+                self.send_response(code, reason)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -144,7 +148,7 @@ def judge():
     stub.close()
 
 
-FAST_JUDGE = {"max_retries": 3, "backoff": 0.001, "timeout": 10}
+FAST_JUDGE = {"max_retries": 3, "timeout": 10}
 
 
 def config(bench_files: Path, judge_url: str | None) -> MTBenchConfig:
@@ -290,9 +294,42 @@ def test_judge_refusal_is_not_retried(judge):
 def test_unreachable_judge_is_retried_then_reported():
     from dora_cli.eval.judge import JudgeUnavailable
 
-    client = JudgeClient("http://127.0.0.1:9", "stub", KEY, max_retries=2, backoff=0.001, timeout=2)
+    client = JudgeClient("http://127.0.0.1:9", "stub", KEY, max_retries=2, timeout=2)
     with pytest.raises(JudgeUnavailable, match="after 3 tries"):
         client.complete("s", "u")
+
+
+def test_without_a_key_no_authorization_is_sent_whatever_openai_api_key_holds(judge, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-someone-elses-key-0123456789")
+    assert JudgeClient(judge.url, "stub", None, **FAST_JUDGE).complete("s", "u") == "Good. Rating: [[8]]"
+    assert judge.requests[-1]["auth"] == ""
+
+
+def test_log_records_of_the_network_libraries_are_redacted(judge, monkeypatch):
+    """With OPENAI_LOG=debug (or a caller's logging), httpx logs each reason phrase and openai each request:
+    an endpoint that echoes the key there must not get it printed."""
+    import logging
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    loggers = [logging.getLogger(name) for name in ("openai", "httpx2", "httpx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
+    judge.fail_every = 2  # the 500s echo the Authorization header in their body and reason phrase
+    try:
+        client = JudgeClient(judge.url, "stub", KEY, **FAST_JUDGE)
+        for _ in range(3):
+            client.complete("s", "u")
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+            logger.removeHandler(handler)
+    assert len(records) > 3 and any("Retrying" in r for r in records)
+    assert not [r for r in records if KEY in r or KEY[8:20] in r]
 
 
 def test_missing_reference_is_refused_before_any_answer(model, tok, bench_files, tmp_path, judge):

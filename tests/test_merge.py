@@ -136,6 +136,23 @@ def test_dtype_bf16_and_a_single_file_base(tmp_path):
     assert record["dtype"] == "bfloat16" and record["verify"]["tolerance"] is None  # 16-bit: reported only
 
 
+def test_a_tied_lm_head_adapter_is_merged_untied_and_said(base_dir, tmp_path, capsys):
+    """The base stores lm_head's weight once, as the input embedding: merging unties them (in memory), says so."""
+    cfg = AdapterConfig(method="dora", r=4, alpha=8, target_modules=["q_proj", "lm_head"])
+    adapter_model = make_adapter(base_dir, tmp_path / "ckpt", cfg)
+    out = run_merge(tmp_path / "ckpt", out=tmp_path / "merged", verify=True)
+    err = capsys.readouterr().err
+    assert "lm_head.weight was tied to model.embed_tokens.weight; merging unties them" in err
+    record = json.loads((out / "dora_merge.json").read_text())
+    assert not record["streamed"] and record["verify"]["max_abs_logit_diff"] <= 1e-4
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    merged = load(out)
+    assert merged.lm_head.weight.data_ptr() != merged.model.embed_tokens.weight.data_ptr()
+    assert max_diff(merged.model.embed_tokens.weight, adapter_model.model.embed_tokens.weight) == 0
+    with torch.no_grad():
+        assert max_diff(merged(IDS).logits, adapter_model(IDS).logits) <= 1e-4
+
+
 # ---- in memory: random recipe, 4-bit recipe -------------------------------------------------------------
 def recipe_checkpoint(path: Path, overrides: list[str], *, method: str = "dora"):
     """A checkpoint of ours with recipe.yaml (the smoke recipe's random model), built without training."""

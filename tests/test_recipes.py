@@ -287,7 +287,7 @@ def test_orca_math_records_are_validated(row, message):
 
 
 def test_an_unknown_format_names_the_formats():
-    with pytest.raises(UserError, match=r"unknown format 'orca-math' \(expected alpaca, commonsense or orca_math\)"
+    with pytest.raises(UserError, match=r"unknown format 'orca-math' \(expected alpaca, commonsense, messages, orca_math or sharegpt\)"
                                         r' \(did you mean "orca_math"\?\)'):
         validate_records([], "orca-math", origin="x")
 

@@ -108,7 +108,7 @@ def echo_judge(request):
 
 
 def client(stub: EchoJudge) -> JudgeClient:
-    return JudgeClient(stub.url, "echo", KEY, max_retries=1, backoff=0.001, timeout=10)
+    return JudgeClient(stub.url, "echo", KEY, max_retries=1, timeout=10)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def client(stub: EchoJudge) -> JudgeClient:
 @pytest.mark.parametrize("echo_judge", [(200, [m]) for m in ECHOES], indirect=True, ids=ECHOES)
 def test_an_echoed_key_never_reaches_the_judgment(echo_judge):
     text = client(echo_judge).complete("system", "user prompt")
-    assert "Rating: [[5]]" in text and len(text) > 200  # the echo came back...
+    assert "Rating: [[5]]" in text and len(text) > 120  # the echo came back (cut short: ~150 characters)...
     assert leaks(text) == []  # ...without the key
 
 

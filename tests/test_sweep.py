@@ -13,9 +13,10 @@ from conftest import ROOT, run_dora
 from dora_cli import cli, sweep
 from dora_cli.errors import RunFailure, UserError
 
-# Short trials: 2 optimizer steps of 4 examples, a checkpoint after each, 2 test examples per task.
+# Short trials: 2 optimizer steps of 4 examples, a checkpoint after each, 4 validation examples, 2 test
+# examples per task.
 FAST = [
-    "train.max_steps=2", "train.batch_size=4", "train.save_every=1", "data.val_set_size=0",
+    "train.max_steps=2", "train.batch_size=4", "train.save_every=1", "data.val_set_size=4",
     "data.max_samples=16", "eval.limit=2",
 ]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -72,6 +73,14 @@ def test_sweep_trains_and_evaluates_every_trial_and_writes_the_reports(swept):
         assert Path(t["paths"]["final"]).is_dir() and Path(t["paths"]["eval_metrics"]).is_file()
         trained = json.loads((out / "sweep" / name / "metrics.json").read_text())
         assert t["trainable_params"] == trained["trainable_params"] and trained["steps"] == 2
+        # the honest signal of a short trial, the times, and the standard error of the average
+        assert t["val_loss"] == trained["val_loss"] and t["val_loss"] > 0
+        assert t["train_time_s"] == trained["wall_time_s"] > 0
+        evaluated = json.loads(Path(t["paths"]["eval_metrics"]).read_text())
+        assert t["eval_time_s"] == evaluated["wall_time_s"] > 0
+        assert t["examples"] == 4 and t["average_se"] == evaluated["average_se"]
+        ses = [100 * (a / 100 * (1 - a / 100) / 2) ** 0.5 for a in t["tasks"].values()]
+        assert t["average_se"] == pytest.approx((ses[0] ** 2 + ses[1] ** 2) ** 0.5 / 2, abs=1e-3)
         recipe = (out / "sweep" / name / "recipe.yaml").read_text()
         assert f"method: {t['method']}" in recipe and f"r: {t['rank']}" in recipe
     # The paper's Table 15 convention: more trainable parameters with rank, DoRA (magnitudes) above LoRA.
@@ -82,11 +91,14 @@ def test_sweep_trains_and_evaluates_every_trial_and_writes_the_reports(swept):
     assert stderr.count("sweep [") >= 4 and "4 ok, 0 failed" in stderr
 
     md = (out / "sweep" / "sweep.md").read_text()
-    assert "| Model | r | # Params (%) | BoolQ | ARC-e | Avg |" in md
+    assert "| Model | r | # Params (%) | BoolQ | ARC-e | Avg | Val loss | Train (s) | Eval (s) |" in md
     rows = [line for line in md.splitlines() if line.startswith(("| LoRA", "| DoRA"))]
     assert [row.split("|")[1:3] for row in rows] == [[" LoRA ", " 2 "], [" LoRA ", " 4 "], [" DoRA ", " 2 "], [" DoRA ", " 4 "]]
     for row, name in zip(rows, TRIALS):
-        assert f"{trials[name]['trainable_percent']:.2f}" in row and f"{trials[name]['average']:.1f} |" in row
+        t = trials[name]
+        assert f"{t['trainable_percent']:.2f}" in row and f"| {t['average']:.1f} ± {t['average_se']:.1f} |" in row
+        assert f"| {t['val_loss']:.4f} |" in row
+    assert "n = 4 test examples per trial (2 tasks)" in md
     assert "Paper Avg" not in md  # a tiny random model is not the paper's setting
     assert (out / "sweep" / "sweep.png").read_bytes()[:8] == PNG
     assert not list((out / "sweep").glob(".*tmp"))
@@ -253,6 +265,8 @@ def _paper_doc(status: dict[str, str]) -> dict:
                 "name": name, "method": method, "rank": r, "alpha": 2 * r, "status": status.get(name, "ok"),
                 "error": None if ok else "step 9: the loss is nan", "trainable_percent": r * (0.027 if method == "lora" else 0.0275),
                 "tasks": {"boolq": 60.0 + r / 8} if ok else {}, "average": 60.0 + r / 8 if ok else None,
+                "average_se": 1.0 if ok else None, "examples": 200 if ok else None, "val_loss": 1.25 if ok else None,
+                "train_time_s": 60.0 if ok else None, "eval_time_s": 30.0 if ok else None,
                 "paper_average": sweep.PAPER_TABLE15[method][r],
             })
     settings = {
@@ -265,10 +279,10 @@ def _paper_doc(status: dict[str, str]) -> dict:
 def test_the_papers_setting_shows_table_15_beside_ours(tmp_path):
     doc = _paper_doc({"lora-r4": "failed", "dora-r64": "pending"})
     md = sweep.render_table(doc)
-    assert "| Model | r | # Params (%) | BoolQ | Avg | Paper Avg |" in md
-    assert "| LoRA | 4 | 0.11 | - | failed | 39.5 |" in md
-    assert "| DoRA | 32 | 0.88 | 64.0 | 64.0 | 78.1 |" in md
-    assert "| DoRA | 64 | 1.76 | - | pending | 72.1 |" in md
+    assert "| Model | r | # Params (%) | BoolQ | Avg | Val loss | Train (s) | Eval (s) | Paper Avg |" in md
+    assert "| LoRA | 4 | 0.11 | - | failed | - | - | - | 39.5 |" in md
+    assert "| DoRA | 32 | 0.88 | 64.0 | 64.0 ± 1.0 | 1.2500 | 60 | 30 | 78.1 |" in md
+    assert "| DoRA | 64 | 1.76 | - | pending | - | - | - | 72.1 |" in md
     assert "- lora-r4: step 9: the loss is nan" in md
     sweep.plot(doc, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG

@@ -11,6 +11,7 @@ Usable without the CLI::
 
     variants.py   the methods: a direction update (low-rank, VeRA, none) x a magnitude (on / off)
     layers.py     AdaptedLinear: one frozen base layer + one method
+    functional.py the precision-aware autograd functions (fp32 low-rank branch, the magnitude rescale)
     base_ops.py   what a layer needs from its frozen base (GEMM without bias, weights; fp, 4-bit, 8-bit)
     norm.py       the factored row norm
     inject.py     wrap a model's target modules; count trainable parameters
@@ -37,7 +38,15 @@ from dora_cli.adapters.inject import (
     parameter_report,
 )
 from dora_cli.adapters.layers import AdaptedLinear
-from dora_cli.adapters.merging import merge_adapters, merged_state_dict, unmerge_adapters, unwrap
+from dora_cli.adapters.merging import (
+    UntiedWeightsWarning,
+    merge_adapters,
+    merged_state_dict,
+    model_dtype,
+    unmerge_adapters,
+    untie_adapted_weights,
+    unwrap,
+)
 from dora_cli.adapters.variants import METHODS, Method, VeraProjections
 
 __all__ = [
@@ -46,6 +55,7 @@ __all__ = [
     "AdapterConfig",
     "Method",
     "ParamReport",
+    "UntiedWeightsWarning",
     "VeraProjections",
     "adapted_modules",
     "adapter_state_dict",
@@ -57,11 +67,13 @@ __all__ = [
     "method_names",
     "merge_adapters",
     "merged_state_dict",
+    "model_dtype",
     "parameter_report",
     "peft_config",
     "read_adapter_config",
     "read_adapter_weights",
     "save_adapter",
     "unmerge_adapters",
+    "untie_adapted_weights",
     "unwrap",
 ]

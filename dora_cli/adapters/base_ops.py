@@ -7,6 +7,8 @@ such layers needs it.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,14 +72,20 @@ def base_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def dequantized_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight the forward pass actually uses, as a dense [out, in] tensor (a copy for quantized layers)."""
+    """The weight the forward pass multiplies by, as a dense [out, in] tensor (a copy for quantized layers).
+
+    Quantized weights are dequantized exactly, in fp32 (a 4-bit layer's own matmul does the same for an
+    fp32 input; for a 16-bit input it rounds these values to its compute dtype).
+    """
     kind = base_kind(layer)
     if kind == "linear":
         w = layer.weight.detach()
     elif kind == "4bit":
         import bitsandbytes.functional as bnbF
 
-        w = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        state = copy.copy(layer.weight.quant_state)
+        state.dtype = torch.float32  # not the dtype the weight was quantized from: no rounding
+        w = bnbF.dequantize_4bit(layer.weight.data, state)
     elif kind == "8bit":
         import bitsandbytes.functional as bnbF
 
@@ -116,6 +124,16 @@ def base_times_at(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
         return bnb.matmul_4bit(a.float(), layer.weight, quant_state=layer.weight.quant_state).T
     # Linear8bitLt's own matmul quantizes its input to int8, too coarse for the norm: use the dense weight.
     return F.linear(a.float(), dequantized_weight(layer, torch.float32)).T
+
+
+def natural_dtype(layer: nn.Module) -> torch.dtype | None:
+    """The floating dtype of the layer's weight: as stored (nn.Linear), before quantization (4-bit), None (8-bit)."""
+    kind = base_kind(layer)
+    if kind == "linear":
+        return layer.weight.dtype
+    if kind == "4bit":
+        return layer.weight.quant_state.dtype
+    return None
 
 
 def dense_linear(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:

@@ -1,4 +1,4 @@
-"""Save and load adapters in the PEFT layout; merge, unmerge and unwrap.
+"""Save and load adapters in the PEFT layout; refuse, by name, PEFT features dora_cli does not implement.
 
 Layout: `adapter_config.json` + `adapter_model.safetensors` with PEFT's key names:
 
@@ -99,31 +99,47 @@ def peft_config(model: nn.Module, cfg: AdapterConfig, base_model: str | None = N
     return out
 
 
+_PEFT_INERT = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "runtime_config", "megatron_core", "qalora_group_size", "layers_pattern", "loftq_config", "eva_config",
+    "corda_config", "lora_ga_config",
+})
+"""Fields that record provenance, runtime options, or settings that act only through another field."""
+_PEFT_OFF = (None, False, "none", {}, [])
+"""The values of a PEFT feature that is switched off."""
+
+
 def _from_peft(raw: dict, where: str) -> AdapterConfig:
-    """Our AdapterConfig for an adapter_config.json written by PEFT."""
+    """Our AdapterConfig for an adapter_config.json written by PEFT.
+
+    Every field that is not inert, not read by the direction and not switched off names a PEFT feature
+    dora_cli does not implement (exclude_modules, modules_to_save, rank_pattern, layer_replication,
+    target_parameters, QA-LoRA, ...): refused by name rather than loaded into a different function.
+    """
     peft_type = raw.get("peft_type")
-    unsupported = {
-        "bias": raw.get("bias", "none") != "none",
-        "modules_to_save": bool(raw.get("modules_to_save")),
-        "layers_to_transform": raw.get("layers_to_transform") is not None,
-        "rank_pattern": bool(raw.get("rank_pattern")),
-        "alpha_pattern": bool(raw.get("alpha_pattern")),
-        "fan_in_fan_out": bool(raw.get("fan_in_fan_out")),
-        "lora_bias": bool(raw.get("lora_bias")),
-    }
-    for key, bad in unsupported.items():
-        if bad:
-            raise UserError(f"{where}: {key}: this PEFT feature is not supported by dora_cli")
+    direction = PEFT_DIRECTIONS.get(peft_type)
+    if direction is None:
+        raise UserError(f"{where}: peft_type: {peft_type!r} is not supported (LORA, VERA or dora_cli's own)")
+    for key, value in raw.items():
+        if key in _PEFT_INERT or key in direction.peft_keys or any(value is off or value == off for off in _PEFT_OFF):
+            continue
+        raise UserError(f"{where}: {key}: this PEFT feature is not supported by dora_cli (it is set to {_short(value)})")
     targets = raw.get("target_modules")
     if isinstance(targets, str):
         targets = [targets]
     if not targets:
         raise UserError(f"{where}: target_modules: missing")
-    direction = PEFT_DIRECTIONS.get(peft_type)
-    if direction is None:
-        raise UserError(f"{where}: peft_type: {peft_type!r} is not supported (LORA, VERA or dora_cli's own)")
+    try:
+        fields = direction.from_peft(raw)
+    except ValueError as err:
+        raise UserError(f"{where}: {err}") from None
     method = compose(direction, magnitude=bool(raw.get("use_dora")))
-    return AdapterConfig(method=method.name, target_modules=targets, **direction.from_peft(raw))
+    return AdapterConfig(method=method.name, target_modules=targets, **fields)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig, dict[str, str] | None]:

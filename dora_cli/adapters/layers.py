@@ -2,15 +2,35 @@
 
 Shapes follow PyTorch: the base weight W0 is [out, in]; A (`lora_A`) is [r, in], B (`lora_B`) is
 [out, r]; the magnitude m is [out]. With g = m / n and n = ‖W0 + ΔW‖ per output row
-(docs/MATH.md), the DoRA forward reuses the one base GEMM:
+(docs/MATH.md), every method starts from the base layer's own forward (its GEMM, its bias, its
+dtype) and adds what the adapter changes:
 
-    y = g ⊙ (W0·x + ΔW·drop(x)) + b                      (dropout_mode "fast", the default)
-    y = W0·x + (g − 1) ⊙ (W0·drop(x)) + g ⊙ ΔW·drop(x) + b  ("delta": the official code; 2 GEMMs)
+    LoRA / VeRA   y = base(x) + ΔW·drop(x)
+    magnitude     y = base(x) + (g − 1) ⊙ (base(x) − b) + g ⊙ ΔW·drop(x)        (dropout_mode "fast")
+                  y = base(x) + (g − 1) ⊙ W0·drop(x) + g ⊙ ΔW·drop(x)           ("delta": the official
+                                                                                 code; a second GEMM)
 
-Both are equal without dropout and in eval mode. n is computed with the factored norm (norm.py),
-detached by default (paper Sec. 4.3). The combination g ⊙ z + b is a custom autograd function that
-keeps the layer's output, not z, for the magnitude gradient (z = (y − b) / g): the output is usually
-kept by the next operation anyway, so DoRA costs almost no activation memory over LoRA.
+"fast" is g ⊙ (W0·x + ΔW·drop(x)) + b, one base GEMM; both are equal without dropout and in eval mode.
+The addition is fp32 and rounded once to the activation dtype; at step 0 (B = 0, g = m / n = 1
+exactly) it adds exactly zero, so the adapted model computes the base model bit for bit, in every
+dtype and on every base (bitsandbytes adds the bias in its compute dtype: we never re-add it).
+
+The low-rank branch runs in the adapter's fp32 (the input is cast, as PEFT does; its 16-bit copy is
+what the backward keeps) or in autocast's dtype under autocast. n is the factored norm (norm.py),
+fp32 even under autocast, detached by default (paper Sec. 4.3).
+
+What the magnitude's backward keeps (functional.py has the arithmetic). It needs z = W0·x + ΔW·drop(x)
+per token:
+
+- no bias, dropout_mode fast, every |g| >= G_MIN (1/64): the layer's output y, as a copy-on-write alias,
+  and z = y / g. The output is usually kept by the next operation anyway (attention keeps v, the
+  gated MLP keeps up_proj's output), so DoRA costs almost no activation memory over LoRA; an in-place
+  operation on y downstream makes the alias a real copy instead of breaking the backward.
+- otherwise (a bias, which makes (y − b) / g lose the digits the bias carries; a row whose magnitude
+  has collapsed, m = 0 included; dropout_mode delta): the base output (resp. W0·drop(x)) in its own
+  dtype: one [tokens, out] tensor, the gradient exact for every g. The |g| test is redone only when an
+  adapter parameter changed (once per optimizer step), and under torch.compile the layer always keeps
+  the base output (no data-dependent branch in the graph).
 """
 
 from __future__ import annotations
@@ -24,48 +44,21 @@ from dora_cli.adapters.base_ops import (
     base_times_at,
     dense_linear,
     dequantized_weight,
+    natural_dtype,
     prepare_base,
     weight_row_norm_sq,
 )
+from dora_cli.adapters.functional import G_MIN, rescale, widen_linear
 from dora_cli.adapters.norm import EPS, factored_row_norm
 from dora_cli.adapters.variants import METHODS, LayerOptions, Magnitude, VeraProjections
 
 
-class _DoraScale(torch.autograd.Function):
-    """y = g ⊙ z + bias, keeping y (or z when asked) for the backward pass."""
-
-    @staticmethod
-    def forward(ctx, z, g, bias, keep_z: bool):
-        g = g.to(z.dtype)
-        y = z * g
-        if bias is not None:
-            y.add_(bias.to(y.dtype))
-        ctx.keep_z = keep_z
-        ctx.save_for_backward(z if keep_z else y, g, bias)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        saved, g, bias = ctx.saved_tensors
-        needs_z, needs_g, needs_bias, _ = ctx.needs_input_grad
-        grad_z = grad_y * g if needs_z else None
-        grad_g = grad_bias = None
-        flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
-        if needs_g:
-            # Σ_t G ⊙ z; from the output: z = (y − bias) / g.
-            dot = (grad_y * saved).reshape(-1, grad_y.shape[-1]).sum(dim=0, dtype=torch.float32)
-            if not ctx.keep_z:
-                if bias is not None:
-                    dot = dot - bias.float() * flat_grad.sum(dim=0, dtype=torch.float32)
-                dot = dot / g.float()
-            grad_g = dot
-        if needs_bias:
-            grad_bias = flat_grad.sum(dim=0).to(bias.dtype)
-        return grad_z, grad_g, grad_bias, None
-
-
 class AdaptedLinear(nn.Module):
     """A frozen linear layer (`base_layer`) with one adapter: a method of variants.METHODS (its `kind`)."""
+
+    recover_z_from_output = True
+    """Whether a bias-free layer may keep its output for the magnitude gradient (see the module); False keeps
+    the base output always: exact for every g in every dtype, at the cost of one [tokens, out] tensor."""
 
     def __init__(
         self,
@@ -109,8 +102,7 @@ class AdaptedLinear(nn.Module):
                 norm_sq = weight_row_norm_sq(base_layer).float()
             # m = ‖W0‖ from the weight the forward sees (dequantized for 4-bit): g = 1 exactly at step 0.
             Magnitude.init(self, norm_sq)
-            # A zero row of W0 gives g = 0 there, where z cannot be recovered from y: keep z instead.
-            self.keep_z = device.type != "meta" and bool((norm_sq <= 0).any())
+        self._g_checked: tuple = ()  # (adapter parameter versions, every |g| >= G_MIN) of the last check
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """PEFT key suffix -> this layer's live adapter tensor."""
@@ -129,10 +121,11 @@ class AdaptedLinear(nn.Module):
 
     # ---- the magnitude side ---------------------------------------------------------------------
     def weight_norm(self) -> torch.Tensor:
-        """n = ‖W0 + ΔW‖ per output row, fp32 [out]; constant in backward when detach_norm."""
+        """n = ‖W0 + ΔW‖ per output row, fp32 [out] (also under autocast); constant in backward when detach_norm."""
         if not self.direction:
             return self.w0_norm_sq.clamp_min(EPS * EPS).sqrt()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm):
+        grad = torch.is_grad_enabled() and not self.detach_norm
+        with torch.set_grad_enabled(grad), torch.autocast(self.magnitude.device.type, enabled=False):
             b, a, scale = self.factors()
             w0_at = base_times_at(self.base_layer, a)  # [out, r]
             return factored_row_norm(self.w0_norm_sq, w0_at, b, a, scale)
@@ -141,23 +134,36 @@ class AdaptedLinear(nn.Module):
         """g = m / n, fp32 [out]."""
         return self.magnitude / self.weight_norm()
 
+    def _output_recovers_z(self, g: torch.Tensor) -> bool:
+        """May the backward recover z = y / g from the output? (bias-free, every |g| >= G_MIN; see the module)"""
+        if not self.recover_z_from_output or self.base_layer.bias is not None or not torch.is_grad_enabled():
+            return False
+        if torch.compiler.is_compiling():
+            return False
+        versions = tuple(p._version for p in self.parameters(recurse=False))
+        if not self._g_checked or self._g_checked[0] != versions:
+            self._g_checked = (versions, bool((g.detach().abs() >= G_MIN).all()))
+        return self._g_checked[1]
+
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            merged = self._merge_state.get("dense")
-            return merged(x) if merged is not None else self.base_layer(x)
+            return self._merged_forward(x)
+        base_out = self.base_layer(x)  # the base's own GEMM, bias and dtype
+        xd = self.dropout(x)
         if not self.method.magnitude:  # lora, vera
-            return self.direction.add_delta(self, self.base_layer(x), self.dropout(x))
+            return self.direction.add_delta(self, base_out, xd)
         g = self.magnitude_scale()
-        bias = self.base_layer.bias
-        if self.direction and self.dropout_mode == "delta" and self.training and self.dropout.p > 0:
-            xd = self.dropout(x)
-            gx = g.to(x.dtype)
-            return self.base_layer(x) + (gx - 1) * base_matmul(self.base_layer, xd) + gx * self.direction.delta(self, xd)
-        z = base_matmul(self.base_layer, x)
+        u = b = None
+        scale = 1.0
         if self.direction:
-            z = self.direction.add_delta(self, z, self.dropout(x))
-        return _DoraScale.apply(z, g, bias, self.keep_z)
+            b, a, scale = self.factors()
+            u = widen_linear(xd, a)  # ΔW·xd = scale · u·Bᵀ, left to the rescale
+        if self.dropout_mode == "delta" and self.training and isinstance(self.dropout, nn.Dropout):
+            w0x = base_matmul(self.base_layer, xd)
+            return rescale(base_out, g, w0x=w0x, u=u, b=b, scale=scale)
+        keep_output = self._output_recovers_z(g)
+        return rescale(base_out, g, u=u, b=b, scale=scale, bias=self.base_layer.bias, keep_output=keep_output)
 
     # ---- merge ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -180,11 +186,13 @@ class AdaptedLinear(nn.Module):
         return self._merged()[0]
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, dtype: torch.dtype | None = None) -> None:
         """Fold the adapter into the layer; forward then costs one plain GEMM.
 
-        nn.Linear: the weight is overwritten; unmerge restores it with the g = m / n cached here.
-        Quantized bases: a dense merged copy serves the forward and the quantized weight is kept.
+        nn.Linear: the weight is overwritten in its dtype; unmerge restores it (up to that dtype's
+        rounding) with the g = m / n cached here. Quantized bases: a dense merged copy in `dtype`
+        (default: the dtype the weight had before quantization, else fp32) serves the forward, which
+        casts its input to that dtype and its output back; the quantized weight is kept.
         """
         if self.merged:
             return
@@ -194,8 +202,14 @@ class AdaptedLinear(nn.Module):
             self._merge_state["scale"] = scale
             base.weight.data.copy_(w.to(base.weight.dtype))
         else:
-            self._merge_state["dense"] = dense_linear(base, w, base.compute_dtype or torch.float32)
+            self._merge_state["dense"] = dense_linear(base, w, dtype or natural_dtype(base) or torch.float32)
         self.merged = True
+
+    def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = self._merge_state.get("dense")
+        if dense is None:
+            return self.base_layer(x)
+        return dense(x.to(dense.weight.dtype)).to(x.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:

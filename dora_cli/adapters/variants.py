@@ -8,7 +8,7 @@
     magnitude   —           on          0, rows scaled to m                  (ours: DORA_CLI)
 
 A direction class owns everything about its update: the parameters it registers on an adapted layer,
-`factors()` (ΔW = scale·B·A, for the factored norm and merging), the forward contribution ΔW·x, the
+`factors()` (ΔW = scale·B·A: the forward x·Aᵀ·Bᵀ, the factored norm and merging all follow from it), the
 PEFT tensor names and shapes, its fragment of `adapter_config.json` and how to read PEFT's back. The
 magnitude (`Magnitude`) owns m and the cached ‖W0‖². `AdaptedLinear` (layers.py), checkpoint I/O,
 merge checks, the sweep and the analysis ask a `Method` and never branch on a method's name.
@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from dora_cli.adapters.functional import add_low_rank, widen_linear
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,15 @@ class LayerOptions:
 # Directions
 # ==================================================================================================
 class Direction:
-    """A kind of directional update ΔW = scale · B · A. Subclasses fill in every method."""
+    """A kind of directional update ΔW = scale · B · A. Subclasses fill in init, shapes, factors and the
+    PEFT translation; the forward (x·Aᵀ, then ·Bᵀ) and the merge follow from `factors`."""
 
     name: ClassVar[str]
     peft_type: ClassVar[str]
     tensors: ClassVar[dict[str, str]]
     """PEFT key suffix (after `base_model.model.<module>.`) -> attribute of the adapted layer."""
+    peft_keys: ClassVar[frozenset[str]]
+    """The fields of PEFT's adapter_config.json that `from_peft` reads (any value it accepts is supported)."""
 
     @classmethod
     def init(cls, layer: nn.Module, d_out: int, d_in: int, opts: LayerOptions, params: dict) -> None:
@@ -68,14 +72,13 @@ class Direction:
         raise NotImplementedError
 
     @classmethod
-    def delta(cls, layer, xd: torch.Tensor) -> torch.Tensor:
-        """ΔW · xd without forming ΔW, in xd's dtype."""
-        raise NotImplementedError
-
-    @classmethod
     def add_delta(cls, layer, base: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
-        """base + ΔW · xd."""
-        return base + cls.delta(layer, xd)
+        """base + ΔW · xd without forming ΔW: scale · (xd·Aᵀ)·Bᵀ in the adapter's dtype (functional.py),
+        summed with base in fp32 and rounded once to base's dtype (PEFT's LoRA forward). The add rides in
+        the up-projection's GEMM (addmm); with B = 0 the result is `base` bit for bit."""
+        b, a, scale = cls.factors(layer)
+        acc = base.to(torch.promote_types(base.dtype, b.dtype))
+        return add_low_rank(acc, widen_linear(xd, a), b, alpha=scale).to(base.dtype)
 
     @classmethod
     def delta_weight(cls, layer) -> torch.Tensor:
@@ -90,7 +93,10 @@ class Direction:
 
     @classmethod
     def from_peft(cls, raw: dict) -> dict:
-        """AdapterConfig fields from a PEFT adapter_config.json of this direction's peft_type."""
+        """AdapterConfig fields from a PEFT adapter_config.json of this direction's peft_type.
+
+        ValueError("<field>: ...") for a value of one of `peft_keys` that dora_cli does not support.
+        """
         raise NotImplementedError
 
     @classmethod
@@ -104,6 +110,9 @@ class LowRank(Direction):
     name = "lowrank"
     peft_type = "LORA"
     tensors = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
+    peft_keys = frozenset({"r", "target_modules", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights"})
+    plain_inits = (True, False, "gaussian", "eva", "orthogonal", "mica")
+    """PEFT initialisations that leave the base weights as they are (PiSSA, OLoRA, CorDA, LoftQ change them)."""
 
     @classmethod
     def init(cls, layer, d_out, d_in, opts, params):
@@ -121,20 +130,6 @@ class LowRank(Direction):
         return layer.lora_B, layer.lora_A, layer.scaling
 
     @classmethod
-    def delta(cls, layer, xd):
-        dt = xd.dtype
-        u = F.linear(xd, layer.lora_A.to(dt)) * layer.scaling  # [..., r]
-        return F.linear(u, layer.lora_B.to(dt))
-
-    @classmethod
-    def add_delta(cls, layer, base, xd):
-        """The add rides in the second small GEMM (addmm)."""
-        dt = xd.dtype
-        u = F.linear(xd, layer.lora_A.to(dt)) * layer.scaling  # [..., r]
-        out = torch.addmm(base.reshape(-1, base.shape[-1]), u.reshape(-1, u.shape[-1]), layer.lora_B.to(dt).T)
-        return out.view(base.shape)
-
-    @classmethod
     def peft_fields(cls, cfg):
         return {
             "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "init_lora_weights": True,
@@ -143,6 +138,12 @@ class LowRank(Direction):
 
     @classmethod
     def from_peft(cls, raw):
+        init = raw.get("init_lora_weights", True)
+        if not any(init is v or (isinstance(v, str) and init == v) for v in cls.plain_inits):
+            raise ValueError(
+                f"init_lora_weights: {init!r} changes the base weights, which dora_cli does not reproduce "
+                "(convert the adapter to plain LoRA in PEFT first)"
+            )
         return {
             "r": raw["r"], "alpha": raw.get("lora_alpha", 8), "dropout": raw.get("lora_dropout", 0.0),
             "rslora": bool(raw.get("use_rslora")),
@@ -159,6 +160,7 @@ class Vera(Direction):
     name = "vera"
     peft_type = "VERA"
     tensors = {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"}
+    peft_keys = frozenset({"r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout", "d_initial", "init_weights"})
     shared_tensors = {"base_model.vera_A": "A", "base_model.vera_B": "B"}
     """Keys of the model-wide projections (VeraProjections attributes)."""
 
@@ -186,13 +188,6 @@ class Vera(Direction):
     def factors(cls, layer):
         b_s, a_s = cls._slices(layer)
         return layer.vera_lambda_b[:, None] * b_s * layer.vera_lambda_d[None, :], a_s, 1.0
-
-    @classmethod
-    def delta(cls, layer, xd):
-        dt = xd.dtype
-        b_s, a_s = cls._slices(layer)
-        u = F.linear(xd, a_s.to(dt)) * layer.vera_lambda_d.to(dt)
-        return F.linear(u, b_s.to(dt)) * layer.vera_lambda_b.to(dt)
 
     @classmethod
     def peft_fields(cls, cfg):

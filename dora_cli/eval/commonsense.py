@@ -13,9 +13,10 @@ Output directory
     predictions/run.json        the settings the predictions were made with (checked on every run)
     predictions/<task>.jsonl    one line per example: id, prompt, output, prediction, answer, correct
                                 (+ scores in loglik mode); appended after every batch
-    metrics.json                per task: accuracy (%), correct, n, no_answer_rate; macro average;
-                                settings; the paper's numbers and the differences
-    results.md                  Table 1 of the paper: this model's row (+ the paper's row)
+    metrics.json                per task: accuracy (%), se (its standard error), correct, n, no_answer_rate;
+                                macro average and its se; settings; the paper's numbers and the
+                                differences; examples per second and wall time of this run
+    results.md                  Table 1 of the paper: this model's row (+ the paper's row, + n)
 
 Resuming: a run that was killed is repeated with the same arguments; examples whose prediction is
 already in predictions/<task>.jsonl are not recomputed. Predictions made with other settings (mode,
@@ -117,6 +118,7 @@ def evaluate_commonsense(
     per_task: dict[str, dict] = {}
     speed: dict[str, float | None] = {}
     total = sum(len(v) for v in examples.values())
+    began = time.perf_counter()
     with progress_bar(progress) as bar:
         job = bar.add_task("commonsense", total=total)
         for task in tasks:
@@ -146,7 +148,10 @@ def evaluate_commonsense(
         "limit": limit, "tasks": tasks, "data_dir": None if data_dir is None else str(data_dir),
         "model": model_name or description, "model_description": description,
     }
-    metrics = {**summarize(per_task, settings, expected), "examples_per_s": speed}
+    metrics = {
+        **summarize(per_task, settings, expected), "examples_per_s": speed,
+        "wall_time_s": round(time.perf_counter() - began, 3),
+    }
     write_json(out / "metrics.json", metrics)
     write_text(out / "results.md", results_table(metrics, model_name or description))
     return metrics

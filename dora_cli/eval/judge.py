@@ -15,23 +15,26 @@ Follows FastChat `fastchat/llm_judge/common.py` (run_judge_single, chat_compelet
   score, turn, tstamp (and answer_id: the answer it judged, so that new answers are judged anew);
 - the MT-Bench score is the mean over judged turns with a valid score (FastChat show_result drops -1).
 
-HTTP: POST {judge_url}/chat/completions with urllib (no client library). Timeouts, connection errors,
-HTTP 408/409/429 and 5xx are retried with exponential backoff; other HTTP errors (401, 404, ...) are
-not. The API key is read from the environment, sent in the Authorization header, and never written:
-every text that comes back from the network (the judgment, an error body, a reason phrase, an
-exception message) goes through `redact.Redactor` where it enters `JudgeClient.complete`, before it is
-cut, parsed into a score, stored or printed. Messages name the endpoint without user:password@.
+HTTP: the `openai` client (`chat.completions.create` on `{judge_url}`), so any OpenAI-compatible endpoint
+works, with the client's own timeouts and retries: connection errors, timeouts, HTTP 408 / 409 / 429 and 5xx
+are retried up to `max_retries` times with exponential backoff (0.5 s doubling to 8 s, or the server's
+Retry-After); other HTTP errors (401, 404, ...) are not. A judge on this machine is reached directly,
+whatever proxy the environment names. The API key is read from the environment (the variable the recipe
+names, never the client's own OPENAI_API_KEY fallback), sent as the bearer token (no Authorization header
+without a key), and never written: every text that comes back from the network (the judgment, an error
+body, a reason phrase, an exception message, and the `openai` / `httpx` log records while a request runs)
+goes through `redact.Redactor` where it enters `JudgeClient.complete`, before it is cut, parsed into a
+score, stored or printed. Messages name the endpoint without user:password@.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 import re
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +53,9 @@ TEMPLATES = {  # (multi_turn, needs_reference) -> judge_prompts.jsonl name
 ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 RETRY_STATUS = {408, 409, 429}
-MAX_RESPONSE_BYTES = 4 * 2**20
-"""A judge answer is a few kB; a larger body is not read whole."""
+"""With every 5xx: the statuses the `openai` client retries."""
+NETWORK_LOGGERS = ("openai", "httpx", "httpx2")
+"""Loggers that may write text from the network (with OPENAI_LOG=debug, or a logging set up by a caller)."""
 TEMPLATE_FIELDS = ("question", "answer", "question_1", "question_2", "answer_1", "answer_2", "ref_answer_1", "ref_answer_2")
 
 
@@ -67,6 +71,24 @@ class JudgeUnavailable(Exception):
     """The judge did not answer after all retries (or refused the request for good)."""
 
 
+class _RedactRecords(logging.Filter):
+    """A log record's text with the key redacted (a filter on the network libraries' loggers)."""
+
+    def __init__(self, redact):
+        super().__init__()
+        self.redact = redact
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.redact(record.getMessage()), ()
+        return True
+
+
+def _network_loggers() -> list[logging.Logger]:
+    """The NETWORK_LOGGERS and their children (a logger's filters see only the records made on it)."""
+    names = [n for n in logging.root.manager.loggerDict if any(n == p or n.startswith(p + ".") for p in NETWORK_LOGGERS)]
+    return [logging.getLogger(n) for n in sorted({*NETWORK_LOGGERS, *names})]
+
+
 @dataclass
 class JudgeClient:
     """A chat-completions endpoint: `complete(system, user)` returns the judge's text."""
@@ -76,8 +98,6 @@ class JudgeClient:
     api_key: str | None = field(default=None, repr=False)
     timeout: float = 120.0
     max_retries: int = 8
-    backoff: float = 2.0
-    max_backoff: float = 60.0
     temperature: float = 0.0
     max_tokens: int = 2048
 
@@ -85,67 +105,83 @@ class JudgeClient:
     def endpoint(self) -> str:
         return self.url.rstrip("/") + "/chat/completions"
 
-    def _opener(self) -> urllib.request.OpenerDirector:
-        """A judge on this machine is reached directly, whatever proxy the environment names."""
-        host = urllib.parse.urlsplit(self.url).hostname or ""
-        if host in ("localhost", "127.0.0.1", "::1"):
-            return urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        return urllib.request.build_opener()
-
     def __post_init__(self) -> None:
-        self.redact = Redactor(self.api_key)
+        key, in_url = Redactor(self.api_key), Redactor(urllib.parse.urlsplit(self.url).password)
+        self.redact = lambda text: key(in_url(text))
+        self._openai = None  # made by the first request, then reused (one connection pool)
 
     @property
     def public_endpoint(self) -> str:
         """The endpoint for messages: without user:password@."""
         return public_url(self.endpoint)
 
+    def _client(self):
+        """The `openai` client of this endpoint: its timeout and retries; direct to a judge on this machine.
+
+        The key is always given (a placeholder without one, whose header is then omitted), so that the client
+        never falls back to an OPENAI_API_KEY the recipe did not name (and the redactor does not know)."""
+        import openai
+
+        if self._openai is None:
+            host = urllib.parse.urlsplit(self.url).hostname or ""
+            local = host in ("localhost", "127.0.0.1", "::1")
+            self._openai = openai.OpenAI(
+                base_url=self.url, api_key=self.api_key or "no-key", timeout=self.timeout,
+                max_retries=self.max_retries, http_client=openai.DefaultHttpxClient(trust_env=False) if local else None,
+            )
+        return self._openai
+
     def complete(self, system: str, user: str) -> str:
         """The judge's text for one request, with the API key redacted from it (and from every error)."""
-        body = json.dumps({
-            "model": self.model,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            "temperature": self.temperature, "max_tokens": self.max_tokens, "n": 1,
-        }).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
-            request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-            try:
-                with self._opener().open(request, timeout=self.timeout) as response:
-                    return self._content(response.read(MAX_RESPONSE_BYTES + 1))
-            except urllib.error.HTTPError as err:
-                detail = self._text(err.read(MAX_RESPONSE_BYTES) if err.fp else b"")
-                last = clip(f"HTTP {err.code} {self.redact(str(err.reason))} {detail}", 300)
-                if err.code not in RETRY_STATUS and err.code < 500:
-                    raise JudgeUnavailable(f"{last} (not retried)") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
-                last = clip(self.redact(f"{type(err).__name__}: {getattr(err, 'reason', err)}"), 300)
-            except (ValueError, KeyError, IndexError, TypeError, RecursionError) as err:  # not a chat-completions answer
-                last = clip(self.redact(f"unexpected response ({type(err).__name__}: {err})"), 300)
-        raise JudgeUnavailable(f"{last}, after {self.max_retries + 1} tries")
+        import openai
 
-    def _content(self, body: bytes) -> str:
-        """The message content of a chat-completions body, redacted; ValueError & co. when it is not one."""
-        if len(body) > MAX_RESPONSE_BYTES:
-            raise ValueError(f"the answer is larger than {MAX_RESPONSE_BYTES} bytes")
-        content = json.loads(body.decode("utf-8"))["choices"][0]["message"]["content"]
+        guard = _RedactRecords(self.redact)
+        loggers = _network_loggers()
+        for logger in loggers:
+            logger.addFilter(guard)
+        try:
+            response = self._client().chat.completions.create(
+                model=self.model,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+                temperature=self.temperature, max_tokens=self.max_tokens, n=1,
+                extra_headers=None if self.api_key else {"Authorization": openai.Omit()},
+            )
+            return self._content(response)
+        except openai.APIStatusError as err:
+            raise JudgeUnavailable(self._status_problem(err)) from None
+        except openai.APIConnectionError as err:
+            cause = err.__cause__ or err
+            problem = f"timed out after {self.timeout:g} s" if isinstance(err, openai.APITimeoutError) else (
+                f"{type(cause).__name__}: {cause}")
+            raise JudgeUnavailable(f"{clip(self.redact(problem), 300)}, after {self.max_retries + 1} tries") from None
+        finally:
+            for logger in loggers:
+                logger.removeFilter(guard)
+
+    def _content(self, response) -> str:
+        """The message content of a chat completion, redacted; JudgeUnavailable when it is not one."""
+        try:
+            content = response.choices[0].message.content
+        except (AttributeError, IndexError, KeyError, TypeError) as err:
+            raise JudgeUnavailable(clip(self.redact(f"unexpected response ({type(err).__name__}: {err})"), 300)) from None
         if not isinstance(content, str):
-            raise TypeError(f"the message content is {type(content).__name__}, not text")
+            raise JudgeUnavailable(f"unexpected response (the message content is {type(content).__name__}, not text)")
         return self.redact(content)
 
-    def _text(self, body: bytes) -> str:
+    def _status_problem(self, err) -> str:
+        """`HTTP <status> <reason> <body>`, redacted and cut; whether it was retried."""
+        response = err.response
+        line = f"HTTP {response.status_code} {self.redact(response.reason_phrase)} {self._text(response.text)}"
+        retried = response.status_code in RETRY_STATUS or response.status_code >= 500
+        return clip(line, 300) + (f", after {self.max_retries + 1} tries" if retried else " (not retried)")
+
+    def _text(self, body: str) -> str:
         """An error body as one redacted line; JSON is decoded first, so that an escaped key is seen as the key."""
-        text = body.decode("utf-8", "replace")
         try:
-            text = json.dumps(json.loads(text), ensure_ascii=False)
+            body = json.dumps(json.loads(body), ensure_ascii=False)
         except (ValueError, RecursionError):
             pass
-        return self.redact(" ".join(text.split()))
+        return self.redact(" ".join(body.split()))
 
 
 def load_judge_prompts(path: str | Path) -> dict[str, dict]:

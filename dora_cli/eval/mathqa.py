@@ -8,7 +8,8 @@ for num_beams 1, beam search otherwise) with left padding; the score is `math_ma
 
 Output directory, resumable as the commonsense run (same rules, `predictions/run.json`):
     predictions/math.jsonl   id, prompt, output, prediction (number or null), answer (gold number), correct
-    metrics.json             exact_match (%), correct, n, no_answer_rate, settings, expected, difference
+    metrics.json             exact_match (%), se (its binomial standard error, percentage points), correct, n,
+                             no_answer_rate, settings, expected, difference
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dora_cli.console import progress_bar
 from dora_cli.errors import UserError
 from dora_cli.eval.math_match import extract_number, gold_number, math_correct
 from dora_cli.eval.predict import describe_model, generate_batch
+from dora_cli.eval.report import binomial_se
 from dora_cli.files import append_jsonl, guard_resume, read_jsonl_resumable, write_json
 from dora_cli.prompts import render
 
@@ -95,7 +97,7 @@ def evaluate_math(
     n, correct = len(rows), sum(bool(r["correct"]) for r in rows)
     metrics = {
         "suite": "math",
-        "exact_match": round(100.0 * correct / n, 4), "correct": correct, "n": n,
+        "exact_match": round(100.0 * correct / n, 4), "se": round(binomial_se(correct, n), 4), "correct": correct, "n": n,
         "no_answer_rate": round(sum(r["prediction"] is None for r in rows) / n, 4),
         "settings": {"template": template, "num_beams": num_beams, "max_new_tokens": max_new_tokens,
                      "batch_size": batch_size, "limit": limit, "data": str(data),

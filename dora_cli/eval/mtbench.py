@@ -31,10 +31,8 @@ import uuid
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
 
 from dora_cli.console import progress_bar
-from dora_cli.datasets import pad_token_id
 from dora_cli.errors import UserError, reading
 from dora_cli.eval.judge import (
     NEED_REF_CATS,
@@ -45,7 +43,7 @@ from dora_cli.eval.judge import (
     load_reference_answers,
     summarize_scores,
 )
-from dora_cli.eval.predict import describe_model, eos_ids_of
+from dora_cli.eval.predict import answer_turn, describe_model
 from dora_cli.eval.redact import public_url
 from dora_cli.files import (
     append_jsonl,
@@ -55,7 +53,7 @@ from dora_cli.files import (
     write_json,
     write_text,
 )
-from dora_cli.prompts import RESPONSE_MARKER, eval_prompt
+from dora_cli.prompts import dialogue_prompt
 
 # FastChat fastchat/llm_judge/common.py `temperature_config`; other categories: 0.7.
 TEMPERATURE = {
@@ -63,7 +61,6 @@ TEMPERATURE = {
     "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1,
 }
 DEFAULT_TEMPERATURE = 0.7
-INSTRUCTION_MARKER = "### Instruction:"
 
 
 def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
@@ -86,42 +83,13 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
 
 
 def conversation_prompt(tokenizer, questions: list[str], answers: list[str]) -> tuple[str, bool]:
-    """The prompt for the last of `questions`, after earlier questions and their `answers`.
+    """The prompt for the last of `questions`, after earlier questions and their `answers`: the tokenizer's
+    chat template when it has one, else the LLM-Adapters text (`prompts.dialogue_prompt`).
 
     Returns (text, add_special_tokens): chat-template text already holds its special tokens.
     """
-    if getattr(tokenizer, "chat_template", None):
-        messages = []
-        for i, q in enumerate(questions):
-            messages.append({"role": "user", "content": q})
-            if i < len(answers):
-                messages.append({"role": "assistant", "content": answers[i]})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
-    text = eval_prompt(questions[0])
-    for answer, q in zip(answers, questions[1:]):
-        text += f"{answer}\n\n{INSTRUCTION_MARKER}\n{q}\n\n{RESPONSE_MARKER}\n"
-    return text, True
-
-
-@torch.inference_mode()
-def answer_turn(model, tokenizer, prompt: str, add_special_tokens: bool, *, temperature: float, max_new_tokens: int) -> str:
-    """One answer: greedy below temperature 1e-4, else sampling at `temperature`."""
-    ids = tokenizer(prompt, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"]
-    eos = eos_ids_of(model, tokenizer)
-    sample = temperature >= 1e-4
-    config = GenerationConfig(
-        do_sample=sample, num_beams=1, max_new_tokens=max_new_tokens,
-        eos_token_id=eos or None, pad_token_id=pad_token_id(tokenizer),
-        **({"temperature": temperature} if sample else {}),
-    )
-    device = next(model.parameters()).device
-    out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), generation_config=config)
-    new = out[0, ids.shape[1]:].tolist()
-    cut = next((i for i, t in enumerate(new) if t in eos), len(new))
-    text = tokenizer.decode(new[:cut], skip_special_tokens=True)
-    if add_special_tokens and INSTRUCTION_MARKER in text:  # Alpaca text: the model started a new turn itself
-        text = text[: text.index(INSTRUCTION_MARKER)]
-    return text.strip()
+    template = "chat" if getattr(tokenizer, "chat_template", None) else "llm_adapters"
+    return dialogue_prompt(template, tokenizer, questions, answers)
 
 
 def generate_answers(
@@ -190,7 +158,7 @@ def evaluate_mt_bench(
 
     `cfg` is a recipe's `eval.mt_bench` (MTBenchConfig). Judge prompts and reference answers default
     to the files beside the questions: judge_prompts.jsonl and reference_answer/gpt-4.jsonl.
-    `judge_options` go to JudgeClient (timeout, max_retries, backoff, max_backoff). `expected`: the
+    `judge_options` go to JudgeClient (timeout, max_retries). `expected`: the
     paper's number as {"mt_bench": 5.5}; the difference is overall score minus it.
 
     out_dir/model_answer/<model_id>.jsonl             FastChat answers

@@ -11,6 +11,13 @@ Generation (`generate_batch`)
     Speed: `generate` would run every prompt once per beam; the prompts are run once and `generate`
     gets their KV cache, repeated for the beams (same outputs, tested; about 4x less prompt compute).
 
+One answer (`generate_answer`)
+    One prompt, greedy or sampled at a temperature (MT-Bench's answers, `dora generate` / `dora chat`):
+    the decoded new tokens up to the first end-of-sequence token, special tokens skipped.
+
+The KV cache is passed and read under the name the installed transformers uses (`cache_name`: `cache`
+from transformers 5.2x on, `past_key_values` before; the old name is deprecated where the new exists).
+
 Log-likelihood (`loglik_batch`)
     A candidate's score is the summed log-probability of its continuation tokens given the prompt.
     Tokenisation boundary: prompt + continuation is tokenised as ONE string, exactly as the training
@@ -32,6 +39,7 @@ import torch
 from transformers import GenerationConfig
 
 from dora_cli.datasets import pad_token_id
+from dora_cli.prompts import INSTRUCTION_MARKER
 
 # What LLM-Adapters trains the model to write (`output` of every commonsense record).
 CONTINUATION = "the correct answer is {}"
@@ -82,6 +90,11 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def cache_name(model) -> str:
+    """The keyword under which the model's forward takes (and its output holds) the KV cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _keep_logits(model, n: int) -> dict:
     """`logits_to_keep=n` (logits of the last n positions only) where the model's forward takes it."""
     return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
@@ -108,7 +121,7 @@ def generate_batch(
     device = _device(model)
     ids, mask = ids.to(device), mask.to(device)
     cache = _prefill_once(model, ids, mask, num_beams) if share_prefill and num_beams > 1 and ids.shape[1] > 1 else None
-    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, generation_config=config)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **{cache_name(model): cache})
     texts = []
     for row in out[:, ids.shape[1]:].tolist():  # [batch, new tokens]
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))
@@ -130,7 +143,7 @@ def _prefill_once(model, ids: torch.Tensor, mask: torch.Tensor, num_beams: int):
         input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
         use_cache=True, **_keep_logits(model, 1),
     )
-    cache = out.past_key_values
+    cache = getattr(out, cache_name(model))
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
     cache.batch_repeat_interleave(num_beams)  # rows b*num_beams .. b*num_beams+beams-1 are example b
@@ -201,7 +214,7 @@ def loglik_batch(model, tokenizer, prompts: list[str], candidates: list[tuple[st
         use_cache=True, **_keep_logits(model, keep),
     )
     prefix_logprobs = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)  # [examples, keep, vocab]
-    cache = out.past_key_values
+    cache = getattr(out, cache_name(model))
 
     # Pass 2: every candidate's own tokens after the shared prefix, on its example's cached prefix.
     suffixes, owner = [], []
@@ -218,8 +231,8 @@ def loglik_batch(model, tokenizer, prompts: list[str], candidates: list[tuple[st
         input_ids=suf_ids.to(device),
         attention_mask=torch.cat([mask[owner_t], suf_mask], dim=1).to(device),
         position_ids=suf_pos.to(device),
-        past_key_values=cache,
         use_cache=True,
+        **{cache_name(model): cache},
     )
     suffix_logprobs = torch.log_softmax(out2.logits.float(), dim=-1)  # [candidates, suffix len, vocab]
 
@@ -238,6 +251,31 @@ def loglik_batch(model, tokenizer, prompts: list[str], candidates: list[tuple[st
             row += 1
         scores.append(result)
     return scores
+
+
+@torch.inference_mode()
+def answer_turn(model, tokenizer, prompt: str, add_special_tokens: bool, *, temperature: float, max_new_tokens: int) -> str:
+    """One answer: greedy below temperature 1e-4, else sampling at `temperature` (seed torch before the call).
+
+    With the Alpaca / LLM-Adapters text (`add_special_tokens`), an answer is cut where the model starts a new
+    "### Instruction:" turn itself.
+    """
+    ids = tokenizer(prompt, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"]
+    eos = eos_ids_of(model, tokenizer)
+    sample = temperature >= 1e-4
+    config = GenerationConfig(
+        do_sample=sample, num_beams=1, max_new_tokens=max_new_tokens,
+        eos_token_id=eos or None, pad_token_id=pad_token_id(tokenizer),
+        **({"temperature": temperature} if sample else {}),
+    )
+    device = _device(model)
+    out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), generation_config=config)
+    new = out[0, ids.shape[1]:].tolist()
+    cut = next((i for i, t in enumerate(new) if t in eos), len(new))
+    text = tokenizer.decode(new[:cut], skip_special_tokens=True)
+    if add_special_tokens and INSTRUCTION_MARKER in text:
+        text = text[: text.index(INSTRUCTION_MARKER)]
+    return text.strip()
 
 
 def describe_model(model) -> str:

@@ -1,0 +1,193 @@
+"""The adapter arithmetic that autograd alone would do imprecisely or wastefully: two autograd functions.
+
+`widen_linear(x, w)`: x·wᵀ computed in w's dtype (the adapter's fp32, as PEFT casts its input) while
+the backward keeps x in its own, possibly 16-bit, dtype: the same numbers as `F.linear(x.float(), w)`
+without keeping an fp32 copy of every adapted layer's input.
+
+`rescale(...)`: the magnitude of DoRA, DVoRA and magnitude-only layers, added to the base layer's own
+output as a correction that is exactly zero at initialisation (PEFT's formulation):
+
+    y = base_out + [(g − 1) ⊙ w0x + g ⊙ s·u·Bᵀ]        w0x = base_out − bias   (one base GEMM)
+                                                        w0x = W0·drop(x)        (dropout_mode delta)
+
+with g = m / n [out], u = A·drop(x) [.., r], B [out, r]. The base layer adds its bias inside its own
+GEMM (in its compute dtype, for nn.Linear and bitsandbytes alike), so at step 0 (g = 1 exactly, B = 0)
+y is the base layer's output bit for bit. Everything is summed in fp32 (the fast form as
+g ⊙ base_out + (1 − g) ⊙ bias + ..., one pass less, as exact at g = 1) and rounded once to the
+activation dtype.
+
+The backward needs z = w0x + s·u·Bᵀ per token for the magnitude gradient Σ_t grad_y ⊙ z. It keeps one
+[tokens, out] tensor, chosen by the caller (`keep_output`):
+
+- the output y (as a copy-on-write alias, `torch._lazy_clone`): no memory when the next operation keeps
+  y anyway (the attention keeps v, the gated MLP keeps up_proj's output), and an in-place write to y
+  downstream copies it instead of breaking the backward. z = y / g: used only without a bias and with
+  every |g| ≥ G_MIN, where the division is as exact as y itself.
+- otherwise w0x's source, the base output (or W0·drop(x)) in its own dtype: z's base part is then
+  exact whatever g and the bias are, and its low-rank part needs no [tokens, out] tensor at all:
+  Σ_t grad_y ⊙ s·u·Bᵀ = s · rowsum(B ⊙ grad_yᵀ·u), and grad_yᵀ·u is the product grad B needs anyway.
+
+Precision: GEMMs run in the dtype of their inputs as autocast leaves them (fp32 adapter weights
+without autocast, autocast's dtype under it, as PEFT); every product that feeds a reduction over
+tokens (the magnitude gradient, grad B) and every elementwise step of the correction is fp32, so
+nothing overflows in fp16 before the sum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+G_MIN = 1.0 / 64
+"""Below this |g| = |m| / n in some row, the rescale keeps w0x's source instead of its output."""
+
+
+# ---- autocast in a backward ---------------------------------------------------------------------------
+def _autocast_state(t: torch.Tensor) -> tuple[str, bool, torch.dtype]:
+    device = t.device.type
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def _autocast(state: tuple[str, bool, torch.dtype]):
+    """The forward's autocast state again (the backward usually runs outside the autocast region)."""
+    device, enabled, dtype = state
+    return torch.autocast(device, dtype=dtype, enabled=enabled) if enabled else contextlib.nullcontext()
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or as it is if it is wider (a float64 model stays float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., k] -> [tokens, k]."""
+    return t.reshape(-1, t.shape[-1])
+
+
+# ---- x·wᵀ in w's dtype, keeping x narrow ---------------------------------------------------------------
+class _WidenLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.autocast = _autocast_state(x)
+        ctx.save_for_backward(x, w)
+        return F.linear(x.to(w.dtype), w)
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        x, w = ctx.saved_tensors
+        grad_x = grad_w = None
+        with _autocast(ctx.autocast):
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_u @ w.to(grad_u.dtype)).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = (_rows(grad_u).T @ _rows(x).to(grad_u.dtype)).to(w.dtype)
+        return grad_x, grad_w
+
+
+def widen_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x·wᵀ in w's dtype (autocast permitting); the backward keeps x as it is."""
+    if x.dtype == w.dtype:
+        return F.linear(x, w)
+    return _WidenLinear.apply(x, w)
+
+
+# ---- the up-projection ------------------------------------------------------------------------------------
+def add_low_rank(acc: torch.Tensor, u: torch.Tensor, up: torch.Tensor, alpha: float = 1.0, *, inplace: bool = False):
+    """acc + alpha · u·upᵀ ([..., out]) in acc's dtype: one fused addmm, or under autocast a GEMM in
+    autocast's dtype whose result is added in acc's dtype (autocast would round acc and the sum too).
+
+    inplace: into `acc` (a contiguous temporary of the caller), which is returned.
+    """
+    acc2d, u2d = _rows(acc), _rows(u)
+    if torch.is_autocast_enabled(acc.device.type):
+        delta = F.linear(u2d, up)
+        out = acc2d.add_(delta, alpha=alpha) if inplace else torch.add(acc2d, delta, alpha=alpha)
+    elif inplace:
+        out = acc2d.addmm_(u2d.to(acc.dtype), up.T.to(acc.dtype), alpha=alpha)
+    else:
+        out = torch.addmm(acc2d, u2d.to(acc.dtype), up.T.to(acc.dtype), alpha=alpha)
+    return acc if inplace else out.view(acc.shape)
+
+
+# ---- the magnitude -----------------------------------------------------------------------------------------
+def _column_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_t a ⊙ b over tokens, [out], the products formed in fp32."""
+    return (_wide(_rows(a)) * _wide(_rows(b))).sum(dim=0)
+
+
+class _Rescale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, base_out, w0x, u, b, g, bias, scale: float, keep_output: bool):
+        out = _wide(base_out)
+        if w0x is not None:  # delta mode: out + (g − 1)·w0x + ...
+            acc = _wide(w0x) * (g - 1)
+        else:  # out + (g − 1)·(out − bias) + ... = g·out + (1 − g)·bias + ...: one pass less
+            acc = out * g
+            if bias is not None:
+                acc += _wide(bias) * (1 - g)
+        acc = acc.contiguous()  # our own temporary, returned as the output: no view
+        if u is not None:  # g ⊙ s·u·Bᵀ = u·(diag(g)·s·B)ᵀ
+            add_low_rank(acc, u, b * (g * scale)[:, None], inplace=True)
+        if w0x is not None:
+            acc += out
+        y = acc.to(base_out.dtype)
+
+        ctx.autocast = _autocast_state(base_out)
+        ctx.scale, ctx.keep_output, ctx.delta_mode = scale, keep_output, w0x is not None
+        kept = torch._lazy_clone(y) if keep_output else (w0x if w0x is not None else base_out)
+        ctx.save_for_backward(kept, u, b, g, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        kept, u, b, g, bias = ctx.saved_tensors
+        need_base, need_w0x, need_u, need_b, need_g, need_bias = ctx.needs_input_grad[:6]
+        s = ctx.scale
+        gy = _wide(grad_y)
+        gy_g = gy * g
+        grad_base = grad_w0x = grad_u = grad_b = grad_g = grad_bias = None
+        if need_base:
+            grad_base = grad_y if ctx.delta_mode else gy_g.to(grad_y.dtype)
+        if need_w0x:
+            grad_w0x = (gy * (g - 1)).to(kept.dtype)
+        if need_bias:  # y = g·(base_out − bias + ...) + bias: the bias itself is not scaled
+            grad_bias = (_rows(gy).sum(dim=0) * (1 - g)).to(bias.dtype)
+
+        gy_u = None  # grad_yᵀ·u [out, r], fp32
+        if u is not None and (need_b or (need_g and not ctx.keep_output)):
+            with _autocast(ctx.autocast):
+                gy_u = _wide(_rows(gy).T.to(u.dtype) @ _rows(u))
+        if need_u:
+            with _autocast(ctx.autocast):
+                grad_u = (gy_g.to(u.dtype) @ (b * s).to(u.dtype)).to(u.dtype)
+        if need_b:
+            grad_b = (gy_u * (g * s)[:, None]).to(b.dtype)
+        if need_g:
+            if ctx.keep_output:  # z = y / g (no bias; every |g| >= G_MIN)
+                grad_g = _column_dot(gy, kept) / g
+            else:
+                z0 = _wide(kept) if ctx.delta_mode or bias is None else _wide(kept) - _wide(bias)
+                grad_g = _column_dot(gy, z0)
+                if gy_u is not None:
+                    grad_g = grad_g + s * (_wide(b) * gy_u).sum(dim=1)
+        return grad_base, grad_w0x, grad_u, grad_b, grad_g, grad_bias, None, None
+
+
+def rescale(
+    base_out: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    w0x: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    scale: float = 1.0,
+    bias: torch.Tensor | None = None,
+    keep_output: bool = False,
+) -> torch.Tensor:
+    """base_out + (g − 1) ⊙ w0x + g ⊙ scale·u·bᵀ, with w0x = base_out − bias unless given (see the module).
+
+    keep_output: the backward recovers z from the output (only valid without bias and w0x, |g| >= G_MIN).
+    """
+    return _Rescale.apply(base_out, w0x, u, b, g, bias, scale, keep_output)

@@ -1,0 +1,132 @@
+"""bench/bench_e2e.py, the harness itself: its JSON, and that both sides train on the same tokens.
+
+No timing is asserted (benchmarks are never timed tests): only the structure of the report and that HF
+Trainer + PEFT received exactly the micro-batches `dora train` ran, step by step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from conftest import ROOT, requires_peft
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "bench" / "bench_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def quick_report(e2e, tmp_path_factory) -> dict:
+    """One quick round on the tiny random model: LoRA, ours + HF, and a lever `dora train` does not know."""
+    out = tmp_path_factory.mktemp("e2e") / "e2e.json"
+    code = e2e.main(["--quick", "--methods", "lora", "--configs", "baseline,train.not_a_lever=1", "--out", str(out)])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+@requires_peft
+def test_report_structure(quick_report):
+    r = quick_report
+    assert r["complete"] is True
+    assert r["settings"]["timed_steps"] == 3 and r["settings"]["warmup_steps"] == 1 and r["settings"]["rounds"] == 1
+    env = r["environment"]
+    assert env["cpu_count"] >= 1 and len(env["load_average_start"]) == 3 and len(env["load_average_end"]) == 3
+    assert all(env["versions"][pkg] for pkg in ("torch", "transformers", "peft"))
+    runs = r["runs"]["demo"]["lora"]
+    assert set(runs) == {"ours/baseline", "hf/baseline", "ours/train.not_a_lever=1"}  # HF has no such lever
+    for key in ("ours/baseline", "hf/baseline"):
+        entry = runs[key]
+        assert entry["status"] == "ok", entry
+        (one,) = entry["rounds"]
+        assert one["steps"] == 4 and len(one["step_times_s"]) == 3
+        assert all(t > 0 for t in one["step_times_s"])
+        assert one["step_time_s"] > 0 and one["real_tokens_per_s"] > 0 and one["peak_rss_mb"] > 0
+        assert 0 <= one["padding_fraction"] < 1
+        assert entry["median"]["step_time_s"] == one["step_time_s"]
+    assert runs["hf/baseline"]["rounds"][0]["hf_sampling"] == "sequential"
+
+
+@requires_peft
+def test_unknown_lever_is_recorded_not_fatal(quick_report):
+    status = quick_report["runs"]["demo"]["lora"]["ours/train.not_a_lever=1"]["status"]
+    assert status.startswith("unsupported: error:") and "not_a_lever" in status
+
+
+@requires_peft
+def test_both_sides_train_on_the_same_tokens_per_step(quick_report):
+    runs = quick_report["runs"]["demo"]["lora"]
+    ours, hf = runs["ours/baseline"]["rounds"][0], runs["hf/baseline"]["rounds"][0]
+    assert ours["real_tokens_per_step"] == hf["real_tokens_per_step"]
+    assert ours["padded_tokens_per_step"] == hf["padded_tokens_per_step"]
+    assert len(set(ours["real_tokens_per_step"])) > 1  # distinct batches: a shifted order would show
+    assert sum(ours["real_tokens_per_step"]) == ours["tokens_seen_by_dora"]  # dora train's own count agrees
+    assert quick_report["tokens_match"] == {"demo": {"lora": [True]}}
+
+
+@requires_peft
+def test_both_sides_use_the_same_learning_rate_every_step(quick_report):
+    runs = quick_report["runs"]["demo"]["lora"]
+    ours, hf = runs["ours/baseline"]["rounds"][0], runs["hf/baseline"]["rounds"][0]
+    assert len(ours["lr_per_step"]) == 4 and len(set(ours["lr_per_step"])) > 1  # the schedule moves
+    assert hf["lr_per_step"] == pytest.approx(ours["lr_per_step"], rel=1e-12)
+
+
+@requires_peft
+def test_ratios_name_their_figures(quick_report):
+    ratios = {e["name"]: e for e in quick_report["ratios"]["demo"]}
+    lora = ratios["lora: HF step time / ours"]
+    assert lora["value"] == pytest.approx(lora["numerator"]["value"] / lora["denominator"]["value"])
+    assert lora["numerator"]["run"] == "hf/baseline" and lora["target"] == ">= 1.3" and lora["pass"] in (True, False)
+    dora = ratios["dora: HF step time / ours"]
+    assert dora["value"] is None and dora["pass"] is None and dora["numerator"]["status"] == "not run"
+    assert not any("packing" in name for name in ratios)  # a uniform-length workload has no packing ratio
+
+
+@pytest.mark.parametrize("micro", [1, 2, 4])
+def test_tokens_per_step_undoes_a_prefetching_loader(e2e, micro):
+    """HF's loader collates one micro-batch ahead, so the step during which a batch is collated is wrong
+    for it; by position it is right. Ours collates in the step: by step it is right."""
+    steps, sizes = 3, [(10 + i, 16 + i) for i in range(3 * micro + 1)]  # one extra: the prefetched batch
+    expected = [sum(sizes[s * micro + j][0] for j in range(micro)) for s in range(steps)]
+    in_step = [(i // micro, r, p, 0.0) for i, (r, p) in enumerate(sizes)]
+    ahead = [(max(0, (i - 1) // micro), r, p, 0.0) for i, (r, p) in enumerate(sizes)]
+    assert e2e.tokens_per_step(in_step, steps, None)[0] == expected
+    assert e2e.tokens_per_step(ahead, steps, micro)[0] == expected
+
+
+def test_no_counted_batches_give_no_token_figures(e2e):
+    """If dora train stops taking its collate function from a known factory, the figures say so, not 0."""
+    rec = {"batches": [], "micro_per_step": None, "started": 0.0}
+    fig = e2e.token_figures(rec, steps=4, warmup=1, timed_s=3.0)
+    assert fig["real_tokens_per_s"] is None and fig["padding_fraction"] is None
+    assert "no micro-batch counted" in fig["tokens_note"]
+
+
+@pytest.mark.parametrize(
+    "name, ours, hf",
+    [
+        ("baseline", (), {}),
+        ("group_by_length", ("data.group_by_length=true",), {"group_by_length": True}),
+        ("packing", ("data.packing=true",), None),
+        ("threads3", ("train.threads=3",), None),
+        ("packing+compile", ("data.packing=true", "train.compile=true"), None),
+        ("optim.lr=0.1+group_by_length", ("optim.lr=0.1", "data.group_by_length=true"), None),
+    ],
+)
+def test_configurations(e2e, name, ours, hf):
+    lever = e2e.parse_config(name)
+    assert lever.ours == ours and lever.hf == hf
+
+
+def test_unknown_configuration_is_refused(e2e):
+    with pytest.raises(ValueError, match="unknown configuration 'pakcing'"):
+        e2e.parse_config("pakcing")
