@@ -229,6 +229,14 @@ class DataConfig(_Section):
     val_set_size: int = Field(0, ge=0, le=INT32_MAX)
     max_samples: Count | None = None
     seed: Seed = 42
+    packing: bool = False
+    """Padding-free training micro-batches: the examples of a micro-batch are concatenated into one row,
+    position ids restart per example and attention is isolated between them (block-diagonal mask, or
+    flash-attention varlen). Same examples per step and the same loss as unpacked; refused for a model whose
+    attention does not isolate packed examples."""
+    group_by_length: bool = False
+    """Seeded length-grouped batches: each global batch holds examples of similar length (less padding);
+    still a pure function of (train.seed, epoch), so resume and multi-process runs see the same batches."""
 
     @model_validator(mode="after")
     def _conversations_use_the_chat_template(self) -> DataConfig:

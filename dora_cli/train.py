@@ -7,6 +7,7 @@ Features, top to bottom:
 - LoRA / DoRA / VeRA / DVoRA / magnitude-only / full fine-tuning, on fp or 4-/8-bit bases
 - deterministic data order: a seeded permutation per epoch, global batches split into micro-batches
   (process k takes micro-batches k, k+P, ...), so N processes see exactly the batches of one
+- optional length-grouped order and padding-free packed micro-batches (dora_cli/batching.py)
 - gradient accumulation, mixed precision, gradient checkpointing, clipping, a non-finite guard
 - checkpoints written atomically with a manifest, `keep_last`, `--resume` from the newest intact one
   (bitwise identical to an uninterrupted run on the CPU), SIGINT / SIGTERM save and exit 130 / 143
@@ -23,12 +24,14 @@ import math
 import resource
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dora_cli import trackers
+from dora_cli.batching import real_tokens, seeded_permutation
 from dora_cli.console import duration
 from dora_cli.errors import RunFailure, UserError
 from dora_cli.launch import (
@@ -149,11 +152,6 @@ def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
     return ((seed * 1_000_003 + step) * 10_007 + micro_batch) % 2**64
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
 @dataclass(frozen=True)
 class Plan:
     """How the examples become optimizer steps."""
@@ -166,16 +164,18 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     warmup: int
+    order: Callable[[int, int], list[int]] | None = None  # (seed, epoch) -> permutation; None: seeded
 
     def micro_batches(self, step: int, rank: int, seed: int) -> list[list[int]]:
         """Example indices of the micro-batches process `rank` runs at optimizer step `step`."""
         epoch, i = divmod(step, self.steps_per_epoch)
-        order = epoch_order(self.examples, seed, epoch)[i * self.batch : (i + 1) * self.batch]
+        full = self.order(seed, epoch) if self.order else seeded_permutation(self.examples, seed, epoch)
+        order = full[i * self.batch : (i + 1) * self.batch]
         chunks = [order[j : j + self.micro] for j in range(0, self.batch, self.micro)]
         return chunks[rank :: self.processes]
 
 
-def make_plan(recipe: Recipe, examples: int, processes: int) -> Plan:
+def make_plan(recipe: Recipe, examples: int, processes: int, order: Callable[[int, int], list[int]] | None = None) -> Plan:
     t = recipe.train
     accumulation = check_batch(recipe, processes)
     steps_per_epoch = examples // t.batch_size
@@ -187,7 +187,7 @@ def make_plan(recipe: Recipe, examples: int, processes: int) -> Plan:
     total = t.max_steps if t.max_steps is not None else max(1, int(t.epochs * steps_per_epoch))
     s = recipe.schedule
     warmup = s.warmup_steps if s.warmup_steps is not None else int(round((s.warmup_ratio or 0.0) * total))
-    return Plan(examples, t.batch_size, t.micro_batch_size, processes, accumulation, steps_per_epoch, total, warmup)
+    return Plan(examples, t.batch_size, t.micro_batch_size, processes, accumulation, steps_per_epoch, total, warmup, order)
 
 
 # ==================================================================================================
@@ -203,7 +203,8 @@ class Setup:
     params: list[torch.nn.Parameter]
     train_set: list[dict]
     val_set: list[dict]
-    collate: object
+    collate: object  # training micro-batches (packed with data.packing)
+    eval_collate: object  # validation batches (right-padded)
     plan: Plan
     report: object  # adapters.ParamReport
     launch: tuple[dict, dict | None]  # launch.effective_config: accelerate.yaml, deepspeed.json
@@ -284,6 +285,7 @@ class Trainer:
 
     def _setup(self) -> Setup:
         from dora_cli.adapters import apply_adapters, parameter_report
+        from dora_cli.batching import check_packing, make_collate, make_order
         from dora_cli.datasets import build_datasets, make_collator
         from dora_cli.models import load_model
 
@@ -291,6 +293,7 @@ class Trainer:
         with whole_model_loading(acc):
             model, tokenizer = load_model(r.model, for_training=True)
         apply_adapters(model, r.adapter)
+        check_packing(model, r.data)
         report = parameter_report(model)
         train_set, val_set = build_datasets(r.data, tokenizer)
         # An example whose response is cut off entirely by cutoff_len (train_on_inputs false) has no
@@ -301,7 +304,8 @@ class Trainer:
                          f"data.cutoff_len={r.data.cutoff_len} and are left out")
         if not kept:
             raise UserError("data: no training examples with a response token left (after the validation split and data.cutoff_len)")
-        plan = make_plan(r, len(kept), acc.num_processes)
+        order = make_order(r.data, [len(e["input_ids"]) for e in kept], r.train.batch_size)
+        plan = make_plan(r, len(kept), acc.num_processes, order)
         o = r.optim
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
@@ -309,7 +313,8 @@ class Trainer:
         set_wrap(acc, model, r)
         model, optimizer = acc.prepare(model, optimizer)
         params = [p for p in model.parameters() if p.requires_grad]  # FSDP's sharded ones, after prepare
-        return Setup(model, optimizer, tokenizer, params, kept, val_set, make_collator(tokenizer), plan, report,
+        collate, eval_collate = make_collate(r.data, tokenizer), make_collator(tokenizer)
+        return Setup(model, optimizer, tokenizer, params, kept, val_set, collate, eval_collate, plan, report,
                      effective_config(acc, r))
 
     def _claim(self) -> None:
@@ -408,10 +413,10 @@ class Trainer:
             sync = j == len(chunks) - 1
             with self._sync(sync):
                 with acc.autocast():
-                    loss = s.model(**batch).loss
+                    loss = s.model(**batch, use_cache=False).loss  # a cache would hide packed boundaries
                 acc.backward(loss / len(chunks))
             total_loss += loss.detach().double().cpu()
-            tokens += int(batch["attention_mask"].sum())
+            tokens += real_tokens(batch)
         stats = torch.tensor([total_loss.item() / len(chunks), float(tokens)], device=acc.device, dtype=torch.float64)
         stats = acc.reduce(stats, reduction="sum") if acc.num_processes > 1 else stats
         return stats[0].item() / acc.num_processes, int(stats[1].item())
@@ -479,7 +484,7 @@ class Trainer:
         for rnd in range(math.ceil(len(s.val_set) / (micro * processes))):
             start = (rnd * processes + acc.process_index) * micro
             counted = start < len(s.val_set)
-            batch = s.collate(s.val_set[start : start + micro] if counted else s.val_set[:micro])
+            batch = s.eval_collate(s.val_set[start : start + micro] if counted else s.val_set[:micro])
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
                 logits = s.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
