@@ -42,9 +42,11 @@ from dora_cli.launch import (
     needs_launch,
     process_count,
     relaunch,
+    set_threads,
     set_wrap,
     whole_model_loading,
 )
+from dora_cli.lm_loss import keeps_selected_logits, loss_terms, trained_positions
 from dora_cli.recipe import Recipe, absolute_paths, check_batch, dump_recipe, load_recipe
 from dora_cli.rundir import RunDir, RunLock, checkpoints, newest_intact, prune
 
@@ -208,6 +210,7 @@ class Setup:
     plan: Plan
     report: object  # adapters.ParamReport
     launch: tuple[dict, dict | None]  # launch.effective_config: accelerate.yaml, deepspeed.json
+    selective_logits: bool  # the LM head runs on trained positions only (lm_loss.py)
 
 
 @dataclass
@@ -242,6 +245,7 @@ class Trainer:
         self.resume = resume
         self.overwrite = overwrite
         self.acc = None  # the Accelerator, made in run()
+        self.threads = ""  # what set_threads did, for the log
         self.s: Setup | None = None
         self.step = 0
         self.tokens_seen = 0
@@ -264,6 +268,7 @@ class Trainer:
 
         r = self.recipe
         self.acc = make_accelerator(r, **trackers.accelerator_options(r, self.dir))
+        self.threads = set_threads(r.train.threads, self.acc.device.type)
         set_seed(r.train.seed)
         self.s = self._setup()  # everything that can refuse the run, before anything is written
         lock = RunLock(self.dir.path)
@@ -306,16 +311,21 @@ class Trainer:
             raise UserError("data: no training examples with a response token left (after the validation split and data.cutoff_len)")
         order = make_order(r.data, [len(e["input_ids"]) for e in kept], r.train.batch_size)
         plan = make_plan(r, len(kept), acc.num_processes, order)
+        selective = keeps_selected_logits(model)  # asked before wrappers hide the forward's signature
         o = r.optim
+        fused = o.fused if o.fused is not None else acc.distributed_type.name in ("NO", "MULTI_CPU", "MULTI_GPU")
         optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+            [p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps,
+            weight_decay=o.weight_decay, fused=fused or None,
         )
         set_wrap(acc, model, r)
         model, optimizer = acc.prepare(model, optimizer)
+        if r.train.compile:
+            model.compile()  # in place: parameter names, unwrapping and checkpoints are unchanged
         params = [p for p in model.parameters() if p.requires_grad]  # FSDP's sharded ones, after prepare
         collate, eval_collate = make_collate(r.data, tokenizer), make_collator(tokenizer)
         return Setup(model, optimizer, tokenizer, params, kept, val_set, collate, eval_collate, plan, report,
-                     effective_config(acc, r))
+                     effective_config(acc, r), selective)
 
     def _claim(self) -> None:
         """Under the lock: clear / mark the directory, resume, write the recipe, say what will happen."""
@@ -332,6 +342,7 @@ class Trainer:
             self.dir.write_launch(*s.launch)
             self.log(f"{s.report}")
             self.log(self._setup_line())
+            self.log(self.threads)
             self.log(
                 f"{len(s.train_set)} training examples, {len(s.val_set)} validation; "
                 f"{plan.total_steps} steps of {plan.batch} ({plan.accumulation} x {plan.micro} x {plan.processes} processes)"
@@ -346,8 +357,11 @@ class Trainer:
         model = acc.unwrap_model(self.s.model)
         weights, state = weight_share(model), optimizer_share(model, self.s.optimizer)
         processes = f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
+        defaults = getattr(self.s.optimizer, "defaults", {})
+        kind = " (fused)" if defaults.get("fused") else ""
         return (f"setup: {acc.distributed_type.name} on {acc.device.type}, {processes}; the main process holds "
-                f"{weights:.0%} of the weights and {state:.0%} of the optimizer state")
+                f"{weights:.0%} of the weights and {state:.0%} of the optimizer state; AdamW{kind}"
+                + ("; compiled" if self.recipe.train.compile else ""))
 
     # ---- the loop -------------------------------------------------------------------------------------
     def _loop(self) -> Path:
@@ -361,10 +375,12 @@ class Trainer:
             task = progress.add_task("train", total=plan.total_steps, completed=self.step, stats="")
             while self.step < plan.total_steps and self.signals.received is None:
                 lr = self._set_lr()
-                loss, tokens = self._accumulate()
-                if self.signals.received is not None:  # interrupted mid-step: the step is dropped
+                stats = self._accumulate()
+                if stats is None or self.signals.received is not None:  # interrupted mid-step: the step is dropped
                     break
-                grad_norm = self._grad_norm()
+                # The step's one read from the device: the non-finite guard needs the loss and the norm.
+                loss, tokens, grad_norm = torch.cat([stats, self._grad_norm()[None]]).tolist()
+                tokens = int(tokens)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     self._skip_nonfinite(loss, grad_norm)
                     continue
@@ -395,31 +411,32 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def _accumulate(self) -> tuple[float, int]:
-        """Forward and backward over this process's micro-batches of the step; (mean loss over all, tokens)."""
+    def _accumulate(self) -> torch.Tensor | None:
+        """Forward and backward over this process's micro-batches of the step: [mean loss, tokens] over all
+        processes, on the device (nothing read back here); None when a signal interrupts the step."""
         acc, s = self.acc, self.s
         chunks = s.plan.micro_batches(self.step, acc.process_index, self.recipe.train.seed)
-        total_loss = torch.zeros((), dtype=torch.float64)
-        tokens = 0
+        losses, tokens = [], 0
         for j, chunk in enumerate(chunks):
             if self.signals.received is not None:
                 s.optimizer.zero_grad(set_to_none=True)
-                return float("nan"), 0
+                return None
             # Dropout masks are a function of (seed, step, micro-batch): the same for any number of
             # processes, and nothing to restore on resume.
             torch.manual_seed(micro_batch_seed(self.recipe.train.seed, self.step, acc.process_index + j * acc.num_processes))
             batch = s.collate([s.train_set[i] for i in chunk])
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
-            sync = j == len(chunks) - 1
-            with self._sync(sync):
+            tokens += real_tokens(batch)  # counted on the host copy: no device read
+            keep = trained_positions(batch["labels"]).to(acc.device) if s.selective_logits else None
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            with self._sync(j == len(chunks) - 1):
                 with acc.autocast():
-                    loss = s.model(**batch, use_cache=False).loss  # a cache would hide packed boundaries
+                    total, count = loss_terms(s.model, batch, keep)
+                    loss = total / count
                 acc.backward(loss / len(chunks))
-            total_loss += loss.detach().double().cpu()
-            tokens += real_tokens(batch)
-        stats = torch.tensor([total_loss.item() / len(chunks), float(tokens)], device=acc.device, dtype=torch.float64)
-        stats = acc.reduce(stats, reduction="sum") if acc.num_processes > 1 else stats
-        return stats[0].item() / acc.num_processes, int(stats[1].item())
+            losses.append(loss.detach())
+        stats = torch.stack([torch.stack(losses).double().mean(), torch.tensor(float(tokens), dtype=torch.float64, device=acc.device)])
+        return acc.reduce(stats, reduction="sum") / torch.tensor([acc.num_processes, 1.0], dtype=torch.float64, device=acc.device) \
+            if acc.num_processes > 1 else stats
 
     def _sync(self, last: bool):
         """Gradients are reduced across processes at the last micro-batch of a step only (DDP / FSDP:
@@ -427,9 +444,11 @@ class Trainer:
         self.acc.sync_gradients = last
         return contextlib.nullcontext() if last else self.acc.no_sync(self.s.model)
 
-    def _grad_norm(self) -> float:
+    def _grad_norm(self) -> torch.Tensor:
         max_norm = self.recipe.train.max_grad_norm
-        return float(self.acc.clip_grad_norm_(self.s.params, max_norm if max_norm else float("inf")))
+        norm = self.acc.clip_grad_norm_(self.s.params, max_norm if max_norm else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a replicated DTensor
+        return torch.as_tensor(norm, dtype=torch.float64).reshape(()).to(self.acc.device)
 
     def _optimizer_step(self, tokens: int) -> None:
         self.s.optimizer.step()
@@ -485,15 +504,12 @@ class Trainer:
             start = (rnd * processes + acc.process_index) * micro
             counted = start < len(s.val_set)
             batch = s.eval_collate(s.val_set[start : start + micro] if counted else s.val_set[:micro])
+            keep = trained_positions(batch["labels"]).to(acc.device) if s.selective_logits else None
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
-                logits = s.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-            )
+                total, count = loss_terms(s.model, batch, keep)
             if counted:
-                totals += torch.tensor([loss.item(), float((labels != -100).sum())], dtype=torch.float64, device=acc.device)
+                totals += torch.stack([total.double(), count.double()])
         if acc.num_processes > 1:
             totals = acc.reduce(totals, reduction="sum")
         s.model.train()

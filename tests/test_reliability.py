@@ -133,8 +133,8 @@ def poison(monkeypatch, steps, value=float("nan")):
     real = train.Trainer._accumulate
 
     def poisoned(self):
-        loss, tokens = real(self)
-        return (value, tokens) if self.step in steps else (loss, tokens)
+        stats = real(self)  # [mean loss, tokens] of the step
+        return stats.index_fill(0, torch.tensor([0]), value) if self.step in steps else stats
 
     monkeypatch.setattr(train.Trainer, "_accumulate", poisoned)
 
