@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -407,6 +408,21 @@ def _fsdp_section(plugin) -> dict:
     }
 
 
+def busy_cores() -> float:
+    """Cores other jobs keep busy: the smaller of the 1-minute load average and the median count of runnable
+    threads over a fifth of a second (/proc/loadavg), each less this process. The average alone lags: just
+    after a job ends it still says busy; the count alone is a moment's glimpse. Both must agree."""
+    average = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    counts = []
+    try:
+        for _ in range(9):
+            counts.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]))
+            time.sleep(0.025)
+    except (OSError, ValueError, IndexError):
+        return max(0.0, average - 1.0)
+    return max(0.0, min(average, sorted(counts)[len(counts) // 2]) - 1.0)
+
+
 def set_threads(requested: int | None, device: str) -> str:
     """Set this process's CPU threads: `train.threads`, else torch's default, cut to the cores the rest of
     the machine leaves free (OpenMP threads that wait for a core another job holds stall every parallel
@@ -415,13 +431,13 @@ def set_threads(requested: int | None, device: str) -> str:
     if requested is not None:
         torch.set_num_threads(requested)
         return f"threads: {requested} (train.threads)"
-    if device != "cpu" or not hasattr(os, "getloadavg"):
+    if device != "cpu":
         return f"threads: {default}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    others = max(0.0, os.getloadavg()[0] - 1.0)  # one unit of the load is this process, setting up
+    others = busy_cores()
     threads = max(1, min(default, math.floor(cores - others + 0.5)))
     if threads == default:
         return f"threads: {default}"
     torch.set_num_threads(threads)
-    return (f"threads: {threads} of {default}: the machine is busy (load {others + 1:.1f} on {cores} cores); "
-            "train.threads sets them")
+    return (f"threads: {threads} of {default}: the machine is busy (other jobs hold about {others:.1f} of "
+            f"{cores} cores); train.threads sets them")

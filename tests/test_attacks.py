@@ -6,9 +6,7 @@ the README promises for refused input: exit status 2, exactly one stderr line an
 mtimes and contents of everything under it). Inputs are built per case under the test's tmp_path;
 outputs are pointed there too, so that anything written shows up in the snapshot.
 
-CASES must all pass. LEAD_CASES are the same promise in code that issue 11 (the architecture refactor)
-owns: they are strict xfails naming the module, so that each turns into a failure the day it is fixed
-and moves to CASES.
+CASES must all pass, and so must the cases that need the environment changed (a missing DeepSpeed).
 """
 
 from __future__ import annotations
@@ -356,12 +354,6 @@ CASES: dict[str, Build] = {
 }
 
 
-LEAD_CASES: dict[str, tuple[str, Build]] = {
-    "deepspeed-missing": ("launch.py: launch.strategy deepspeed without DeepSpeed", lambda k: [
-        "train", k.recipe(), "launch.strategy=deepspeed", "--nproc", "2"]),
-}
-
-
 def unreadable_data(k: Kit) -> list[str]:
     overrides = k.data("d.json", [GOOD_RECORD] * 20)
     k.unreadable(k.tmp / "d.json")
@@ -461,17 +453,22 @@ def test_refused_with_one_line_and_nothing_written(case, kit, monkeypatch, capfd
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=f"issue 11 room: {why}"))
-             for c, (why, _) in LEAD_CASES.items()]
-)
-def test_refused_in_the_lead_s_rooms(case, kit, monkeypatch, capfd):
-    assert_refused(LEAD_CASES[case][1], kit, monkeypatch, capfd)
+@pytest.mark.parametrize("strategy", ["deepspeed-recipe", "deepspeed-override"])
+def test_a_missing_deepspeed_is_refused_before_the_launch(strategy, kit, monkeypatch, capfd):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **kw: None if name.split(".")[0] == "deepspeed" else real(name, *a, **kw))
+    extra = ["launch.zero_stage=3"] if strategy == "deepspeed-override" else []
+    line = assert_refused(lambda k: ["train", k.recipe(), "launch.strategy=deepspeed", *extra, "--nproc", "2"],
+                          kit, monkeypatch, capfd)
+    assert "DeepSpeed is not installed" in line and "dora_cli[deepspeed]" in line
 
 
 def test_the_battery_is_large_enough():
     """Issue 13 asks for at least 60 cases through the real CLI."""
-    assert len(CASES) + len(LEAD_CASES) >= 60
+    assert len(CASES) >= 60
 
 
 # --------------------------------------------------------------------------------------------------

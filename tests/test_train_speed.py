@@ -98,21 +98,38 @@ def test_a_forward_without_logits_to_keep_is_detected():
 
 
 # ---- threads -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("load", "cores", "default", "expected"), [
-    (0.2, 2, 2, 2), (1.0, 2, 2, 2), (2.0, 2, 2, 1), (4.5, 2, 2, 1), (9.0, 2, 2, 1),
-    (3.0, 8, 8, 6), (8.0, 8, 4, 1), (0.0, 16, 4, 4), (5.4, 16, 16, 12),
+@pytest.mark.parametrize(("others", "cores", "default", "expected"), [
+    (0.0, 2, 2, 2), (0.4, 2, 2, 2), (1.0, 2, 2, 1), (3.5, 2, 2, 1), (8.0, 2, 2, 1),
+    (2.0, 8, 8, 6), (7.0, 8, 4, 1), (0.0, 16, 4, 4), (4.4, 16, 16, 12),
 ])
-def test_default_threads_leave_the_busy_cores(monkeypatch, load, cores, default, expected):
+def test_default_threads_leave_the_busy_cores(monkeypatch, others, cores, default, expected):
     chosen = []
-    monkeypatch.setattr(launch.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(launch, "busy_cores", lambda: others)
     monkeypatch.setattr(launch.os, "sched_getaffinity", lambda _pid: set(range(cores)))
     monkeypatch.setattr(launch.torch, "get_num_threads", lambda: default)
     monkeypatch.setattr(launch.torch, "set_num_threads", chosen.append)
     line = launch.set_threads(None, "cpu")
     assert (chosen or [default])[-1] == expected
     assert ("busy" in line) == (expected != default)
+    assert launch.set_threads(None, "cuda") == f"threads: {default}"
     chosen.clear()
     assert launch.set_threads(3, "cpu") == "threads: 3 (train.threads)" and chosen == [3]
+
+
+@pytest.mark.parametrize(("average", "running", "expected"), [
+    (4.0, [5] * 9, 3.0),            # busy now and over the last minute
+    (4.0, [1] * 9, 0.0),            # a job just ended: the average still lags
+    (0.3, [6] * 9, 0.0),            # a job just started: not yet counted
+    (3.0, [1, 9, 9, 2, 2, 9, 2, 2, 9], 1.0),  # a moment's spikes: the median
+])
+def test_busy_cores_need_the_average_and_the_moment_to_agree(monkeypatch, tmp_path, average, running, expected):
+    readings = iter(f"{average} 1 1 {n}/300 4242\n" for n in running)
+    real_path = launch.Path
+    monkeypatch.setattr(launch.os, "getloadavg", lambda: (average, average, average))
+    monkeypatch.setattr(launch, "Path", lambda p: type("P", (), {"read_text": lambda self: next(readings)})()
+                        if p == "/proc/loadavg" else real_path(p))
+    monkeypatch.setattr(launch.time, "sleep", lambda _s: None)
+    assert launch.busy_cores() == pytest.approx(expected)
 
 
 # ---- through dora train --------------------------------------------------------------------------------------
