@@ -48,7 +48,8 @@ from dora_cli.launch import (
 )
 from dora_cli.lm_loss import keeps_selected_logits, loss_terms, trained_positions
 from dora_cli.recipe import Recipe, absolute_paths, check_batch, dump_recipe, load_recipe
-from dora_cli.rundir import RunDir, RunLock, checkpoints, newest_intact, prune
+from dora_cli.run_state import RunState
+from dora_cli.rundir import RunDir, RunLock, checkpoints, prune
 
 
 # ==================================================================================================
@@ -213,6 +214,48 @@ class Setup:
     selective_logits: bool  # the LM head runs on trained positions only (lm_loss.py)
 
 
+def make_setup(recipe: Recipe, acc, log) -> Setup:
+    """Everything that can refuse the run, before anything is written: model, adapters, data, plan,
+    optimizer, prepared for the strategy. `log(line)`: the run log (main process)."""
+    from dora_cli.adapters import apply_adapters, parameter_report
+    from dora_cli.batching import check_packing, make_collate, make_order
+    from dora_cli.datasets import build_datasets, make_collator
+    from dora_cli.models import load_model
+
+    r = recipe
+    with whole_model_loading(acc):
+        model, tokenizer = load_model(r.model, for_training=True)
+    apply_adapters(model, r.adapter)
+    check_packing(model, r.data)
+    report = parameter_report(model)
+    train_set, val_set = build_datasets(r.data, tokenizer)
+    # An example whose response is cut off entirely by cutoff_len (train_on_inputs false) has no
+    # token to learn from: its loss would be 0 / 0.
+    kept = [e for e in train_set if any(label != -100 for label in e["labels"][1:])]  # label 0 is never predicted
+    if len(kept) < len(train_set):
+        log(f"{len(train_set) - len(kept)} training examples have no response token within "
+            f"data.cutoff_len={r.data.cutoff_len} and are left out")
+    if not kept:
+        raise UserError("data: no training examples with a response token left (after the validation split and data.cutoff_len)")
+    order = make_order(r.data, [len(e["input_ids"]) for e in kept], r.train.batch_size)
+    plan = make_plan(r, len(kept), acc.num_processes, order)
+    selective = keeps_selected_logits(model)  # asked before wrappers hide the forward's signature
+    o = r.optim
+    fused = o.fused if o.fused is not None else acc.distributed_type.name in ("NO", "MULTI_CPU", "MULTI_GPU")
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps,
+        weight_decay=o.weight_decay, fused=fused or None,
+    )
+    set_wrap(acc, model, r)
+    model, optimizer = acc.prepare(model, optimizer)
+    if r.train.compile:
+        model.compile()  # in place: parameter names, unwrapping and checkpoints are unchanged
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP's sharded ones, after prepare
+    collate, eval_collate = make_collate(r.data, tokenizer), make_collator(tokenizer)
+    return Setup(model, optimizer, tokenizer, params, kept, val_set, collate, eval_collate, plan, report,
+                 effective_config(acc, r), selective)
+
+
 @dataclass
 class Eta:
     """The remaining time, from the pace of the steps this process ran so far (resumed steps excluded)."""
@@ -247,6 +290,7 @@ class Trainer:
         self.acc = None  # the Accelerator, made in run()
         self.threads = ""  # what set_threads did, for the log
         self.s: Setup | None = None
+        self.state: RunState | None = None  # checkpoints in and out (run_state.py)
         self.step = 0
         self.tokens_seen = 0
         self.skipped = 0
@@ -270,7 +314,8 @@ class Trainer:
         self.acc = make_accelerator(r, **trackers.accelerator_options(r, self.dir))
         self.threads = set_threads(r.train.threads, self.acc.device.type)
         set_seed(r.train.seed)
-        self.s = self._setup()  # everything that can refuse the run, before anything is written
+        self.s = make_setup(r, self.acc, self.log)  # everything that can refuse the run, before anything is written
+        self.state = RunState(self.acc, r, self.dir, self.s.model, self.s.optimizer, self.s.tokenizer)
         lock = RunLock(self.dir.path)
         if self.main:
             lock.acquire()
@@ -287,45 +332,6 @@ class Trainer:
                 lock.release()
             if self.acc.num_processes > 1:
                 self.acc.end_training()  # the process group closed on every process before any exits
-
-    def _setup(self) -> Setup:
-        from dora_cli.adapters import apply_adapters, parameter_report
-        from dora_cli.batching import check_packing, make_collate, make_order
-        from dora_cli.datasets import build_datasets, make_collator
-        from dora_cli.models import load_model
-
-        r, acc = self.recipe, self.acc
-        with whole_model_loading(acc):
-            model, tokenizer = load_model(r.model, for_training=True)
-        apply_adapters(model, r.adapter)
-        check_packing(model, r.data)
-        report = parameter_report(model)
-        train_set, val_set = build_datasets(r.data, tokenizer)
-        # An example whose response is cut off entirely by cutoff_len (train_on_inputs false) has no
-        # token to learn from: its loss would be 0 / 0.
-        kept = [e for e in train_set if any(label != -100 for label in e["labels"][1:])]  # label 0 is never predicted
-        if len(kept) < len(train_set) and acc.is_main_process:
-            self.dir.log(f"{len(train_set) - len(kept)} training examples have no response token within "
-                         f"data.cutoff_len={r.data.cutoff_len} and are left out")
-        if not kept:
-            raise UserError("data: no training examples with a response token left (after the validation split and data.cutoff_len)")
-        order = make_order(r.data, [len(e["input_ids"]) for e in kept], r.train.batch_size)
-        plan = make_plan(r, len(kept), acc.num_processes, order)
-        selective = keeps_selected_logits(model)  # asked before wrappers hide the forward's signature
-        o = r.optim
-        fused = o.fused if o.fused is not None else acc.distributed_type.name in ("NO", "MULTI_CPU", "MULTI_GPU")
-        optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps,
-            weight_decay=o.weight_decay, fused=fused or None,
-        )
-        set_wrap(acc, model, r)
-        model, optimizer = acc.prepare(model, optimizer)
-        if r.train.compile:
-            model.compile()  # in place: parameter names, unwrapping and checkpoints are unchanged
-        params = [p for p in model.parameters() if p.requires_grad]  # FSDP's sharded ones, after prepare
-        collate, eval_collate = make_collate(r.data, tokenizer), make_collator(tokenizer)
-        return Setup(model, optimizer, tokenizer, params, kept, val_set, collate, eval_collate, plan, report,
-                     effective_config(acc, r), selective)
 
     def _claim(self) -> None:
         """Under the lock: clear / mark the directory, resume, write the recipe, say what will happen."""
@@ -579,106 +585,19 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def _save(self, target: Path, *, trainer_state: bool) -> Path:
-        """Every process hands in its share (gather.py); the main process writes the checkpoint
-        (atomically, with its manifest): the same files under every strategy and process count."""
-        snapshot = self._snapshot(trainer_state)
-        if self.main:
-            self.dir.write_checkpoint(target, lambda tmp: self._fill_checkpoint(tmp, snapshot))
-        self.acc.wait_for_everyone()
-        return target
-
-    def _live_tensors(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint holds, as live (maybe sharded) tensors: the adapter under PEFT keys, or the
-        whole model (method full)."""
-        from dora_cli.adapters import adapter_tensors
-        from dora_cli.gather import model_tensors
-
-        model = self.acc.unwrap_model(self.s.model)
-        return model_tensors(model) if self.recipe.adapter.method == "full" else adapter_tensors(model)
-
-    def _snapshot(self, trainer_state: bool) -> dict:
-        """Whole tensors of the model (and the optimizer state), gathered in every process."""
-        from dora_cli.gather import gather_all, optimizer_state
-
-        snapshot = {"model": gather_all(self._live_tensors())}
-        if trainer_state:
-            snapshot["optimizer"] = optimizer_state(self.acc.unwrap_model(self.s.model), self.s.optimizer)
-        return snapshot
-
-    def _fill_checkpoint(self, directory: Path, snapshot: dict) -> None:
-        from dora_cli.adapters import save_adapter
-
-        model = self.acc.unwrap_model(self.s.model)
-        if self.recipe.adapter.method == "full":
-            model.save_pretrained(directory, state_dict=snapshot["model"], safe_serialization=True)
-            self.s.tokenizer.save_pretrained(directory)
-        else:
-            save_adapter(model, self.recipe.adapter, directory, base_model=self.recipe.model.name_or_path, state=snapshot["model"])
-        self.dir.write_recipe(dump_recipe(self.recipe), directory)
-        if "optimizer" in snapshot:
-            self.dir.write_state(directory, snapshot["optimizer"], {"step": self.step, "tokens_seen": self.tokens_seen})
+        counters = {"step": self.step, "tokens_seen": self.tokens_seen} if trainer_state else None
+        return self.state.save(target, counters)
 
     def _restore(self) -> None:
-        """The main process reads the newest intact checkpoint; every process takes its share of it."""
-        from accelerate.utils import broadcast_object_list
-
-        from dora_cli.gather import by_name, load_optimizer_state
-
-        found = None
-        if self.main:
-            try:
-                found = self._read_checkpoint()
-            except UserError as err:  # the others learn it too, instead of waiting for the checkpoint
-                found = err
-        if self.acc.num_processes > 1:
-            found = broadcast_object_list([found], from_process=0)[0]
-        if isinstance(found, UserError):
-            raise found
+        found = self.state.restore(say=self.log)
         if found is None:
             self.log(f"{self.dir.path}: no complete checkpoint to resume from; starting from step 0")
             return
-        name, tensors, optimizer_state, state = found
-        self._put_model(tensors, self.dir.path / name)
-        model = self.acc.unwrap_model(self.s.model)
-        load_optimizer_state(model, self.s.optimizer, by_name(optimizer_state, model), self.dir.path / name)
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        name, counters = found
+        self.step, self.tokens_seen = int(counters["step"]), int(counters["tokens_seen"])
         if self.main:
             self.dir.truncate_events(self.step)
         self.log(f"resuming from {name} (step {self.step})")
-
-    def _read_checkpoint(self) -> tuple | None:
-        """(name, model tensors, optimizer state, state.json) of the newest intact checkpoint, or None."""
-        from safetensors.torch import load_file
-
-        from dora_cli.adapters import read_adapter_weights
-
-        found = newest_intact(self.dir.path, say=self.log)
-        if found is None:
-            return None
-        _, path = found
-        if self.recipe.adapter.method == "full":
-            tensors = {}
-            for shard in sorted(path.glob("model*.safetensors")):
-                tensors.update(load_file(str(shard)))
-        else:
-            tensors = read_adapter_weights(path)
-        return (path.name, tensors, *self.dir.read_state(path))
-
-    def _put_model(self, tensors: dict, where: Path) -> None:
-        """Load checkpoint tensors into this process's share of the model (after checking they fit)."""
-        from dora_cli.adapters import fit_adapter_state
-        from dora_cli.gather import global_shape, put
-
-        live = self._live_tensors()
-        if self.recipe.adapter.method == "full":
-            missing = sorted(set(live) - set(tensors))
-            if missing:
-                raise UserError(f"{where}: {missing[0]} is missing from the checkpoint ({len(missing)} missing)")
-            pairs = [(tensor, tensors[key]) for key, tensor in live.items()]
-        else:
-            pairs = fit_adapter_state(self.acc.unwrap_model(self.s.model), tensors, where, shape=global_shape).values()
-        for tensor, value in pairs:
-            put(tensor, value)
 
 
 class StopSignals:
