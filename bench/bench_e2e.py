@@ -235,14 +235,16 @@ def use_our_schedule(trainer, recipe, plan) -> None:
 
 def hf_examples_in_our_order(recipe, tokenizer):
     """Our tokenised training examples, the ones `dora train` runs, in its micro-batch order; and its plan."""
-    from dora_cli.datasets import build_datasets
+    from dora_cli.batching import make_order
+    from dora_cli.datasets import build_datasets, trained_labels
     from dora_cli.train import make_plan
 
     train_set, _ = build_datasets(recipe.data, tokenizer)
-    # dora train's rule, copied (it is inline in Trainer._setup): label 0 is never predicted. The parent
-    # compares both sides' tokens per step, so a drift from the rule shows as tokens_match false.
-    train_set = [e for e in train_set if any(label != -100 for label in e["labels"][1:])]
-    plan = make_plan(recipe, len(train_set), 1)
+    # dora train's rule (make_setup): only examples with a trained label. The parent compares both sides'
+    # tokens per step, so a drift shows as tokens_match false.
+    train_set = [e for e in train_set if trained_labels(e)]
+    order = make_order(recipe.data, [len(e["input_ids"]) for e in train_set], recipe.train.batch_size)
+    plan = make_plan(recipe, len(train_set), 1, order)
     order = [i for step in range(plan.total_steps) for chunk in plan.micro_batches(step, 0, recipe.train.seed)
              for i in chunk]
     return [train_set[i] for i in order], plan

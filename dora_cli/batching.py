@@ -32,6 +32,7 @@ cache transformers skips the packed-sequence detection (the examples would see e
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,12 +86,13 @@ def length_grouped_order(lengths: Sequence[int], seed: int, epoch: int, batch: i
 
 
 def make_order(data: DataConfig, lengths: Sequence[int], batch: int) -> Order:
-    """order(seed, epoch) -> the example indices of the epoch, in the order global batches take them."""
+    """order(seed, epoch) -> the example indices of the epoch, in the order global batches take them
+    (remembered for the epoch under way: every step asks, and an epoch of 200k examples takes 0.2 s)."""
     if data.group_by_length:
         frozen = tuple(lengths)
-        return lambda seed, epoch: length_grouped_order(frozen, seed, epoch, batch)
+        return functools.lru_cache(maxsize=1)(lambda seed, epoch: length_grouped_order(frozen, seed, epoch, batch))
     n = len(lengths)
-    return lambda seed, epoch: seeded_permutation(n, seed, epoch)
+    return functools.lru_cache(maxsize=1)(lambda seed, epoch: seeded_permutation(n, seed, epoch))
 
 
 # --------------------------------------------------------------------------- the tensors of a micro-batch
@@ -161,10 +163,8 @@ def packing_leak(model: torch.nn.Module) -> float:
 
 def check_packing(model: torch.nn.Module, data: DataConfig) -> None:
     """Refuse data.packing for a model whose attention does not isolate packed examples (UserError).
-
-    A process whose weights are still on the meta device (FSDP's RAM-efficient loading gives the weights
-    to rank 0 only) has nothing to run: the process that holds them decides for all."""
-    if not data.packing or next(model.parameters()).device.type == "meta":
+    Every process holds the weights when this runs (FSDP's RAM-efficient loading is refused, launch.py)."""
+    if not data.packing:
         return
     ratio = packing_leak(model)
     if not ratio <= LEAK_RATIO:

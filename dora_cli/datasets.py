@@ -61,7 +61,7 @@ from typing import Any
 import torch
 
 from dora_cli import hub, prompts
-from dora_cli.errors import UserError, clip, did_you_mean, one_of, problem_of, reading
+from dora_cli.errors import UserError, clip, did_you_mean, one_of, problem_of, reading, unicode_text
 from dora_cli.files import looks_local
 from dora_cli.recipe import CONVERSATION_FORMATS, INT32_MAX, DataConfig, DataSource
 
@@ -239,25 +239,21 @@ def validate_records(rows: Iterable[Any], fmt: str, origin: str) -> list[dict]:
         for field in required:
             if field not in row:
                 raise UserError(f"record [{idx}]: missing field {field!r} ({expected})", where=origin)
-            if not isinstance(row[field], str):
-                raise UserError(
-                    f"record [{idx}]: field {field!r} must be a string, got {_type_name(row[field])}",
-                    where=origin,
-                )
-            rec[renamed.get(field, field)] = row[field]
+            rec[renamed.get(field, field)] = _text(row[field], f"record [{idx}]", field, origin)
         for field in OPTIONAL_FIELDS:
             value = row.get(field)
-            if value is None:
-                value = ""
-            if not isinstance(value, str):
-                raise UserError(
-                    f"record [{idx}]: field {field!r} must be a string, got {_type_name(value)}", where=origin
-                )
-            rec[field] = value
+            rec[field] = _text("" if value is None else value, f"record [{idx}]", field, origin)
         if "answer" in row:
             rec["answer"] = row["answer"]
         out.append(rec)
     return out
+
+
+def _text(value: Any, at: str, field: str, origin: str) -> str:
+    """A record's text field: a string of valid Unicode, else a UserError naming the record and field."""
+    if not isinstance(value, str):
+        raise UserError(f"{at}: field {field!r} must be a string, got {_type_name(value)}", where=origin)
+    return unicode_text(value, f"{at}: field {field!r}", where=origin)
 
 
 def _conversation(row: Any, idx: int, layout: TurnLayout, fmt: str, origin: str) -> dict:
@@ -279,17 +275,15 @@ def _conversation(row: Any, idx: int, layout: TurnLayout, fmt: str, origin: str)
         if not isinstance(turn, dict):
             raise UserError(f"{at}: expected an object, got {_type_name(turn)} ({expected})", where=origin)
         role = turn.get(layout.role)
-        if role not in layout.roles:
+        if not (isinstance(role, str) and role in layout.roles):
             shown = clip(repr(role), 40) if layout.role in turn else "missing"
             raise UserError(
                 f"{at}: {layout.role} {shown} is not one of {one_of(layout.roles)}{did_you_mean(str(role), layout.roles)}",
                 where=origin,
             )
-        content = turn.get(layout.content)
         if layout.content not in turn:
             raise UserError(f"{at}: missing field {layout.content!r} ({expected})", where=origin)
-        if not isinstance(content, str):
-            raise UserError(f"{at}: field {layout.content!r} must be a string, got {_type_name(content)}", where=origin)
+        content = _text(turn[layout.content], at, layout.content, origin)
         messages.append({"role": layout.roles[role], "content": content})
     _check_turn_order(messages, f"record [{idx}]: {layout.turns}", origin)
     return {"messages": messages}
@@ -528,6 +522,12 @@ class TokenStats:
     untrained_examples: int  # examples left with no trained token (training leaves them out)
 
 
+def trained_labels(example: dict) -> int:
+    """Tokens of an example with a loss: labels other than IGNORE_INDEX after position 0 (the first label
+    is never predicted)."""
+    return sum(label != IGNORE_INDEX for label in example["labels"][1:])
+
+
 def token_stats(records: Sequence[dict], examples: Sequence[dict], tokenizer: Any, cfg: DataConfig) -> TokenStats:
     """Statistics of `examples` (the tokenisation of `records` under `cfg`); the examples that reach cutoff_len
     are tokenised again without it to tell their full length."""
@@ -538,7 +538,7 @@ def token_stats(records: Sequence[dict], examples: Sequence[dict], tokenizer: An
     reaching = [i for i, n in enumerate(lengths) if n >= cfg.cutoff_len]
     for i, e in zip(reaching, tokenize_records([records[i] for i in reaching], tokenizer, full)):
         lengths[i] = len(e["input_ids"])
-    trained = [sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples]
+    trained = [trained_labels(e) for e in examples]
     ordered = sorted(lengths)
     mid = len(ordered) // 2
     median = float(ordered[mid]) if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2

@@ -45,6 +45,18 @@ def one_of(choices: Iterable[str]) -> str:
     return ", ".join(items[:-1]) + " or " + items[-1]
 
 
+def unicode_text(text: str, what: str, where: str | None = None) -> str:
+    """`text` when it is valid Unicode, else a UserError naming `what`: undecodable bytes passed through the
+    command line or a stream arrive as unpaired surrogates, as does a JSON "\\ud800" escape, and no
+    tokenizer takes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UserError(f"{what}: not valid Unicode text (undecodable bytes or an unpaired surrogate at "
+                        f"character {err.start})", where=where) from None
+    return text
+
+
 def clip(text: str, limit: int = 200) -> str:
     """`text` on one line, at most `limit` characters, cut after a whole word ("..." marks the cut; a
     first word longer than the limit is cut inside)."""

@@ -120,9 +120,14 @@ def load_optimizer_state(model: nn.Module, optimizer, saved: dict, where) -> Non
     if _is_zero(inner):
         _load_zero_state(params, inner, state)
         return
+    on_device = {id(q) for group in inner.param_groups if group.get("fused") or group.get("capturable") for q in group["params"]}
     for name, p in params.items():
         if name in state:
-            inner.state[p] = {key: _like(p, v) for key, v in state[name].items()}
+            inner.state[p] = {key: _like(p, v, id(p) in on_device) for key, v in state[name].items()}
+
+
+def _local_device(p) -> torch.device:
+    return p.to_local().device if _is_dtensor(p) else p.device
 
 
 def _local_numel(tensor) -> int:
@@ -165,10 +170,14 @@ def _plain(value):
     return value.clone() if torch.is_tensor(value) else value
 
 
-def _like(p: torch.Tensor, value):
-    """A saved optimizer-state value as this process holds it beside parameter `p`."""
+def _like(p: torch.Tensor, value, scalars_on_device: bool = False):
+    """A saved optimizer-state value as this process holds it beside parameter `p`. AdamW's step stays a
+    CPU scalar, except for a fused or capturable optimizer, whose kernels take it on p's device (as
+    torch's own load_state_dict places it)."""
+    if torch.is_tensor(value) and value.dim() == 0 and scalars_on_device:
+        return value.to(_local_device(p), copy=True)
     if not torch.is_tensor(value) or value.dim() == 0:
-        return _plain(value)  # AdamW's step stays a CPU scalar
+        return _plain(value)
     if _is_dtensor(p):
         from torch.distributed.tensor import distribute_tensor
 

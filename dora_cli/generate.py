@@ -23,13 +23,14 @@ tokens, stopping at the end-of-sequence token (`eval.predict.answer_turn`).
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from dora_cli.errors import UserError, did_you_mean, one_of
+from dora_cli.errors import UserError, did_you_mean, one_of, unicode_text
 from dora_cli.recipe import SEED_MAX
 
 EXIT = "/exit"
@@ -93,7 +94,7 @@ class Talker:
 def run_generate(target: str | Path, prompt: str, sampling: Sampling, *, template: str | None = None,
                  base: str | None = None) -> str:
     """`dora generate`: print (and return) the answer to one prompt."""
-    if not prompt.strip():
+    if not unicode_text(prompt, "PROMPT").strip():
         raise UserError("PROMPT: empty (expected the text to answer)")
     answer = Talker(target, sampling, template=template, base=base).answer([prompt], [])
     print(answer)
@@ -112,10 +113,13 @@ def run_chat(target: str | Path, sampling: Sampling, *, template: str | None = N
               file=sys.stderr)
     questions: list[str] = []
     answers: list[str] = []
-    while True:
+    for number in itertools.count(1):
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = stdin.readline()
+        try:
+            line = unicode_text(stdin.readline(), f"stdin line {number}")
+        except UnicodeDecodeError as err:
+            raise UserError(f"stdin line {number}: not valid UTF-8 ({err.reason})") from None
         text = line.strip()
         if not line or text == EXIT:
             break

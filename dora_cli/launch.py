@@ -7,7 +7,7 @@ and a record of what ran.
         relaunch(recipe, processes, flags)          # returns when every process has ended
     acc = make_accelerator(recipe)                  # in each process
     with whole_model_loading(acc): load the model   # ZeRO-3 partitions it at prepare, not while loading
-    set_wrap(acc, model, recipe)                    # FSDP: the layer classes that become units
+    set_wrap(acc, model)                            # FSDP: the layer classes that become units
     acc.prepare(...); effective_config(acc, recipe) # -> output_dir/accelerate.yaml (+ deepspeed.json)
 
 Inside a launch (`DORA_LAUNCHED=1`, or `LOCAL_RANK` set by torchrun / accelerate launch / srun) the
@@ -30,6 +30,7 @@ import contextlib
 import importlib.util
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +42,7 @@ import torch
 import yaml
 
 from dora_cli.console import say
-from dora_cli.errors import RunFailure, UserError, did_you_mean
+from dora_cli.errors import RunFailure, UserError, clip, did_you_mean, one_of
 from dora_cli.recipe import Recipe, check_batch, dump_recipe
 from dora_cli.rundir import DEEPSPEED_NAME
 
@@ -53,6 +54,14 @@ MULTI_MACHINE_PORT = 29500
 def inside_launch() -> bool:
     """This process is one of a launched group (ours, torchrun's, accelerate's or srun's)."""
     return os.environ.get("DORA_LAUNCHED") == "1" or "LOCAL_RANK" in os.environ
+
+
+def checks_output_dir(recipe: Recipe) -> bool:
+    """This process checks output_dir before any work: a command not launched by us (ours re-runs only
+    after the check), and under an external launcher only global rank 0, on machine 0."""
+    if os.environ.get("DORA_LAUNCHED") == "1" or recipe.launch.machine_rank != 0:
+        return False
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def process_count(recipe: Recipe, nproc: int | None) -> int:
@@ -86,7 +95,26 @@ def user_config(recipe: Recipe) -> dict:
         raise UserError(f"launch.config_file: {path} is not YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"launch.config_file: {path} is not an Accelerate config (expected a mapping)")
+    _check_user_config(data, path)
     return data
+
+
+_CONFIG_COUNTS = {"num_processes": 1, "num_machines": 1, "machine_rank": 0, "main_process_port": 1}
+"""Numbers of an Accelerate config that dora reads or Accelerate parses before any work, with their least value."""
+
+
+def _check_user_config(data: dict, path: Path) -> None:
+    from accelerate.utils import DistributedType
+
+    kinds = [t.value for t in DistributedType]
+    kind = data.get("distributed_type")
+    if kind is not None and str(kind).upper() not in kinds:
+        raise UserError(f"launch.config_file: {path}: distributed_type: expected one of {one_of(kinds)}, got "
+                        f"{clip(repr(kind), 60)}{did_you_mean(str(kind).upper(), kinds)}")
+    for key, least in _CONFIG_COUNTS.items():
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise UserError(f"launch.config_file: {path}: {key}: expected an integer >= {least}, got {clip(repr(value), 60)}")
 
 
 def requested_strategy(recipe: Recipe) -> str:
@@ -102,6 +130,11 @@ def check_launch(recipe: Recipe, processes: int) -> None:
     strategy = requested_strategy(recipe)
     if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise UserError("launch.strategy deepspeed: DeepSpeed is not installed (pip install 'dora_cli[deepspeed]')")
+    if strategy == "deepspeed" and recipe.train.skip_nonfinite:
+        raise UserError(
+            "train.skip_nonfinite: DeepSpeed applies the optimizer step inside the last backward, before the loss "
+            "can be checked, so a non-finite step cannot be skipped; set it to 0 (a non-finite loss then stops the run)"
+        )
     if recipe.launch.wrap:  # the architecture alone (no weights) tells the layer classes
         from dora_cli.models import meta_model
 
@@ -158,12 +191,57 @@ def relaunch(recipe: Recipe, processes: int, flags: list[str]) -> None:
         else:
             config_file = Path(tmp) / "accelerate.yaml"
             config_file.write_text(yaml.safe_dump(launcher_config(recipe, processes)))
-        env = dict(os.environ, DORA_LAUNCHED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        stop_file = Path(tmp) / "stopped"
+        env = dict(os.environ, DORA_LAUNCHED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                   DORA_STOP_FILE=str(stop_file))
         machines = f" on machine {recipe.launch.machine_rank} of {recipe.launch.num_machines}" if recipe.launch.num_machines > 1 else ""
         say(f"launching {processes} processes ({requested_strategy(recipe)}){machines}")
-        code = subprocess.run(launch_command(recipe_file, config_file, flags), env=env).returncode
+        launcher = subprocess.Popen(launch_command(recipe_file, config_file, flags), env=env, start_new_session=True)
+        code = _wait_forwarding_signals(launcher)
+        stopped = stop_file.read_text().strip() if stop_file.is_file() else ""
+    if stopped.isdigit():
+        raise SystemExit(128 + int(stopped))
     if code != 0:
         raise SystemExit(code)
+
+
+def _wait_forwarding_signals(launcher: subprocess.Popen) -> int:
+    """Wait for the launcher, handing SIGINT / SIGTERM on to the training processes themselves: they
+    finish the step together, save a checkpoint, and the main one leaves the signal in DORA_STOP_FILE
+    (see stopped_by). The launcher runs in its own session and is not signalled: torch's would stop the
+    processes on its own terms and end in a traceback."""
+    def forward(signum, _frame):
+        targets = _children(launcher.pid) or [launcher.pid]
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return launcher.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of a process (Linux /proc; [] elsewhere)."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def stopped_by(signum: int, main: bool) -> int:
+    """The exit status of a training process stopped by `signum` after saving: 128 + signum; 0 inside our
+    own launch (torch's launcher reports any other status as a crash), where the main process leaves the
+    signal for the command that launched it."""
+    stop_file = os.environ.get("DORA_STOP_FILE") if os.environ.get("DORA_LAUNCHED") == "1" else None
+    if stop_file is None:
+        return 128 + signum
+    if main:
+        Path(stop_file).write_text(str(signum))
+    return 0
 
 
 # ---- the Accelerator, in each process ----------------------------------------------------------------
@@ -344,7 +422,7 @@ def whole_model_loading(acc):
         plugin.set_deepspeed_weakref()
 
 
-def set_wrap(acc, model, recipe: Recipe) -> None:
+def set_wrap(acc, model) -> None:
     """FSDP: check launch.wrap against the model's layer classes, or take the model's own (`_no_split_modules`)."""
     plugin = acc.state.fsdp_plugin if acc.distributed_type.name == "FSDP" else None
     if plugin is not None:

@@ -28,7 +28,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from dora_cli.datasets import IGNORE_INDEX
 
 
 def keeps_selected_logits(model: torch.nn.Module) -> bool:

@@ -804,7 +804,8 @@ def _explain(error: dict[str, Any], loc: tuple) -> str:
     if kind == "missing":
         return f"{key}: missing item" if isinstance(loc[-1], int) else f"{key}: required, not set"
     if kind == "literal_error":
-        choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
+        expected = error["ctx"]["expected"]  # "'a', 'b' or 'c'", or "1, 2 or 3" for numbers
+        choices = re.findall(r"'([^']*)'", expected) or [c.strip() for c in re.split(r",| or ", expected) if c.strip()]
         return f"{key}: expected one of {one_of(choices)}, got {_show(value)}{did_you_mean(value, choices)}"
     if kind == "value_error":
         return f"{key}: {_oneline(error['msg'].removeprefix('Value error, '))}"

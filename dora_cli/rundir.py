@@ -56,11 +56,14 @@ STATE_DIR = "trainer_state"
 FINAL_NAME = "final"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
-# Keys that may change between a run and its resumption without changing what is trained.
-VOLATILE = {"output_dir", "eval", "expected", "launch"}
-VOLATILE_TRAIN = {
-    "log_every", "eval_every", "save_every", "keep_last", "max_steps", "epochs", "skip_nonfinite", "report_to",
+VOLATILE = {
+    "output_dir", "eval", "expected", "launch",
+    "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.max_steps", "train.epochs",
+    "train.skip_nonfinite", "train.report_to",
+    # how the same computation runs: the same batches and losses, within float rounding
+    "train.compile", "train.threads", "optim.fused", "data.packing",
 }
+"""Dotted recipe keys that may change between a run and its resumption without changing what is trained."""
 
 
 # ---- lock ---------------------------------------------------------------------------------------
@@ -264,10 +267,12 @@ def identity(recipe) -> dict:
     from dora_cli.recipe import absolute_paths, dump_recipe, safe_load
 
     data = safe_load(dump_recipe(absolute_paths(recipe)))
-    for key in VOLATILE:
-        data.pop(key, None)
-    for key in VOLATILE_TRAIN:
-        data["train"].pop(key, None)
+    for dotted in VOLATILE:
+        *sections, key = dotted.split(".")
+        section = data
+        for name in sections:
+            section = section.get(name) or {}
+        section.pop(key, None)
     return data
 
 

@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 
 from dora_cli import trackers
-from dora_cli.batching import real_tokens, seeded_permutation
+from dora_cli.batching import real_tokens
 from dora_cli.console import duration
 from dora_cli.errors import RunFailure, UserError
 from dora_cli.launch import (
     check_launch,
+    checks_output_dir,
     effective_config,
     inside_launch,
     make_accelerator,
@@ -44,6 +45,7 @@ from dora_cli.launch import (
     relaunch,
     set_threads,
     set_wrap,
+    stopped_by,
     whole_model_loading,
 )
 from dora_cli.lm_loss import keeps_selected_logits, loss_terms, trained_positions
@@ -80,12 +82,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, npro
     processes = process_count(recipe, nproc)
     check_launch(recipe, processes)
     run_dir = RunDir(recipe.output_dir)
-    if not inside_launch():
-        if recipe.launch.machine_rank == 0:  # the other machines never write to output_dir
-            run_dir.check(recipe, resume=resume, overwrite=overwrite)  # before anything is written
-        if needs_launch(recipe, processes):
-            relaunch(recipe, processes, ["--resume"] * resume + ["--overwrite"] * overwrite)
-            return run_dir.final
+    if checks_output_dir(recipe):  # the other machines never write to output_dir
+        run_dir.check(recipe, resume=resume, overwrite=overwrite)  # before anything is written
+    if not inside_launch() and needs_launch(recipe, processes):
+        relaunch(recipe, processes, ["--resume"] * resume + ["--overwrite"] * overwrite)
+        return run_dir.final
     return Trainer(recipe, run_dir, resume=resume, overwrite=overwrite).run()
 
 
@@ -167,18 +168,17 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     warmup: int
-    order: Callable[[int, int], list[int]] | None = None  # (seed, epoch) -> permutation; None: seeded
+    order: Callable[[int, int], list[int]]  # (seed, epoch) -> the epoch's permutation (batching.make_order)
 
     def micro_batches(self, step: int, rank: int, seed: int) -> list[list[int]]:
         """Example indices of the micro-batches process `rank` runs at optimizer step `step`."""
         epoch, i = divmod(step, self.steps_per_epoch)
-        full = self.order(seed, epoch) if self.order else seeded_permutation(self.examples, seed, epoch)
-        order = full[i * self.batch : (i + 1) * self.batch]
+        order = self.order(seed, epoch)[i * self.batch : (i + 1) * self.batch]
         chunks = [order[j : j + self.micro] for j in range(0, self.batch, self.micro)]
         return chunks[rank :: self.processes]
 
 
-def make_plan(recipe: Recipe, examples: int, processes: int, order: Callable[[int, int], list[int]] | None = None) -> Plan:
+def make_plan(recipe: Recipe, examples: int, processes: int, order: Callable[[int, int], list[int]]) -> Plan:
     t = recipe.train
     accumulation = check_batch(recipe, processes)
     steps_per_epoch = examples // t.batch_size
@@ -219,7 +219,7 @@ def make_setup(recipe: Recipe, acc, log) -> Setup:
     optimizer, prepared for the strategy. `log(line)`: the run log (main process)."""
     from dora_cli.adapters import apply_adapters, parameter_report
     from dora_cli.batching import check_packing, make_collate, make_order
-    from dora_cli.datasets import build_datasets, make_collator
+    from dora_cli.datasets import build_datasets, make_collator, trained_labels
     from dora_cli.models import load_model
 
     r = recipe
@@ -231,7 +231,7 @@ def make_setup(recipe: Recipe, acc, log) -> Setup:
     train_set, val_set = build_datasets(r.data, tokenizer)
     # An example whose response is cut off entirely by cutoff_len (train_on_inputs false) has no
     # token to learn from: its loss would be 0 / 0.
-    kept = [e for e in train_set if any(label != -100 for label in e["labels"][1:])]  # label 0 is never predicted
+    kept = [e for e in train_set if trained_labels(e)]
     if len(kept) < len(train_set):
         log(f"{len(train_set) - len(kept)} training examples have no response token within "
             f"data.cutoff_len={r.data.cutoff_len} and are left out")
@@ -246,7 +246,7 @@ def make_setup(recipe: Recipe, acc, log) -> Setup:
         [p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps,
         weight_decay=o.weight_decay, fused=fused or None,
     )
-    set_wrap(acc, model, r)
+    set_wrap(acc, model)
     model, optimizer = acc.prepare(model, optimizer)
     if r.train.compile:
         model.compile()  # in place: parameter names, unwrapping and checkpoints are unchanged
@@ -297,6 +297,7 @@ class Trainer:
         self.eta: Eta | None = None
         self.last_val: tuple[int, float] | None = None  # (step, validation loss) of the newest validation
         self.signals = StopSignals(self.log)
+        self.stop_signal: int | None = None  # the signal every process stops for (after the same step)
 
     @property
     def main(self) -> bool:
@@ -379,14 +380,16 @@ class Trainer:
         self.s.model.train()
         with self._progress() as progress:
             task = progress.add_task("train", total=plan.total_steps, completed=self.step, stats="")
-            while self.step < plan.total_steps and self.signals.received is None:
+            while self.step < plan.total_steps and self.stop_signal is None:
                 lr = self._set_lr()
                 stats = self._accumulate()
-                if stats is None or self.signals.received is not None:  # interrupted mid-step: the step is dropped
+                if stats is None:  # one process, interrupted mid-step: the step is dropped
+                    self.stop_signal = self.signals.received
                     break
-                # The step's one read from the device: the non-finite guard needs the loss and the norm.
-                loss, tokens, grad_norm = torch.cat([stats, self._grad_norm()[None]]).tolist()
-                tokens = int(tokens)
+                # The step's one read from the device: the non-finite guard needs the loss and the norm, and
+                # every process learns whether any was signalled (they stop after the same step).
+                loss, tokens, signal_number, grad_norm = torch.cat([stats, self._grad_norm()[None]]).tolist()
+                tokens, self.stop_signal = int(tokens), int(signal_number) or None
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     self._skip_nonfinite(loss, grad_norm)
                     continue
@@ -401,7 +404,7 @@ class Trainer:
                     progress.update(task, completed=self.step)
                 last_saved = self._after_step(last_saved)
 
-        if self.signals.received is not None:
+        if self.stop_signal is not None:
             self._stop(last_saved)
         val_loss = self._validate() if self.s.val_set else None
         final = self._save(self.dir.final, trainer_state=False)
@@ -418,13 +421,15 @@ class Trainer:
         return lr
 
     def _accumulate(self) -> torch.Tensor | None:
-        """Forward and backward over this process's micro-batches of the step: [mean loss, tokens] over all
-        processes, on the device (nothing read back here); None when a signal interrupts the step."""
+        """Forward and backward over this process's micro-batches of the step: [mean loss, tokens, signal]
+        over all processes (signal: the largest number any process received, 0 for none), on the device
+        (nothing read back here). One process stops at the next micro-batch when signalled (None); several
+        finish the step together, since each one's collectives wait for the others'."""
         acc, s = self.acc, self.s
         chunks = s.plan.micro_batches(self.step, acc.process_index, self.recipe.train.seed)
         losses, tokens = [], 0
         for j, chunk in enumerate(chunks):
-            if self.signals.received is not None:
+            if self.signals.received is not None and acc.num_processes == 1:
                 s.optimizer.zero_grad(set_to_none=True)
                 return None
             # Dropout masks are a function of (seed, step, micro-batch): the same for any number of
@@ -432,17 +437,27 @@ class Trainer:
             torch.manual_seed(micro_batch_seed(self.recipe.train.seed, self.step, acc.process_index + j * acc.num_processes))
             batch = s.collate([s.train_set[i] for i in chunk])
             tokens += real_tokens(batch)  # counted on the host copy: no device read
-            keep = trained_positions(batch["labels"]).to(acc.device) if s.selective_logits else None
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            batch, keep = self._on_device(batch)
             with self._sync(j == len(chunks) - 1):
                 with acc.autocast():
                     total, count = loss_terms(s.model, batch, keep)
                     loss = total / count
                 acc.backward(loss / len(chunks))
             losses.append(loss.detach())
-        stats = torch.stack([torch.stack(losses).double().mean(), torch.tensor(float(tokens), dtype=torch.float64, device=acc.device)])
-        return acc.reduce(stats, reduction="sum") / torch.tensor([acc.num_processes, 1.0], dtype=torch.float64, device=acc.device) \
-            if acc.num_processes > 1 else stats
+        device = acc.device
+        stats = torch.stack([torch.stack(losses).double().mean(), torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+        signal_number = torch.tensor([float(self.signals.received or 0)], dtype=torch.float64, device=device)
+        if acc.num_processes > 1:
+            stats = acc.reduce(stats, reduction="sum") / torch.tensor([acc.num_processes, 1.0], dtype=torch.float64, device=device)
+            signal_number = acc.gather(signal_number).max()[None]
+        return torch.cat([stats, signal_number])
+
+    def _on_device(self, batch: dict) -> tuple[dict, torch.Tensor | None]:
+        """The batch on the device, and the positions whose logits the loss needs (found on the host
+        copy: lm_loss.py), or None for all."""
+        device = self.acc.device
+        keep = trained_positions(batch["labels"]).to(device) if self.s.selective_logits else None
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, keep
 
     def _sync(self, last: bool):
         """Gradients are reduced across processes at the last micro-batch of a step only (DDP / FSDP:
@@ -494,8 +509,8 @@ class Trainer:
         """After SIGINT / SIGTERM: a checkpoint of the last finished step, then exit 128 + signal."""
         if last_saved != self.step:
             self._save(self.dir.checkpoint(self.step), trainer_state=True)
-        self.log(f"interrupted by signal {self.signals.received}: saved checkpoint-{self.step}; continue with --resume")
-        raise SystemExit(128 + self.signals.received)
+        self.log(f"interrupted by signal {self.stop_signal}: saved checkpoint-{self.step}; continue with --resume")
+        raise SystemExit(stopped_by(self.stop_signal, self.main))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -510,8 +525,7 @@ class Trainer:
             start = (rnd * processes + acc.process_index) * micro
             counted = start < len(s.val_set)
             batch = s.eval_collate(s.val_set[start : start + micro] if counted else s.val_set[:micro])
-            keep = trained_positions(batch["labels"]).to(acc.device) if s.selective_logits else None
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            batch, keep = self._on_device(batch)
             with acc.autocast():
                 total, count = loss_terms(s.model, batch, keep)
             if counted:
@@ -585,7 +599,8 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def _save(self, target: Path, *, trainer_state: bool) -> Path:
-        counters = {"step": self.step, "tokens_seen": self.tokens_seen} if trainer_state else None
+        counters = {"step": self.step, "tokens_seen": self.tokens_seen, "threads": torch.get_num_threads()}
+        counters = counters if trainer_state else None
         return self.state.save(target, counters)
 
     def _restore(self) -> None:
@@ -595,6 +610,12 @@ class Trainer:
             return
         name, counters = found
         self.step, self.tokens_seen = int(counters["step"]), int(counters["tokens_seen"])
+        threads = counters.get("threads")
+        if self.recipe.train.threads is None and self.acc.device.type == "cpu" and isinstance(threads, int) and threads > 0:
+            # Some CPU reductions sum in another order on another number of threads: the resumed run
+            # takes the interrupted one's, so it stays bitwise the same run.
+            torch.set_num_threads(threads)
+            self.threads = f"threads: {threads} (as the run being resumed)"
         if self.main:
             self.dir.truncate_events(self.step)
         self.log(f"resuming from {name} (step {self.step})")

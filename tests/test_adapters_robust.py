@@ -106,6 +106,29 @@ def test_collapsed_magnitude_rows_get_the_exact_finite_gradient(dtype, bias, val
     assert rel_error(layer.lora_A.grad, want["lora_A"]) <= 1e-5
 
 
+@pytest.mark.parametrize("impl", ["fused", "foreach", "for-loop"])
+def test_an_optimizer_step_that_collapses_a_magnitude_row_is_noticed(impl):
+    """The fused AdamW updates parameters without bumping their versions: the layer still re-checks g
+    after every optimizer step, so a row the step drives to m = 0 gets the exact gradient next."""
+    layer = dora_layer()
+    x, upstream = torch.randn(16, 32), torch.randn(16, 24)
+    with torch.no_grad():
+        layer.magnitude[:4] = 1.0
+    layer(x).backward(upstream)  # healthy magnitudes: the layer may keep its output (checked, cached)
+    options = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[impl]
+    optimizer = torch.optim.AdamW([layer.magnitude], lr=1.0, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0, **options)
+    layer.magnitude.grad = torch.zeros_like(layer.magnitude)
+    layer.magnitude.grad[:4] = 1.0  # Adam's first step moves each of these rows by lr: 1 -> 0
+    optimizer.step()
+    assert torch.equal(layer.magnitude[:4], torch.zeros(4))
+    layer.zero_grad()
+    layer(x).backward(upstream)
+    want = exact_grads(layer, x, upstream)
+    assert torch.isfinite(layer.magnitude.grad).all()
+    assert rel_error(layer.magnitude.grad[:4], want["magnitude"][:4]) <= 1e-5
+    assert rel_error(layer.magnitude.grad, want["magnitude"]) <= 1e-5
+
+
 def test_a_zero_row_of_w0_trains_without_nan():
     layer = dora_layer()
     with torch.no_grad():

@@ -35,6 +35,7 @@ LAUGHS = "".join(
     + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 10)]
 )  # about 600 bytes, 9**10 values once expanded
 GOOD_RECORD = {"instruction": "q?", "input": "", "output": "the correct answer is true", "answer": "true"}
+CHAT = {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "yes"}]}
 QUESTION = {"question_id": 1, "category": "writing", "turns": ["Write a poem.", "Shorter."]}
 
 
@@ -331,6 +332,13 @@ CASES: dict[str, Build] = {
     "chat-missing-target": lambda k: ["chat", "no/such/model"],
     "chat-unknown-template": lambda k: ["chat", str(k.run()), "--template", "chatml"],
     "chat-temperature-nan": lambda k: ["chat", str(k.run()), "--temperature", "nan"],
+    "generate-prompt-undecodable-bytes": lambda k: ["generate", str(k.run()), "\udcff\udcfe"],
+    "data-unpaired-surrogate": lambda k: ["train", k.recipe(), *k.data(
+        "s.json", [GOOD_RECORD] * 19 + [{**GOOD_RECORD, "instruction": "\ud800"}])],
+    "messages-role-not-a-string": lambda k: ["train", k.recipe(), "data.format=messages", *k.data("m.json", [CHAT] * 19 + [
+        {"messages": [{"role": ["user"], "content": "x"}, {"role": "assistant", "content": "y"}]}])],
+    "messages-content-unpaired-surrogate": lambda k: ["train", k.recipe(), "data.format=messages", *k.data("m.json", [
+        CHAT] * 19 + [{"messages": [{"role": "user", "content": "x\udfff"}, {"role": "assistant", "content": "y"}]}])],
     # --- output paths: checked by the commands, or caught by the boundary net for OSErrors (errors.run_main) ---
     "output-dir-below-a-file": lambda k: ["train", k.recipe(), f"output_dir={k.write('afile', 'x') / 'out'}"],
     "output-dir-is-a-file": lambda k: ["train", k.recipe(), f"output_dir={k.write('afile', 'x')}"],

@@ -61,3 +61,37 @@ def test_sigkill_of_one_rank_then_resume_is_bitwise(strategy, tmp_path):
     assert ours.keys() == ref.keys()
     for key in ref:
         assert (ours[key] == ref[key]).all(), key
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("target", ["command", "rank 1"])
+def test_a_signal_stops_every_rank_after_the_same_step_then_resume_is_bitwise(target, sig, code, tmp_path):
+    """A signal to the command (a scheduler's SIGTERM, Ctrl-C) or to one rank alone: every rank finishes
+    the step, the checkpoint is written once, the command exits 128 + signal without a traceback."""
+    overrides = [*RUN, "train.save_every=null", "train.max_steps=30", "--nproc", "2"]
+    reference = tmp_path / "uninterrupted"
+    run_dora("train", SMOKE, f"output_dir={reference}", *overrides, timeout=1200)
+
+    out = tmp_path / "stopped"
+    launcher = subprocess.Popen([sys.executable, "-m", "dora_cli.cli", "train", SMOKE, f"output_dir={out}", *overrides],
+                                cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 600
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert launcher.poll() is None and time.time() < deadline, "the run ended before the signal"
+        time.sleep(0.02)
+    victim = psutil.Process(launcher.pid) if target == "command" else rank_process(launcher, 1)
+    victim.send_signal(sig)
+    _, err = launcher.communicate(timeout=600)
+    assert launcher.returncode == code, err
+    assert "Traceback" not in err and err.count("saved checkpoint-") == 1, err
+    (saved,) = [p for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    assert not (out / "final").exists() and 8 <= int(saved.name.split("-")[1]) < 30
+
+    resumed = run_dora("train", SMOKE, f"output_dir={out}", *overrides, "--resume", timeout=1200)
+    assert f"resuming from {saved.name}" in resumed.stderr
+    ours = load_file(str(out / "final" / "adapter_model.safetensors"))
+    ref = load_file(str(reference / "final" / "adapter_model.safetensors"))
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        assert (ours[key] == ref[key]).all(), key

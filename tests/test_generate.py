@@ -210,3 +210,20 @@ def test_chat_template_recipe_checkpoints_remember_it(tmp_path):
     recipe = recipe_from_dict({"model": {"name_or_path": "a/b"}, "data": {"format": "messages"}}, "r")
     (tmp_path / "recipe.yaml").write_text(dump_recipe(recipe))
     assert load_recipe(tmp_path / "recipe.yaml").data.template == "chat"
+
+
+@pytest.mark.parametrize("line", ["caf\udce9\n", None], ids=["surrogate-escaped bytes", "strict decoding"])
+def test_chat_refuses_a_line_that_is_not_utf8_in_one_line(smoke_run, line, monkeypatch):
+    import io
+
+    from dora_cli.errors import UserError
+    from dora_cli.generate import Sampling, run_chat
+
+    class Undecodable(io.StringIO):
+        def readline(self, *args):
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    stdin = io.StringIO("hello\n" + line) if line else Undecodable()
+    monkeypatch.setattr("dora_cli.generate.Talker.answer", lambda self, q, a: "ok")
+    with pytest.raises(UserError, match=r"stdin line (2: not valid Unicode text|1: not valid UTF-8)"):
+        run_chat(smoke_run / "final", Sampling(max_new_tokens=2), stdin=stdin)

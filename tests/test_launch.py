@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import ROOT, tiny_llama
+from conftest import ROOT, requires_cuda, tiny_llama
 from safetensors.torch import load_file
 
 from dora_cli import cli, launch
@@ -128,6 +128,24 @@ def test_a_config_file_decides_the_processes(tmp_path):
         launch.process_count(recipe(f"launch.config_file={tmp_path / 'none.yaml'}"), None)
 
 
+@pytest.mark.parametrize(("content", "expected"), [
+    ({"distributed_type": "BOGUS", "num_processes": 1}, "distributed_type: expected one of"),
+    ({"distributed_type": "fsdpp"}, 'did you mean "FSDP"'),
+    ({"distributed_type": "NO", "num_processes": "abc"}, "num_processes: expected an integer >= 1, got 'abc'"),
+    ({"num_processes": 0}, "num_processes: expected an integer >= 1, got 0"),
+    ({"num_machines": True}, "num_machines: expected an integer >= 1, got True"),
+    ({"machine_rank": -1}, "machine_rank: expected an integer >= 0, got -1"),
+    ({"main_process_port": "x" * 500}, "main_process_port: expected an integer >= 1"),
+])
+def test_a_user_config_with_values_accelerate_refuses_is_one_line(tmp_path, monkeypatch, capsys, content, expected):
+    path = tmp_path / "acc.yaml"
+    path.write_text(yaml.safe_dump(content))
+    out = tmp_path / "never"
+    code, err = run_cli(monkeypatch, capsys, "train", SMOKE, f"output_dir={out}", f"launch.config_file={path}")
+    assert code == 2 and err.strip().count("\n") == 0 and expected in err and len(err) < 400, err
+    assert "launching" not in err and not out.exists()
+
+
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", ["dora", *map(str, args)])
@@ -148,15 +166,44 @@ def test_missing_deepspeed_is_one_line_before_anything_is_written(tmp_path, monk
     assert not out.exists()
 
 
+def test_skip_nonfinite_under_deepspeed_is_refused_before_the_launch(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a))
+    out = tmp_path / "never"
+    code, err = run_cli(monkeypatch, capsys, "train", SMOKE, f"output_dir={out}", DS, "train.skip_nonfinite=2", "--nproc", "2")
+    assert code == 2 and err.strip().count("\n") == 0 and "train.skip_nonfinite: DeepSpeed applies the optimizer step" in err
+    assert "launching" not in err and not out.exists()
+
+
+@pytest.mark.parametrize(("env", "machine_rank", "checks"), [
+    ({}, 0, True),                                                    # a plain dora train: it checks, then launches
+    ({"DORA_LAUNCHED": "1", "LOCAL_RANK": "0", "RANK": "0"}, 0, False),  # our own launch: the parent checked
+    ({"LOCAL_RANK": "0", "RANK": "0"}, 0, True),                      # torchrun / accelerate launch: rank 0
+    ({"LOCAL_RANK": "1", "RANK": "1"}, 0, False),                     # ... the others do not
+    ({"LOCAL_RANK": "0", "RANK": "8"}, 0, False),                     # rank 0 of another node
+    ({}, 1, False),                                                   # machine 1 of a multi-machine run
+])
+def test_output_dir_is_checked_once_under_any_launcher(monkeypatch, env, machine_rank, checks):
+    for key in ("DORA_LAUNCHED", "LOCAL_RANK", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    two = ["launch.num_machines=2", "launch.num_processes=2", "launch.main_process_ip=10.0.0.1"]
+    r = recipe(*two, f"launch.machine_rank={machine_rank}") if machine_rank else recipe()
+    assert launch.checks_output_dir(r) is checks
+
+
 def test_the_wrapped_layer_class_comes_from_the_model_or_is_checked():
     model = tiny_llama()
     plugin = SimpleNamespace(transformer_cls_names_to_wrap=None)
     acc = SimpleNamespace(distributed_type=SimpleNamespace(name="FSDP"), state=SimpleNamespace(fsdp_plugin=plugin))
-    launch.set_wrap(acc, model, recipe(FSDP))
+    launch.set_wrap(acc, model)
     assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]  # the model's _no_split_modules
     plugin.transformer_cls_names_to_wrap = ["LlamaDecoderLyer"]
     with pytest.raises(UserError, match='did you mean "LlamaDecoderLayer"'):
-        launch.set_wrap(acc, model, recipe(FSDP))
+        launch.set_wrap(acc, model)
 
 
 def test_a_wrong_layer_class_is_refused_before_the_launch(tmp_path, monkeypatch, capsys):
@@ -169,21 +216,26 @@ def test_a_wrong_layer_class_is_refused_before_the_launch(tmp_path, monkeypatch,
 # ---- optimizer states by name --------------------------------------------------------------------------------
 def _step(model, optimizer, seed: int) -> None:
     torch.manual_seed(seed)
-    x = torch.randint(0, 256, (2, 12))
+    x = torch.randint(0, 256, (2, 12)).to(next(model.parameters()).device)
     model(input_ids=x, labels=x).loss.backward()
     optimizer.step()
     optimizer.zero_grad()
 
 
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=requires_cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])
 @pytest.mark.parametrize("saved_as", ["by name", "by index (older checkpoints)"])
-def test_an_optimizer_state_resumes_exactly_by_name(saved_as):
+def test_an_optimizer_state_resumes_exactly_by_name(saved_as, fused, device):
     from dora_cli.adapters import AdapterConfig, apply_adapters
 
     def fresh():
-        model = tiny_llama()
+        model = tiny_llama().to(device)
         apply_adapters(model, AdapterConfig(method="dora", r=4, target_modules=["q_proj", "v_proj"]))
         model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=fused or None)
         return model, optimizer, SimpleNamespace(optimizer=optimizer)  # as Accelerate wraps it
 
     model, optimizer, prepared = fresh()
@@ -194,6 +246,8 @@ def test_an_optimizer_state_resumes_exactly_by_name(saved_as):
     twin, twin_optimizer, twin_prepared = fresh()
     twin.load_state_dict(model.state_dict())
     load_optimizer_state(twin, twin_prepared, by_name(saved, twin), "checkpoint")
+    steps = [state["step"] for state in twin_optimizer.state.values()]
+    assert steps and all(s.device.type == (device if fused else "cpu") for s in steps)  # where torch puts it
     _step(model, optimizer, 7)
     _step(twin, twin_optimizer, 7)
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):

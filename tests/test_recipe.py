@@ -416,6 +416,7 @@ def test_malformed_env_reference(value, expected):
         ("adapter.target_modules=[q_proj", "override adapter.target_modules=[q_proj: malformed YAML value: expected ',' or ']', but got '<stream end>'"),
         ("expected.boolq=high", "override expected.boolq=high: expected.boolq: expected a number, got 'high'"),
         ("output_dir=3", "override output_dir=3: output_dir: expected a string, got 3"),
+        ("launch.zero_stage=4", "override launch.zero_stage=4: launch.zero_stage: expected one of 1, 2 or 3, got 4"),
     ],
 )
 def test_bad_overrides(override, expected):

@@ -200,12 +200,6 @@ def load_adapter(model: nn.Module, directory: str | Path) -> AdapterConfig:
     return cfg
 
 
-def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
-    """Load saved adapter tensors into a model that already carries the same adapters (resume)."""
-    directory = Path(directory)
-    _load_tensors(model, read_adapter_weights(directory), directory)
-
-
 def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dora_cli.adapters.base_ops import (
     base_kind,
@@ -51,6 +52,19 @@ from dora_cli.adapters.base_ops import (
 from dora_cli.adapters.functional import G_MIN, rescale, widen_linear
 from dora_cli.adapters.norm import EPS, factored_row_norm
 from dora_cli.adapters.variants import METHODS, LayerOptions, Magnitude, VeraProjections
+
+_optimizer_steps = 0
+"""Optimizer steps taken in this process, by any torch optimizer. A layer's cached |g| check is keyed on it
+as well as on its parameters' versions: the fused AdamW kernel updates parameters without bumping
+`_version`."""
+
+
+def _count_optimizer_step(_optimizer, _args, _kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class AdaptedLinear(nn.Module):
@@ -140,7 +154,7 @@ class AdaptedLinear(nn.Module):
             return False
         if torch.compiler.is_compiling():
             return False
-        versions = tuple(p._version for p in self.parameters(recurse=False))
+        versions = (_optimizer_steps, *(p._version for p in self.parameters(recurse=False)))
         if not self._g_checked or self._g_checked[0] != versions:
             self._g_checked = (versions, bool((g.detach().abs() >= G_MIN).all()))
         return self._g_checked[1]
