@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ import torch
 import yaml
 
 from dora_cli.console import say
-from dora_cli.errors import RunFailure, UserError, clip, did_you_mean, one_of
+from dora_cli.errors import RunFailure, Terminated, UserError, clip, did_you_mean, one_of
 from dora_cli.recipe import Recipe, check_batch, dump_recipe
 from dora_cli.rundir import DEEPSPEED_NAME
 
@@ -108,9 +109,10 @@ def _check_user_config(data: dict, path: Path) -> None:
 
     kinds = [t.value for t in DistributedType]
     kind = data.get("distributed_type")
-    if kind is not None and str(kind).upper() not in kinds:
+    if kind not in kinds:  # Accelerate requires it, spelt exactly
+        got = "nothing" if kind is None else clip(repr(kind), 60)
         raise UserError(f"launch.config_file: {path}: distributed_type: expected one of {one_of(kinds)}, got "
-                        f"{clip(repr(kind), 60)}{did_you_mean(str(kind).upper(), kinds)}")
+                        f"{got}{did_you_mean(str(kind).upper(), kinds) if kind is not None else ''}")
     for key, least in _CONFIG_COUNTS.items():
         value = data.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
@@ -197,31 +199,39 @@ def relaunch(recipe: Recipe, processes: int, flags: list[str]) -> None:
         machines = f" on machine {recipe.launch.machine_rank} of {recipe.launch.num_machines}" if recipe.launch.num_machines > 1 else ""
         say(f"launching {processes} processes ({requested_strategy(recipe)}){machines}")
         launcher = subprocess.Popen(launch_command(recipe_file, config_file, flags), env=env, start_new_session=True)
-        code = _wait_forwarding_signals(launcher)
+        forwarded: list[int] = []
+        code = _wait_forwarding_signals(launcher, forwarded)
         stopped = stop_file.read_text().strip() if stop_file.is_file() else ""
-    if stopped.isdigit():
-        raise SystemExit(128 + int(stopped))
+    signum = int(stopped) if stopped.isdigit() else forwarded[0] if forwarded and code != 0 else None
+    if signum is not None:  # as if the signal had stopped this process: Ctrl-C 130, SIGTERM 143
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
     if code != 0:
         raise SystemExit(code)
 
 
-def _wait_forwarding_signals(launcher: subprocess.Popen) -> int:
-    """Wait for the launcher, handing SIGINT / SIGTERM on to the training processes themselves: they
-    finish the step together, save a checkpoint, and the main one leaves the signal in DORA_STOP_FILE
-    (see stopped_by). The launcher runs in its own session and is not signalled: torch's would stop the
-    processes on its own terms and end in a traceback."""
+def _wait_forwarding_signals(launcher: subprocess.Popen, forwarded: list[int]) -> int:
+    """Wait for the launcher, handing SIGINT / SIGTERM (noted in `forwarded`) on to the training processes
+    themselves: they finish the step together, save a checkpoint, and a main one leaves the signal in
+    DORA_STOP_FILE (see stopped_by). The launcher runs in its own session and is not signalled: torch's
+    would stop the processes on its own terms and end in a traceback. (A scheduler that signals every
+    process of the job, as Slurm does, reaches the launcher too: then torch's launcher stops them.)"""
+    if threading.current_thread() is not threading.main_thread():  # no signal handlers off the main thread
+        return launcher.wait()
+
     def forward(signum, _frame):
-        targets = _children(launcher.pid) or [launcher.pid]
-        for pid in targets:
+        forwarded.append(signum)
+        for pid in _children(launcher.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+        if not _children(launcher.pid):
+            launcher.send_signal(signum)  # no-op once the launcher has been reaped
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return launcher.wait()
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _children(pid: int) -> list[int]:
@@ -232,14 +242,14 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def stopped_by(signum: int, main: bool) -> int:
-    """The exit status of a training process stopped by `signum` after saving: 128 + signum; 0 inside our
-    own launch (torch's launcher reports any other status as a crash), where the main process leaves the
-    signal for the command that launched it."""
+def stopped_by(signum: int, local_main: bool) -> int:
+    """The exit status of a training process stopped by `signum`: 128 + signum; 0 inside our own launch
+    (torch's launcher reports any other status as a crash), where the main process of each machine leaves
+    the signal for that machine's command."""
     stop_file = os.environ.get("DORA_STOP_FILE") if os.environ.get("DORA_LAUNCHED") == "1" else None
     if stop_file is None:
         return 128 + signum
-    if main:
+    if local_main:
         Path(stop_file).write_text(str(signum))
     return 0
 
@@ -486,6 +496,11 @@ def _fsdp_section(plugin) -> dict:
     }
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def busy_cores() -> float:
     """Cores other jobs keep busy: the smaller of the 1-minute load average and the median count of runnable
     threads over a fifth of a second (/proc/loadavg), each less this process. The average alone lags: just
@@ -511,7 +526,7 @@ def set_threads(requested: int | None, device: str) -> str:
         return f"threads: {requested} (train.threads)"
     if device != "cpu":
         return f"threads: {default}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpu_cores()
     others = busy_cores()
     threads = max(1, min(default, math.floor(cores - others + 0.5)))
     if threads == default:

@@ -33,10 +33,11 @@ import torch
 from dora_cli import trackers
 from dora_cli.batching import real_tokens
 from dora_cli.console import duration
-from dora_cli.errors import RunFailure, UserError
+from dora_cli.errors import RunFailure, Terminated, UserError
 from dora_cli.launch import (
     check_launch,
     checks_output_dir,
+    cpu_cores,
     effective_config,
     inside_launch,
     make_accelerator,
@@ -313,18 +314,36 @@ class Trainer:
 
         r = self.recipe
         self.acc = make_accelerator(r, **trackers.accelerator_options(r, self.dir))
-        self.threads = set_threads(r.train.threads, self.acc.device.type)
-        set_seed(r.train.seed)
-        self.s = make_setup(r, self.acc, self.log)  # everything that can refuse the run, before anything is written
-        self.state = RunState(self.acc, r, self.dir, self.s.model, self.s.optimizer, self.s.tokenizer)
+        # One process stops at once when signalled during setup; several note the signal, finish setting up
+        # and stop together (one alone would leave the others waiting in a collective).
+        self.signals.immediate = self.acc.num_processes == 1
+        with self.signals:
+            self.threads = set_threads(r.train.threads, self.acc.device.type)
+            set_seed(r.train.seed)
+            self.s = make_setup(r, self.acc, self.log)  # everything that can refuse the run, before anything is written
+            self._stop_if_signalled_in_setup()
+            self.signals.immediate = False
+            return self._claim_and_train()
+
+    def _stop_if_signalled_in_setup(self) -> None:
+        """Several processes: stop, all of them, before anything is written when any was signalled."""
+        if self.acc.num_processes == 1:
+            return
+        received = torch.tensor([float(self.signals.received or 0)], dtype=torch.float64, device=self.acc.device)
+        signum = int(self.acc.gather(received).max().item())
+        if signum:
+            self.log(f"interrupted by signal {signum} while setting up: nothing written")
+            raise SystemExit(stopped_by(signum, self.acc.is_local_main_process))
+
+    def _claim_and_train(self) -> Path:
+        self.state = RunState(self.acc, self.recipe, self.dir, self.s.model, self.s.optimizer, self.s.tokenizer)
         lock = RunLock(self.dir.path)
         if self.main:
             lock.acquire()
         try:
             self.acc.wait_for_everyone()
             self._claim()
-            with self.signals:
-                return self._loop()
+            return self._loop()
         finally:
             trackers.finish(self.acc)
             self.dir.close()
@@ -374,7 +393,7 @@ class Trainer:
     def _loop(self) -> Path:
         t, plan = self.recipe.train, self.s.plan
         started = time.perf_counter()
-        last_saved = self.step if self.resume else -1
+        last_saved = self.step if self.step else -1  # a resumed run's checkpoint
         window, first_loss = Window(), None
         self.eta = Eta(self.step, plan.total_steps)
         self.s.model.train()
@@ -510,7 +529,7 @@ class Trainer:
         if last_saved != self.step:
             self._save(self.dir.checkpoint(self.step), trainer_state=True)
         self.log(f"interrupted by signal {self.stop_signal}: saved checkpoint-{self.step}; continue with --resume")
-        raise SystemExit(stopped_by(self.stop_signal, self.main))
+        raise SystemExit(stopped_by(self.stop_signal, self.acc.is_local_main_process))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -599,7 +618,9 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def _save(self, target: Path, *, trainer_state: bool) -> Path:
-        counters = {"step": self.step, "tokens_seen": self.tokens_seen, "threads": torch.get_num_threads()}
+        counters = {"step": self.step, "tokens_seen": self.tokens_seen}
+        if self.acc.device.type == "cpu":
+            counters["threads"] = torch.get_num_threads()
         counters = counters if trainer_state else None
         return self.state.save(target, counters)
 
@@ -610,10 +631,11 @@ class Trainer:
             return
         name, counters = found
         self.step, self.tokens_seen = int(counters["step"]), int(counters["tokens_seen"])
-        threads = counters.get("threads")
+        threads = counters.get("threads")  # saved by a run on the CPU
         if self.recipe.train.threads is None and self.acc.device.type == "cpu" and isinstance(threads, int) and threads > 0:
-            # Some CPU reductions sum in another order on another number of threads: the resumed run
-            # takes the interrupted one's, so it stays bitwise the same run.
+            # Some CPU reductions sum in another order on another number of threads: the resumed run takes
+            # the interrupted one's, so it stays bitwise the same run (never more than this machine's cores).
+            threads = min(threads, cpu_cores())
             torch.set_num_threads(threads)
             self.threads = f"threads: {threads} (as the run being resumed)"
         if self.main:
@@ -628,13 +650,16 @@ class StopSignals:
     def __init__(self, say):
         self.say = say
         self.received: int | None = None
+        self.immediate = False  # raise KeyboardInterrupt / Terminated instead (nothing to save yet)
         self._saved: dict = {}
 
     def __enter__(self) -> StopSignals:
         def handler(signum, _frame):
+            if self.immediate:
+                raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
             if self.received is None:
                 self.received = signum
-                self.say(f"signal {signum}: saving a checkpoint at the end of the current step, then stopping")
+                self.say(f"signal {signum}: stopping at the end of the current step, with a checkpoint once training runs")
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._saved[sig] = signal.signal(sig, handler)

@@ -95,3 +95,19 @@ def test_a_signal_stops_every_rank_after_the_same_step_then_resume_is_bitwise(ta
     assert ours.keys() == ref.keys()
     for key in ref:
         assert (ours[key] == ref[key]).all(), key
+
+
+def test_a_signal_while_the_ranks_set_up_stops_them_all_before_anything_is_written(tmp_path):
+    out = tmp_path / "never"
+    launcher = subprocess.Popen([sys.executable, "-m", "dora_cli.cli", "train", SMOKE, f"output_dir={out}", *RUN, "--nproc", "2"],
+                                cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while rank_process(launcher, 1) is None or rank_process(launcher, 0) is None:  # the ranks are starting
+        assert launcher.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=600)
+    assert launcher.returncode == 143, err
+    assert not (out / "checkpoint-0").exists() and not (out / "final").exists()
+    assert not out.exists() or not any(p.name.startswith("checkpoint-") for p in out.iterdir())

@@ -131,11 +131,13 @@ def test_a_config_file_decides_the_processes(tmp_path):
 @pytest.mark.parametrize(("content", "expected"), [
     ({"distributed_type": "BOGUS", "num_processes": 1}, "distributed_type: expected one of"),
     ({"distributed_type": "fsdpp"}, 'did you mean "FSDP"'),
+    ({"distributed_type": "fsdp"}, 'got \'fsdp\' (did you mean "FSDP"?)'),
+    ({"num_processes": 1}, "distributed_type: expected one of"),
     ({"distributed_type": "NO", "num_processes": "abc"}, "num_processes: expected an integer >= 1, got 'abc'"),
-    ({"num_processes": 0}, "num_processes: expected an integer >= 1, got 0"),
-    ({"num_machines": True}, "num_machines: expected an integer >= 1, got True"),
-    ({"machine_rank": -1}, "machine_rank: expected an integer >= 0, got -1"),
-    ({"main_process_port": "x" * 500}, "main_process_port: expected an integer >= 1"),
+    ({"distributed_type": "NO", "num_processes": 0}, "num_processes: expected an integer >= 1, got 0"),
+    ({"distributed_type": "NO", "num_machines": True}, "num_machines: expected an integer >= 1, got True"),
+    ({"distributed_type": "NO", "machine_rank": -1}, "machine_rank: expected an integer >= 0, got -1"),
+    ({"distributed_type": "NO", "main_process_port": "x" * 500}, "main_process_port: expected an integer >= 1"),
 ])
 def test_a_user_config_with_values_accelerate_refuses_is_one_line(tmp_path, monkeypatch, capsys, content, expected):
     path = tmp_path / "acc.yaml"
