@@ -9,8 +9,11 @@ Features, top to bottom:
   (process k takes micro-batches k, k+P, ...), so N processes see exactly the batches of one
 - optional length-grouped order and padding-free packed micro-batches (dora_cli/batching.py)
 - gradient accumulation, mixed precision, gradient checkpointing, clipping, a non-finite guard
+- speed: the LM head at trained positions only (lm_loss.py), fused AdamW (optim.fused), one device read
+  per step, train.compile, CPU threads that leave a busy machine's cores (launch.set_threads)
 - checkpoints written atomically with a manifest, `keep_last`, `--resume` from the newest intact one
   (bitwise identical to an uninterrupted run on the CPU), SIGINT / SIGTERM save and exit 130 / 143
+  (several processes agree on the step they stop after; checkpoints go through run_state.RunState)
 - a progress bar (loss, lr, tokens/s), a log line every `log_every` steps (with the remaining time) and at
   every validation, `metrics.jsonl` (the same records, also to `train.report_to`'s trackers: trackers.py),
   `metrics.json` at the end; the output directory and its files belong to rundir.RunDir
