@@ -206,9 +206,10 @@ ROW_LABELS = {
 
 
 def _settings_line(recipe, n: dict, chance: float) -> str:
+    from dora_cli.eval.suites import settings
     from dora_cli.eval.tasks import spec_of
 
-    cfg = recipe.eval
+    cfg = settings(recipe)  # the suite's defaults where the recipe leaves them unset
     questions = ", ".join(f"{task}: {count}" for task, count in n.items())
     answers = "; ".join(f"{task}: {' / '.join(spec_of(task).labels)}" for task in n)
     return (

@@ -63,6 +63,7 @@ def test_demo_writes_the_table_with_the_three_rows(tiny_demo):
     assert doc["questions"] == {"ARC-Easy": 16}
     assert "answers ARC-Easy: answer1 / answer2 / answer3 / answer4 / answer5" in doc["settings"]
     assert doc["settings"].endswith("Chance: 25%.")  # every smoke question offers four answers
+    assert "generate: 1 beam(s), 6 new tokens" in doc["settings"], doc["settings"]  # as evaluated
     for phase in ("before", "after", "merged"):
         for protocol in ("generate", "loglik"):
             m = doc["phases"][phase]["eval"][protocol]
@@ -138,3 +139,12 @@ def test_real_demo_after_training_beats_before(smollm2_dir, tmp_path):
     assert after["loglik"]["accuracy"] >= before["loglik"]["accuracy"] + 15
     assert after["generate"]["no_answer_rate"] <= 0.05
     assert abs(merged["loglik"]["accuracy"] - after["loglik"]["accuracy"]) <= 1.0
+
+
+def test_the_caption_names_the_generation_settings_the_suite_uses():
+    from dora_cli.demo import _settings_line
+    from dora_cli.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", [])  # num_beams / max_new_tokens left to the suite
+    assert recipe.eval.num_beams is None and recipe.eval.max_new_tokens is None
+    assert "generate: 4 beam(s), 32 new tokens" in _settings_line(recipe, {"boolq": 2}, 0.5)
