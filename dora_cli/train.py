@@ -332,8 +332,7 @@ class Trainer:
         """Several processes: stop, all of them, before anything is written when any was signalled."""
         if self.acc.num_processes == 1:
             return
-        received = torch.tensor([float(self.signals.received or 0)], dtype=torch.float64, device=self.acc.device)
-        signum = int(self.acc.gather(received).max().item())
+        signum = int(self._agreed_signal().item())
         if signum:
             self.log(f"interrupted by signal {signum} while setting up: nothing written")
             raise SystemExit(stopped_by(signum, self.acc.is_local_main_process))
@@ -468,11 +467,15 @@ class Trainer:
             losses.append(loss.detach())
         device = acc.device
         stats = torch.stack([torch.stack(losses).double().mean(), torch.tensor(float(tokens), dtype=torch.float64, device=device)])
-        signal_number = torch.tensor([float(self.signals.received or 0)], dtype=torch.float64, device=device)
         if acc.num_processes > 1:
             stats = acc.reduce(stats, reduction="sum") / torch.tensor([acc.num_processes, 1.0], dtype=torch.float64, device=device)
-            signal_number = acc.gather(signal_number).max()[None]
-        return torch.cat([stats, signal_number])
+        return torch.cat([stats, self._agreed_signal()])
+
+    def _agreed_signal(self) -> torch.Tensor:
+        """[the largest signal number any process received, 0 for none] on the device; collective when
+        several processes run (every one calls it at the same point)."""
+        received = torch.tensor([float(self.signals.received or 0)], dtype=torch.float64, device=self.acc.device)
+        return self.acc.gather(received).max()[None] if self.acc.num_processes > 1 else received
 
     def _on_device(self, batch: dict) -> tuple[dict, torch.Tensor | None]:
         """The batch on the device, and the positions whose logits the loss needs (found on the host
