@@ -100,6 +100,28 @@ def real_recipe_env(smollm2_dir, shared_data, monkeypatch) -> tuple[Path, Path]:
     return smollm2_dir, shared_data
 
 
+def dora_in_process(argv, monkeypatch, capture, stdin: str | None = None) -> tuple[int, str, str]:
+    """`dora ARGV` in this process from the repository root: (exit status, stdout, stderr). `capture`:
+    pytest's capsys or capfd (cleared first); `stdin`: the text the command reads."""
+    import io
+    import sys
+
+    from dora_cli import cli
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["dora", *map(str, argv)])
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    capture.readouterr()
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capture.readouterr()
+    return code, out.out, out.err
+
+
 def run_dora(*args, timeout=600, check=True, **kw):
     """`python -m dora_cli.cli ARGS` from the repository root, as a user would run it."""
     import subprocess

@@ -17,15 +17,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_TOKENIZER, tiny_llama
-
-from dora_cli import cli
+from conftest import ROOT, TINY_TOKENIZER, dora_in_process, tiny_llama
 
 SMOKE = (ROOT / "recipes" / "smoke.yaml").read_text()
 BIG = "1" + "0" * 5000  # past Python's 4300-digit limit for int()
@@ -421,16 +418,9 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 
 def dora(argv: list[str], monkeypatch, capfd) -> tuple[int, str]:
-    """`dora ARGV` in this process from the repository root: (exit status, stderr)."""
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", ["dora", *argv])
-    capfd.readouterr()
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capfd.readouterr().err
+    """`dora ARGV` in this process: (exit status, stderr)."""
+    code, _, err = dora_in_process(argv, monkeypatch, capfd)
+    return code, err
 
 
 @pytest.fixture

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_TOKENIZER, tiny_llama
+from conftest import ROOT, TINY_TOKENIZER, dora_in_process, tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from dora_cli import cli
 
 EXAMPLES = 20
 FUZZ = settings(
@@ -106,15 +103,9 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def dora(argv: list[str], monkeypatch, capfd) -> tuple[int, str]:
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", ["dora", *argv])
-    capfd.readouterr()
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capfd.readouterr().err
+    """`dora ARGV` in this process: (exit status, stderr)."""
+    code, _, err = dora_in_process(argv, monkeypatch, capfd)
+    return code, err
 
 
 def assert_clean(code: int, err: str) -> None:

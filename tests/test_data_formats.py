@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SMOLLM2_DIR
+from conftest import SMOLLM2_DIR, dora_in_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dora_cli import cli
 from dora_cli import datasets as ds
 from dora_cli.errors import UserError
 from dora_cli.recipe import DataConfig, DataSource, recipe_from_dict
@@ -251,15 +249,7 @@ def test_a_damaged_parquet_file_and_a_missing_split_are_one_line(tmp_path):
 
 
 def dry_run(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", ["dora", "train", "recipes/smoke.yaml", "--dry-run", *argv])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return dora_in_process(["train", "recipes/smoke.yaml", "--dry-run", *argv], monkeypatch, capsys)
 
 
 def test_dry_run_prints_counts_token_statistics_and_a_marked_example(smol, tmp_path, monkeypatch, capsys):

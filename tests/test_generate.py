@@ -7,15 +7,14 @@ from __future__ import annotations
 import io
 import logging
 import re
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_TOKENIZER, requires_peft, tiny_llama
+from conftest import ROOT, TINY_TOKENIZER, dora_in_process, requires_peft, tiny_llama
 
-from dora_cli import cli, prompts
+from dora_cli import prompts
 from dora_cli.datasets import format_record
 from dora_cli.eval import predict
 from dora_cli.recipe import load_recipe
@@ -27,19 +26,7 @@ CHATML = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{%
 
 
 def dora(argv: list[str], monkeypatch, capsys, stdin: str | None = None) -> tuple[int, str, str]:
-    """`dora ARGV` in this process from the repository root: (exit status, stdout, stderr)."""
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", ["dora", *argv])
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    capsys.readouterr()
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return dora_in_process(argv, monkeypatch, capsys, stdin)
 
 
 @pytest.fixture
@@ -214,7 +201,6 @@ def test_chat_template_recipe_checkpoints_remember_it(tmp_path):
 
 @pytest.mark.parametrize("line", ["caf\udce9\n", None], ids=["surrogate-escaped bytes", "strict decoding"])
 def test_chat_refuses_a_line_that_is_not_utf8_in_one_line(smoke_run, line, monkeypatch):
-    import io
 
     from dora_cli.errors import UserError
     from dora_cli.generate import Sampling, run_chat

@@ -15,10 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import ROOT, requires_cuda, tiny_llama
+from conftest import ROOT, dora_in_process, requires_cuda, tiny_llama
 from safetensors.torch import load_file
 
-from dora_cli import cli, launch
+from dora_cli import launch
 from dora_cli.errors import UserError
 from dora_cli.gather import by_name, load_optimizer_state, optimizer_state
 from dora_cli.recipe import load_recipe
@@ -149,11 +149,8 @@ def test_a_user_config_with_values_accelerate_refuses_is_one_line(tmp_path, monk
 
 
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", ["dora", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    return exit_.value.code, capsys.readouterr().err
+    code, _, err = dora_in_process(args, monkeypatch, capsys)
+    return code, err
 
 
 def test_missing_deepspeed_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
