@@ -41,7 +41,7 @@ from collections import Counter
 from pathlib import Path
 
 from dora_cli.console import progress_bar, say
-from dora_cli.errors import UserError, clip, did_you_mean
+from dora_cli.errors import UserError, clip, did_you_mean_any_case
 from dora_cli.eval.predict import describe_model
 from dora_cli.eval.tasks import TASKS, load_task, task_file
 from dora_cli.files import append_jsonl, guard_resume, read_jsonl_resumable, remove, write_json, write_text
@@ -124,10 +124,7 @@ def check_tasks(tasks: list[str], *, tasks_dir: str | None, data_dir: str | None
 
 
 def _unknown_task(name: str, manager, tasks_dir: str | None) -> str:
-    lowered = {n.lower(): n for n in manager.all_tasks}
-    hint = did_you_mean(name.lower().replace("-", "_"), lowered)
-    for low, real in lowered.items():
-        hint = hint.replace(f'"{low}"', f'"{real}"')
+    hint = did_you_mean_any_case(name.replace("-", "_"), manager.all_tasks)  # ARC-Easy suggests arc_easy
     msg = f'unknown lm-eval task "{name}"{hint}; lm-eval knows {len(manager.all_tasks)} tasks, groups and tags (`lm-eval ls tasks`)'
     if tasks_dir:
         from lm_eval.tasks import TaskManager
