@@ -333,6 +333,62 @@ def test_metrics_resume_and_skip(synth, model_dir, tmp_path, monkeypatch, capsys
     assert before == {p: p.read_bytes() for p in (out / "lm_eval").rglob("*") if p.is_file()}
 
 
+GENERATE_TASK = """task: boolq_generate
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{instruction}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+ROLLING_TASK = """task: boolq_perplexity
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{instruction}}}}"
+metric_list:
+  - metric: word_perplexity
+"""
+
+
+def test_generated_and_rolling_answers_resume_as_they_were(synth, tokenizer, tmp_path):
+    """Requests of every kind (loglikelihood, generate_until, loglikelihood_rolling) come back from requests.jsonl
+    as lm-eval gave them; a task without a fraction metric (a perplexity) has no headline."""
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    data = Path(synth) / "boolq" / "test.json"
+    (tasks_dir / "generate.yaml").write_text(GENERATE_TASK.format(data=data))
+    (tasks_dir / "rolling.yaml").write_text(ROLLING_TASK.format(data=data))
+    model, _ = adapted(tokenizer)
+    tasks = ["boolq_generate", "boolq_perplexity", "llm_adapters_boolq"]
+    run = dict(tasks=tasks, data_dir=synth, tasks_dir=str(tasks_dir), samples=True, progress=False)
+    first = evaluate_harness(model, tokenizer, tmp_path / "ev", **run)
+    assert first["requests"] == {"answered": 6 + 6 + 12, "computed": 24, "resumed": 0}
+    assert first["tasks"]["boolq_generate"]["metric"] == "exact_match,none"
+    perplexity = first["tasks"]["boolq_perplexity"]
+    assert perplexity["metric"] is None and perplexity["accuracy"] is None and perplexity["metrics"]["word_perplexity,none"] > 1
+    assert first["average"] == pytest.approx((first["tasks"]["boolq_generate"]["accuracy"] + first["tasks"]["llm_adapters_boolq"]["accuracy"]) / 2, abs=1e-3)
+    samples = read_jsonl(tmp_path / "ev" / "samples" / "boolq_generate.jsonl", "samples")
+    assert all(isinstance(s["resps"][0][0], str) for s in samples)
+    (tmp_path / "ev" / "metrics.json").unlink()
+    again = evaluate_harness(model, tokenizer, tmp_path / "ev", **run)
+    assert again["requests"] == {"answered": 24, "computed": 0, "resumed": 24}
+    assert again["tasks"] == first["tasks"]
+    assert read_jsonl(tmp_path / "ev" / "samples" / "boolq_generate.jsonl", "samples") == samples
+
+
 def test_request_keys_tell_repeated_requests_apart():
     assert request_key("loglikelihood", ("a", "b"), 0) != request_key("loglikelihood", ("a", "b"), 1)
     assert request_key("loglikelihood", ("a", "b"), 0) != request_key("generate_until", ("a", "b"), 0)
