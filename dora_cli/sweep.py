@@ -494,7 +494,7 @@ def _task_columns(doc: dict) -> list[str]:
     else the ones asked; the paper's eight in its order first."""
     from dora_cli.eval.tasks import TASKS
 
-    reported = [t for trial in doc["trials"] if trial["status"] == "ok" for t in trial["tasks"]]
+    reported = [t for trial in doc["trials"] if trial["status"] == "ok" for t in trial.get("tasks", {})]
     names = list(dict.fromkeys(reported or doc["settings"]["eval"]["tasks"]))
     return [*(t for t in TASKS if t in names), *(t for t in names if t not in TASKS)]
 
