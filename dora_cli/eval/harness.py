@@ -53,7 +53,6 @@ LLM_ADAPTERS = {f"{TAG}_{name.lower().replace('-', '_')}": name for name in TASK
 """The shipped lm-eval task of each LLM-Adapters task: llm_adapters_arc_easy -> ARC-Easy."""
 DATA_KEY = "dora_data_dir"
 """The lm-eval metadata key that carries eval.data_dir to the shipped tasks' loader."""
-METHODS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 
 
 def require():
@@ -190,7 +189,7 @@ def _resumable_class():
         """An lm-eval model that answers from requests.jsonl where it can and asks `lm` (HFLM) for the rest, a
         chunk at a time, appending every chunk's answers."""
 
-        def __init__(self, lm, path: Path, chunk: int, bar=None):
+        def __init__(self, lm, path: Path, chunk: int, bar):
             super().__init__()
             self.lm, self.path, self.chunk, self.bar = lm, path, chunk, bar
             self.done = {r["key"]: r["answer"] for r in read_jsonl_resumable(path) if "key" in r}
@@ -223,15 +222,14 @@ def _resumable_class():
                 seen[args] += 1
             todo = [i for i, k in enumerate(keys) if k not in self.done]
             self.asked += len(requests)
-            job = self.bar.add_task(method, total=len(requests), completed=len(requests) - len(todo)) if self.bar else None
+            job = self.bar.add_task(method, total=len(requests), completed=len(requests) - len(todo))
             for start in range(0, len(todo), self.chunk):
                 part = todo[start : start + self.chunk]
                 answers = getattr(self.lm, method)([requests[i] for i in part], disable_tqdm=True)
                 append_jsonl(self.path, [{"key": keys[i], "answer": a} for i, a in zip(part, answers)])
                 self.done.update((keys[i], a) for i, a in zip(part, answers))
                 self.computed += len(part)
-                if job is not None:
-                    self.bar.update(job, advance=len(part))
+                self.bar.update(job, advance=len(part))
             return [_restore(method, self.done[k]) for k in keys]
 
     return Resumable
