@@ -428,6 +428,8 @@ REFUSALS = {
     "a bad record": (["--tasks", "llm_adapters_winogrande", "--data-dir", "{broken}"], "'answer' must be one of option1 or option2"),
     "few-shot count": (["--tasks", "arc_easy", "--num-fewshot", "-1"], "eval.lm_eval.num_fewshot: expected a value >= 0"),
     "a dataset not on this machine": (["--tasks", "arc_easy"], "the dataset of a task could not be loaded"),
+    "a task running model-written code": (["--tasks", "unsafe_local", "--tasks-dir", "{unsafe}"],
+                                          "unsafe_local: the task runs code the model wrote (unsafe_code)"),
 }
 
 
@@ -443,7 +445,11 @@ def broken(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("case", REFUSALS)
 def test_refusals_are_one_line_exit_2_and_write_nothing(case, model_dir, broken, tmp_path, monkeypatch, capsys):
     args, expected = REFUSALS[case]
-    args = [a.format(broken=broken) for a in args]
+    unsafe = tmp_path / "unsafe"
+    unsafe.mkdir()
+    (unsafe / "task.yaml").write_text(GENERATE_TASK.format(data=broken / "boolq" / "test.json").replace(
+        "task: boolq_generate", "task: unsafe_local\nunsafe_code: true"))
+    args = [a.format(broken=broken, unsafe=unsafe) for a in args]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "ev"
     code, _, err = dora_in_process(["eval", model_dir, "--suite", "lm_eval", *args, "--out", out], monkeypatch, capsys)

@@ -119,7 +119,12 @@ def check_tasks(tasks: list[str], *, tasks_dir: str | None, data_dir: str | None
         for shipped in LLM_ADAPTERS if name == TAG else [name] if name in LLM_ADAPTERS else []:
             load_task(LLM_ADAPTERS[shipped], data_dir, limit)
     with _datasets(tasks), _quiet():
-        manager.checked[tuple(tasks)] = manager.load(list(tasks))
+        loaded = manager.load(list(tasks))
+    unsafe = [name for name, task in loaded["tasks"].items() if getattr(task, "UNSAFE_CODE", False)]
+    if unsafe:
+        raise UserError(f"{', '.join(unsafe)}: the task runs code the model wrote (unsafe_code); dora eval does not run "
+                        "such tasks (lm-eval's own CLI does, with --confirm_run_unsafe_code)", where="eval.tasks")
+    manager.checked[tuple(tasks)] = loaded
 
 
 def _unknown_task(name: str, manager, tasks_dir: str | None) -> str:
@@ -152,19 +157,23 @@ def _datasets(tasks: list[str]):
 
 @contextlib.contextmanager
 def _quiet():
-    """lm-eval's info and warning lines (a pre-built model, seeds, metadata hints) and its per-task
-    "building contexts" bars off the console (our own bar counts the requests)."""
+    """lm-eval's info and warning lines (a pre-built model, seeds, metadata hints), its per-task "building
+    contexts" bars and the datasets library's bars off the console (our own bar counts the requests)."""
+    import datasets
     import lm_eval.api.task as task_module
 
     logger = logging.getLogger("lm_eval")
-    level, bar = logger.level, getattr(task_module, "tqdm", None)
+    level, bar, bars = logger.level, getattr(task_module, "tqdm", None), datasets.is_progress_bar_enabled()
     logger.setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
     if bar is not None:
         task_module.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
         logger.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
         if bar is not None:
             task_module.tqdm = bar
 
