@@ -29,7 +29,8 @@ test: setup
 
 # Real-model tests (SmolLM2-135M on the CPU, ../shared/data): minutes, not seconds.
 test-slow: setup fetch-model
-	DORA_EVAL_REPORT=bench/results/eval_smollm2.json $(BIN)/python -m pytest -q -m slow --durations=0
+	DORA_EVAL_REPORT=bench/results/eval_smollm2.json DORA_LMEVAL_REPORT=bench/results/lm_eval_crosscheck.json \
+	  $(BIN)/python -m pytest -q -m slow --durations=0
 
 # SIGKILL at random points and during checkpoint writes; resumed runs must be bitwise identical.
 test-kill: setup

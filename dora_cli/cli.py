@@ -67,12 +67,15 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
 def eval_(
     target: Annotated[str, typer.Argument(help="A checkpoint (ours or PEFT's), a merged model dir, a model dir, a .gguf file or a hub id.")],
     overrides: Overrides = None,
-    suite: Annotated[Optional[str], typer.Option("--suite", help="commonsense, mt_bench or math.")] = None,
-    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated commonsense tasks.")] = None,
+    suite: Annotated[Optional[str], typer.Option("--suite", help="commonsense, mt_bench, math or lm_eval.")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated tasks (commonsense, or lm-eval's with --suite lm_eval).")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="generate (the paper's protocol) or loglik.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="At most N examples per task.")] = None,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Root of the LLM-Adapters layout (<root>/<task>/test.json).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per forward pass (1: the reference protocol).")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="lm_eval: few-shot examples per prompt (default: each task's).")] = None,
+    tasks_dir: Annotated[Optional[str], typer.Option("--tasks-dir", help="lm_eval: a directory of lm-eval task YAMLs (local-file tasks).")] = None,
+    samples: Annotated[bool, typer.Option("--samples", help="lm_eval: also write every example's requests and answers.")] = False,
     questions: Annotated[Optional[str], typer.Option("--questions", help="MT-Bench question.jsonl.")] = None,
     judge_url: Annotated[Optional[str], typer.Option("--judge-url", help="OpenAI-compatible base URL of the MT-Bench judge.")] = None,
     judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge model name.")] = None,
@@ -80,7 +83,7 @@ def eval_(
     out: Annotated[Optional[Path], typer.Option("--out", help="Where metrics and predictions go (default: beside the checkpoint).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo predictions made with other settings.")] = False,
 ) -> None:
-    """Score a model: the paper's commonsense suite (8 tasks), MT-Bench (answers + judge) or math exact match.
+    """Score a model: the paper's commonsense suite (8 tasks), MT-Bench (answers + judge), math exact match or lm-eval tasks.
 
     Flags are shorthands for dotted overrides of the recipe's eval section (eval.tasks, eval.mode, ...).
 
@@ -90,7 +93,8 @@ def eval_(
 
     flags = {
         "eval.suite": suite, "eval.mode": mode, "eval.limit": limit, "eval.data_dir": data_dir,
-        "eval.batch_size": batch_size, "eval.mt_bench.questions": questions,
+        "eval.batch_size": batch_size, "eval.lm_eval.num_fewshot": num_fewshot, "eval.lm_eval.tasks_dir": tasks_dir,
+        "eval.lm_eval.samples": True if samples else None, "eval.mt_bench.questions": questions,
         "eval.mt_bench.judge_url": judge_url, "eval.mt_bench.judge_model": judge_model,
     }
     extra = [f"{key}={value}" for key, value in flags.items() if value is not None]

@@ -37,6 +37,13 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f' (did you mean "{close[0]}"?)' if close else ""
 
 
+def did_you_mean_any_case(word: str, choices: Iterable[str]) -> str:
+    """`did_you_mean` ignoring case ("arc-easy" suggests "ARC-Easy"), naming the choice as it is spelled."""
+    by_lower = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f' (did you mean "{by_lower[close[0]]}"?)' if close else ""
+
+
 def one_of(choices: Iterable[str]) -> str:
     """'a, b or c' for error messages."""
     items = sorted(str(c) for c in choices)

@@ -395,8 +395,19 @@ class MTBenchConfig(_Section):
     max_new_tokens: Count = 1024
 
 
+class LMEvalConfig(_Section):
+    """The lm_eval suite (EleutherAI's lm-evaluation-harness, `pip install 'dora_cli[lm_eval]'`)."""
+
+    tasks_dir: str | None = Field(None, json_schema_extra=LOCAL_PATH)
+    """A directory of lm-eval task YAMLs (local-file tasks), added to lm-eval's task list."""
+    num_fewshot: int | None = Field(None, ge=0, le=1024)
+    """Few-shot examples per prompt; null: each task's own (0 when it names none)."""
+    samples: bool = False
+    """Also write every example's requests and answers (samples/<task>.jsonl)."""
+
+
 class EvalConfig(_Section):
-    suite: Literal["commonsense", "mt_bench", "math"] = "commonsense"
+    suite: Literal["commonsense", "mt_bench", "math", "lm_eval"] = "commonsense"
     tasks: list[str] = Field(
         default_factory=lambda: [
             "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
@@ -413,6 +424,7 @@ class EvalConfig(_Section):
     max_new_tokens: Count | None = None
     """New tokens of generate mode; null: the suite's default (commonsense 32, math 1024)."""
     mt_bench: MTBenchConfig = Field(default_factory=MTBenchConfig)
+    lm_eval: LMEvalConfig = Field(default_factory=LMEvalConfig)
 
 
 class Recipe(_Section):
@@ -482,7 +494,8 @@ def recipe_paths(recipe: Recipe) -> list[str]:
     return [
         p for p in (
             recipe.model.name_or_path, recipe.model.tokenizer, recipe.output_dir, recipe.eval.data_dir,
-            bench.questions, bench.reference_answers, bench.judge_prompts, *(s.path for s in recipe.data.sources),
+            bench.questions, bench.reference_answers, bench.judge_prompts, recipe.eval.lm_eval.tasks_dir,
+            *(s.path for s in recipe.data.sources),
         ) if p
     ]
 

@@ -5,8 +5,8 @@ Features, top to bottom:
   in the current directory, then in the repository; dotted overrides as in `dora train`
 - everything checked before any training, nothing written on a refusal: ranks, methods (did you mean),
   the alpha rule, every trial's recipe (overrides typed by the schema), the batch split, the model
-  path, the training data, the commonsense test sets, and every trial directory that already holds a
-  run of another recipe
+  path, the training data, the eval suite's inputs (commonsense test sets, lm-eval tasks), and every
+  trial directory that already holds a run of another recipe
 - one trial per method and rank: the recipe with adapter.method / adapter.r / adapter.alpha changed
   (alpha = 2r as in the paper, or the recipe's alpha with `--alpha-rule fixed`), trained in-process
   by `train.run_train` into OUTPUT/sweep/<method>-r<r>/ and scored by `evaluate.run_eval` on its
@@ -47,6 +47,7 @@ from dora_cli.adapters import METHODS
 from dora_cli.adapters.variants import recipe_methods
 from dora_cli.console import say, stderr_is_terminal
 from dora_cli.errors import RunFailure, UserError, did_you_mean, one_of
+from dora_cli.eval.suites import same_evaluation, suite_of
 from dora_cli.files import check_output_dir, write_json, write_text
 from dora_cli.plots import fit, model_name, save_png, series_style, y_limits
 from dora_cli.recipe import Recipe, check_batch, load_recipe
@@ -165,14 +166,14 @@ class Trial:
 
     @property
     def eval_metrics(self) -> Path:
-        return self.eval_dir / "commonsense" / "metrics.json"
+        return self.eval_dir / self.recipe.eval.suite / "metrics.json"
 
     def trained(self) -> bool:
         return self.final.is_dir()
 
     def done(self) -> bool:
         """Trained and evaluated with the sweep's current eval settings."""
-        return self.trained() and self.eval_metrics.is_file() and _same_eval(self.recipe, self.eval_metrics)
+        return self.trained() and self.eval_metrics.is_file() and same_evaluation(self.recipe, json.loads(self.eval_metrics.read_text()))
 
     def holds_run(self) -> bool:
         return RunDir(self.dir).is_a_run()
@@ -208,8 +209,9 @@ def plan_sweep(
     recipe_path = Path(recipe) if recipe is not None else default_recipe()
     overrides = list(overrides)
     base = load_recipe(recipe_path, overrides)
-    if base.eval.suite != "commonsense":
-        raise UserError(f"eval.suite: the rank study scores the commonsense suite, got {base.eval.suite!r}", where=str(recipe_path))
+    if suite_of(base).compared is None:
+        raise UserError(f"eval.suite: the rank study compares per-task accuracies (commonsense or lm_eval), got {base.eval.suite!r}",
+                        where=str(recipe_path))
     sweep_dir = Path(base.output_dir) / SWEEP_DIR
     paper = base.model.name_or_path == PAPER_MODEL
     trials = []
@@ -242,7 +244,6 @@ def _expected(base: Recipe, trial: Recipe, paper_average: float | None) -> dict[
 def _check_inputs(sweep: Sweep) -> None:
     """What would stop every trial (or a trial directory that belongs to another run), found before hours of training."""
     from dora_cli.datasets import load_records
-    from dora_cli.eval.suites import suite_of
     from dora_cli.models import resolve_source
 
     base = sweep.base
@@ -331,19 +332,6 @@ def _run_trial(trial: Trial, head: str) -> None:
     evaluate.evaluate(trial.final, trial.recipe, out=trial.eval_dir, overwrite=redo, progress=stderr_is_terminal())
 
 
-def _same_eval(recipe: Recipe, metrics_file: Path) -> bool:
-    """Whether the evaluation in `metrics_file` was made with the recipe's eval settings (else it is redone)."""
-    from dora_cli.eval.suites import settings
-    from dora_cli.eval.tasks import validate_tasks
-
-    cfg = settings(recipe)
-    done = json.loads(metrics_file.read_text()).get("settings", {})
-    wanted = {"mode": cfg.mode, "limit": cfg.limit, "tasks": validate_tasks(cfg.tasks, cfg.data_dir), "data_dir": cfg.data_dir}
-    if cfg.mode == "generate":
-        wanted.update(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens)
-    return all(done.get(key) == value for key, value in wanted.items())
-
-
 def _empty_cuda_cache() -> None:
     import torch
 
@@ -420,7 +408,8 @@ def sweep_document(sweep: Sweep, records: dict[str, dict]) -> dict:
         "alpha_rule": sweep.alpha_rule,
         "alpha": "2r" if sweep.alpha_rule == "2r" else _number(base.adapter.alpha),
         "output_dir": str(sweep.dir),
-        "eval": {"tasks": base.eval.tasks, "mode": base.eval.mode, "limit": base.eval.limit, "data_dir": base.eval.data_dir},
+        "eval": {"suite": base.eval.suite, "tasks": base.eval.tasks, "mode": base.eval.mode, "limit": base.eval.limit,
+                 "data_dir": base.eval.data_dir},
         "paper_reference": "Table 15 (LLaMA-7B)" if sweep.paper else None,
     }
     summary = {status: sum(t["status"] == status for t in trials) for status in ("ok", "failed", "pending")}
@@ -442,8 +431,7 @@ def render_table(doc: dict) -> str:
     from dora_cli.eval.tasks import TASKS
 
     settings, trials = doc["settings"], doc["trials"]
-    evaluated = settings["eval"]["tasks"]
-    tasks = [*(t for t in TASKS if t in evaluated), *(t for t in evaluated if t not in TASKS)]
+    tasks = _task_columns(doc)
     paper = settings["paper_reference"] is not None
     columns = [
         "Model", "r", "# Params (%)", *(TASKS[t].column if t in TASKS else t for t in tasks), "Avg",
@@ -475,7 +463,10 @@ def _note(doc: dict) -> str:
     settings = doc["settings"]
     ev = settings["eval"]
     alpha = "alpha = 2r" if settings["alpha_rule"] == "2r" else f"alpha = {settings['alpha']} (fixed)"
-    note = f"Model {settings['model']}. Accuracy (%), {alpha}; eval mode {ev['mode']}"
+    if ev.get("suite") == "lm_eval":
+        note = f"Model {settings['model']}. lm-eval's headline metric of each task (%), {alpha}"
+    else:
+        note = f"Model {settings['model']}. Accuracy (%), {alpha}; eval mode {ev['mode']}"
     if ev["limit"]:
         note += f", first {ev['limit']} examples per task"
     note += (
@@ -494,8 +485,18 @@ def _examples(doc: dict) -> str:
     if not counts:
         return "no trial evaluated yet"
     n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    tasks = len(doc["settings"]["eval"]["tasks"])
+    tasks = len(_task_columns(doc))
     return f"n = {n} test examples per trial ({tasks} task{'s' if tasks != 1 else ''})"
+
+
+def _task_columns(doc: dict) -> list[str]:
+    """The tasks of the table: the ones evaluated trials report (an lm-eval group or tag stands for its tasks),
+    else the ones asked; the paper's eight in its order first."""
+    from dora_cli.eval.tasks import TASKS
+
+    reported = [t for trial in doc["trials"] if trial["status"] == "ok" for t in trial.get("tasks", {})]
+    names = list(dict.fromkeys(reported or doc["settings"]["eval"]["tasks"]))
+    return [*(t for t in TASKS if t in names), *(t for t in names if t not in TASKS)]
 
 
 def plot(doc: dict, path: Path):

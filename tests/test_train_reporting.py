@@ -197,7 +197,7 @@ def test_every_path_field_is_made_absolute_and_hub_ids_stay(tmp_path, monkeypatc
     names = {name for name, *_ in marked_fields(load_recipe(SMOKE))}
     assert names == {
         "model.name_or_path", "model.tokenizer", "data.sources[0].path", "eval.data_dir", "eval.mt_bench.questions",
-        "eval.mt_bench.reference_answers", "eval.mt_bench.judge_prompts", "output_dir",
+        "eval.mt_bench.reference_answers", "eval.mt_bench.judge_prompts", "eval.lm_eval.tasks_dir", "output_dir",
     }
     relative = recipe_with("rel/thing")
     absolute = absolute_paths(relative)

@@ -8,6 +8,7 @@
     mathqa.py      the math run: generate answers to question / answer records, exact match
     mtbench.py     MT-Bench answers (FastChat format) and the MT-Bench run
     judge.py       the LLM judge over HTTP (OpenAI-compatible), ratings and scores
+    harness.py     the lm_eval suite: lm-evaluation-harness tasks on the loaded model (optional extra)
     suites.py      the registry `dora eval` and the sweep run: checks, defaults, runs
 """
 

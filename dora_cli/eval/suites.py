@@ -10,6 +10,10 @@ missing file is named in a second, not after minutes of loading) and a run on a 
     commonsense  the 8 LLM-Adapters tasks (and custom ones from eval.data_dir)   4 beams, 32 new tokens
     math         final-number exact match on question / answer records           greedy, 1024 new tokens
     mt_bench     MT-Bench answers, and judgments when a judge is set             (eval.mt_bench.max_new_tokens)
+    lm_eval      lm-evaluation-harness tasks (an optional extra)                  (each task's own)
+
+`compared` (suites that report per-task accuracies and their average) gives the settings a finished
+evaluation's metrics.json must hold to be reused: the rank sweep skips such a trial's evaluation.
 
 A new suite is one `Suite(...)` entry here plus its module under eval/ (and its name in EvalConfig.suite).
 """
@@ -49,6 +53,13 @@ class Suite:
     max_new_tokens: int | None
     check_inputs: Callable[[Recipe], None]
     run: Callable[[SuiteRun], dict]
+    compared: Callable[[Recipe], dict] | None = None
+
+
+def same_evaluation(recipe: Recipe, metrics: dict) -> bool:
+    """Whether `metrics` (a suite's metrics.json) was made with the recipe's eval settings."""
+    done = metrics.get("settings", {})
+    return all(done.get(key) == value for key, value in suite_of(recipe).compared(recipe).items())
 
 
 def settings(recipe: Recipe) -> EvalConfig:
@@ -71,6 +82,16 @@ def _check_commonsense(recipe: Recipe) -> None:
     cfg = recipe.eval
     for task in validate_tasks(cfg.tasks, cfg.data_dir):
         load_task(task, cfg.data_dir, cfg.limit)
+
+
+def _compared_commonsense(recipe: Recipe) -> dict:
+    from dora_cli.eval.tasks import validate_tasks
+
+    cfg = settings(recipe)
+    wanted = {"mode": cfg.mode, "limit": cfg.limit, "tasks": validate_tasks(cfg.tasks, cfg.data_dir), "data_dir": cfg.data_dir}
+    if cfg.mode == "generate":
+        wanted.update(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens)
+    return wanted
 
 
 def _run_commonsense(run: SuiteRun) -> dict:
@@ -122,11 +143,42 @@ def _run_mt_bench(run: SuiteRun) -> dict:
     )
 
 
+# ---- lm-evaluation-harness --------------------------------------------------------------------------------
+def _check_lm_eval(recipe: Recipe) -> None:
+    from dora_cli.eval.harness import check_tasks
+
+    cfg = recipe.eval
+    if cfg.tasks == EvalConfig().tasks:
+        raise UserError("the lm_eval suite takes lm-eval task names (--tasks arc_easy,hellaswag); the default list "
+                        "is the commonsense suite's", where="eval.tasks")
+    check_tasks(cfg.tasks, tasks_dir=cfg.lm_eval.tasks_dir, data_dir=cfg.data_dir, limit=cfg.limit)
+
+
+def _compared_lm_eval(recipe: Recipe) -> dict:
+    cfg = recipe.eval
+    return {"tasks": cfg.tasks, "num_fewshot": cfg.lm_eval.num_fewshot, "limit": cfg.limit, "data_dir": cfg.data_dir,
+            "tasks_dir": cfg.lm_eval.tasks_dir}
+
+
+def _run_lm_eval(run: SuiteRun) -> dict:
+    from dora_cli.eval.harness import evaluate_harness
+
+    cfg = run.eval
+    return evaluate_harness(
+        run.model, run.tokenizer, run.out_dir, tasks=cfg.tasks, data_dir=cfg.data_dir, tasks_dir=cfg.lm_eval.tasks_dir,
+        num_fewshot=cfg.lm_eval.num_fewshot, limit=cfg.limit, batch_size=cfg.batch_size, samples=cfg.lm_eval.samples,
+        model_name=run.model_name, overwrite=run.overwrite, progress=run.progress,
+    )
+
+
 SUITES: dict[str, Suite] = {
     s.name: s
     for s in (
-        Suite("commonsense", num_beams=4, max_new_tokens=32, check_inputs=_check_commonsense, run=_run_commonsense),
+        Suite("commonsense", num_beams=4, max_new_tokens=32, check_inputs=_check_commonsense, run=_run_commonsense,
+              compared=_compared_commonsense),
         Suite("math", num_beams=1, max_new_tokens=1024, check_inputs=_check_math, run=_run_math),
         Suite("mt_bench", num_beams=None, max_new_tokens=None, check_inputs=_check_mt_bench, run=_run_mt_bench),
+        Suite("lm_eval", num_beams=None, max_new_tokens=None, check_inputs=_check_lm_eval, run=_run_lm_eval,
+              compared=_compared_lm_eval),
     )
 }

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dora_cli.errors import UserError, did_you_mean, one_of, problem_of
+from dora_cli.errors import UserError, did_you_mean_any_case, one_of, problem_of
 from dora_cli.prompts import response_of
 
 
@@ -140,10 +140,7 @@ def validate_tasks(tasks: list[str] | tuple[str, ...], data_dir: str | Path | No
 def _unknown_task_message(task: str, data_dir: str | Path | None) -> str:
     root = _local_root(data_dir)
     present = sorted(p.name for p in root.iterdir() if (p / "test.json").is_file() and p.name not in TASKS) if root else []
-    by_lower = {name.lower(): name for name in [*TASKS, *present]}  # "arc-easy" suggests "ARC-Easy"
-    hint = did_you_mean(task.lower(), by_lower)
-    for low, name in by_lower.items():
-        hint = hint.replace(f'"{low}"', f'"{name}"')
+    hint = did_you_mean_any_case(task, [*TASKS, *present])
     msg = f'unknown task "{task}"{hint}; valid tasks: {one_of(TASKS)}'
     if present:
         msg += f"; custom tasks in {root}: {one_of(present)}"
