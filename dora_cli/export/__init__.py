@@ -39,6 +39,8 @@ from dora_cli.export import ollama, vocab, weights
 from dora_cli.files import atomic_file, check_output_dir, clean_stale, write_text
 
 MARKER_KEY = "dora_cli.export"
+MARKER_POSITION = 1  # its index among the file's keys (general.architecture comes first)
+GGUF_STRING = 8  # gguf.GGUFValueType.STRING
 TYPES = weights.TYPES
 
 
@@ -96,12 +98,12 @@ def run_export(
         import gguf
 
         writer = gguf.GGUFWriter(tmp, arch.name)
+        writer.add_string(MARKER_KEY, json.dumps(record))  # the second key, after general.architecture
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(_model_name(ckpt.path))
         writer.add_file_type(weights.file_type(type_))
         if type_ == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_string(MARKER_KEY, json.dumps(record))
         weights.write_hparams(writer, config, rows)
         description.write(writer)
         for entry in entries:
@@ -153,17 +155,36 @@ def check_outputs(out: Path, modelfile: Path | None, *, overwrite: bool, protect
 
 
 def is_our_gguf(path: Path) -> bool:
-    """Whether `path` is a GGUF file carrying dora export's record."""
-    import gguf
+    """Whether `path` is a GGUF file whose first keys hold dora export's record (written second, after
+    general.architecture): read from the header alone, without parsing the rest of the file."""
+    import struct
 
     with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
+        head = fh.read(24)
+        if len(head) < 24 or head[:4] != b"GGUF":
             return False
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, KeyError, IndexError, OSError):
-        return False  # damaged: not something we can vouch for
-    return MARKER_KEY in reader.fields
+        count = struct.unpack("<Q", head[16:24])[0]
+        for _ in range(min(count, MARKER_POSITION + 1)):
+            key = _gguf_string(fh)
+            kind = fh.read(4)
+            if key is None or len(kind) < 4:
+                return False
+            if key == MARKER_KEY:
+                return True
+            if struct.unpack("<I", kind)[0] != GGUF_STRING or _gguf_string(fh) is None:
+                return False  # the keys before ours are strings (general.architecture)
+    return False
+
+
+def _gguf_string(fh) -> str | None:
+    import struct
+
+    raw = fh.read(8)
+    if len(raw) < 8:
+        return None
+    size = struct.unpack("<Q", raw)[0]
+    data = fh.read(min(size, 1 << 20))
+    return data.decode("utf-8", errors="replace") if len(data) == size else None
 
 
 def is_our_modelfile(path: Path) -> bool:
