@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_TOKENIZER, dora_in_process, requires_peft, tiny_llama, tiny_qwen2
+from conftest import ROOT, SMOLLM2_DIR, TINY_TOKENIZER, dora_in_process, requires_peft, tiny_llama, tiny_qwen2
 from test_merge import make_adapter, recipe_checkpoint
 
 from dora_cli.adapters import AdapterConfig
@@ -548,3 +548,48 @@ def test_user_error_names_the_target_for_a_tokenizer_with_too_many_tokens(tmp_pa
     with pytest.raises(UserError, match="512 tokens but the model's embedding only 256 rows"):
         run_export(base, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+# ---- SmolLM2-135M-Instruct (make test-slow) -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2_dora(tmp_path_factory):
+    """A DoRA checkpoint on SmolLM2-135M-Instruct (r16 on q/k/v/up/down), B and m moved off their
+    initialisation a little, and the adapter model it is."""
+    from transformers import AutoModelForCausalLM
+
+    from dora_cli.adapters import adapted_modules, apply_adapters, save_adapter
+
+    if not (SMOLLM2_DIR / "config.json").is_file():
+        pytest.skip("SmolLM2-135M-Instruct not fetched (make fetch-model)")
+    cfg = AdapterConfig(method="dora", r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, dtype=torch.float32)
+    apply_adapters(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in adapted_modules(model):
+            layer.lora_B.copy_(0.002 * torch.randn(layer.lora_B.shape, generator=g))
+            layer.magnitude.mul_(1 + 0.02 * torch.randn(layer.magnitude.shape, generator=g))
+    ckpt = tmp_path_factory.mktemp("smollm2") / "ckpt"
+    save_adapter(model, cfg, ckpt, base_model=str(SMOLLM2_DIR))
+    return ckpt, model.eval()
+
+
+
+@pytest.mark.slow
+def test_smollm2_with_dora_reads_back_as_the_merged_model(smollm2_dora, tmp_path):
+    from transformers import AutoTokenizer
+
+    ckpt, _ = smollm2_dora
+    original = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+    ids = torch.tensor([original("The capital of France is Paris. The capital of Japan is")["input_ids"]])
+    merged = merged_model(ckpt, tmp_path)
+    model, tokenizer = read_back(run_export(ckpt, tmp_path / "m.gguf", type_="f32"))
+    with torch.no_grad():
+        assert max_diff(model(ids).logits, merged(ids).logits) <= 1e-5
+    assert tokenizer(MIXED)["input_ids"] == original(MIXED)["input_ids"]
+    del model
+    model, _ = read_back(run_export(ckpt, tmp_path / "h.gguf", type_="f16"))
+    got = model.state_dict()
+    with torch.no_grad():
+        for key, w in merged.state_dict().items():
+            assert torch.equal(got[key], w.half().float() if w.dim() == 2 else w), key

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama, tiny_qwen2
-from test_export import MIXED, byte_level_tokenizer, save_model, sentencepiece_tokenizer
+from test_export import MIXED, byte_level_tokenizer, save_model, sentencepiece_tokenizer, smollm2_dora  # noqa: F401
 from test_merge import make_adapter
 
-from dora_cli.adapters import AdapterConfig, adapted_modules
+from dora_cli.adapters import AdapterConfig
 from dora_cli.export import run_export
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -80,32 +80,8 @@ def test_llama_cpp_continues_a_tiny_model_as_torch_does(build, tmp_path):
     assert llama_cpp_greedy(run_export(ckpt, tmp_path / "m.gguf", type_="f32"), prompt) == torch_greedy(model, prompt)
 
 
-@pytest.fixture(scope="module")
-def smollm2_dora(tmp_path_factory):
-    """A DoRA checkpoint on SmolLM2-135M-Instruct (r16 on q/k/v/up/down), B and m moved off their
-    initialisation a little, and the adapter model it is."""
-    from conftest import SMOLLM2_DIR
-    from transformers import AutoModelForCausalLM
-
-    from dora_cli.adapters import apply_adapters, save_adapter
-
-    if not (SMOLLM2_DIR / "config.json").is_file():
-        pytest.skip("SmolLM2-135M-Instruct not fetched (make fetch-model)")
-    cfg = AdapterConfig(method="dora", r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
-    model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, dtype=torch.float32)
-    apply_adapters(model, cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, layer in adapted_modules(model):
-            layer.lora_B.copy_(0.002 * torch.randn(layer.lora_B.shape, generator=g))
-            layer.magnitude.mul_(1 + 0.02 * torch.randn(layer.magnitude.shape, generator=g))
-    ckpt = tmp_path_factory.mktemp("smollm2") / "ckpt"
-    save_adapter(model, cfg, ckpt, base_model=str(SMOLLM2_DIR))
-    return ckpt, model.eval()
-
-
 @pytest.mark.parametrize("type_", ["f32", "f16"])
-def test_llama_cpp_continues_smollm2_with_dora_as_torch_does(type_, smollm2_dora, tmp_path):
+def test_llama_cpp_continues_smollm2_with_dora_as_torch_does(type_, smollm2_dora, tmp_path):  # noqa: F811
     from conftest import SMOLLM2_DIR
     from transformers import AutoTokenizer
 
