@@ -107,29 +107,17 @@ class Entry:
     shape: tuple[int, ...]
     qtype: object  # gguf.GGMLQuantizationType
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.stored_shape))
-
-    @property
-    def stored_shape(self) -> tuple[int, ...]:
-        """The shape of the array written: the tensor's own for f32 / f16, its bytes for bf16 / q8_0."""
-        import gguf
-
-        if self.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            size = 4 if self.qtype == gguf.GGMLQuantizationType.F32 else 2
-            return (*self.shape[:-1], self.shape[-1] * size)
-        return tuple(gguf.quant_shape_to_byte_shape(self.shape, self.qtype))
-
     def add_info(self, writer) -> None:
+        """Announce the tensor to a gguf.GGUFWriter (its data follows, in the same order, by `encode`)."""
         import gguf
 
-        if self.qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor_info(self.name, self.shape, np.dtype(np.float32), self.nbytes)
-        elif self.qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor_info(self.name, self.shape, np.dtype(np.float16), self.nbytes)
-        else:
-            writer.add_tensor_info(self.name, self.stored_shape, np.dtype(np.uint8), self.nbytes, raw_dtype=self.qtype)
+        q = gguf.GGMLQuantizationType
+        if self.qtype in (q.F32, q.F16):
+            dtype = np.dtype(np.float32 if self.qtype == q.F32 else np.float16)
+            writer.add_tensor_info(self.name, self.shape, dtype, int(np.prod(self.shape)) * dtype.itemsize)
+        else:  # bf16, q8_0: announced by their bytes, as gguf.quants encodes them
+            stored = gguf.quant_shape_to_byte_shape(self.shape, self.qtype)
+            writer.add_tensor_info(self.name, stored, np.dtype(np.uint8), int(np.prod(stored)), raw_dtype=self.qtype)
 
 
 def plan(shapes: Iterable[tuple[str, tuple[int, ...]]], config, arch: Arch, type_: str, *, where: str) -> list[Entry]:

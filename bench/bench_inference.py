@@ -1,0 +1,182 @@
+"""Inference speed of an unmerged DoRA adapter against LoRA's, and the time and memory of `dora export`.
+
+Decoding: greedy, 64 new tokens, batch 1, SmolLM2-135M-Instruct in fp32 with r 16 on q / k / v / up / down,
+as `dora generate` runs it (eval mode, `torch.inference_mode`). Loglik: one forward of 16 rows x 128 tokens,
+as `dora eval`'s loglik mode runs it. Configurations: the base model, the DoRA adapter merged (a plain
+model), unmerged LoRA, unmerged DoRA; every round runs each once (A B C D A B C D ...), and the figures are
+medians over the rounds, the ratios taken from those medians.
+
+Export: `dora export` of SmolLM2 with a DoRA checkpoint (merged on the fly) and of the plain model, to f16, each
+in its own process: wall-clock time of the whole command, and its peak RSS against the model's f32 size.
+
+    .venv/bin/python bench/bench_inference.py                     # about 5 minutes on 2 cores
+    .venv/bin/python bench/bench_inference.py --rounds 5 --out bench/results/inference.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads on shared cores: slow and noisy
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DEFAULT_MODEL = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
+DEFAULT_OUT = REPO / "bench" / "results" / "inference.json"
+TARGETS = {"dora/lora decode, batch 1": 1.05, "dora/lora loglik, batch 16": 1.05}
+PROMPT = "Name three fruits and say why each of them is healthy."
+
+
+def adapter_model(model_dir: Path, method: str | None):
+    """SmolLM2 with an r16 adapter (B and m moved off their initialisation), or the base model (None)."""
+    from transformers import AutoModelForCausalLM
+
+    from dora_cli.adapters import AdapterConfig, adapted_modules, apply_adapters
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if method is not None:
+        cfg = AdapterConfig(method=method, r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+        apply_adapters(model, cfg)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for _, layer in adapted_modules(model):
+                layer.lora_B.copy_(0.002 * torch.randn(layer.lora_B.shape, generator=g))
+                if hasattr(layer, "magnitude"):
+                    layer.magnitude.mul_(1 + 0.02 * torch.randn(layer.magnitude.shape, generator=g))
+    return model.eval()
+
+
+def merged(model):
+    from dora_cli.adapters import unwrap
+
+    return unwrap(model)
+
+
+@torch.inference_mode()
+def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def loglik_seconds(model, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+    return time.perf_counter() - start
+
+
+def measure_inference(model_dir: Path, rounds: int, new_tokens: int) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
+    batch = torch.randint(0, len(tokenizer), (16, 128), generator=torch.Generator().manual_seed(0))
+    models = {"base": adapter_model(model_dir, None), "lora": adapter_model(model_dir, "lora"),
+              "dora": adapter_model(model_dir, "dora")}
+    models["merged"] = merged(adapter_model(model_dir, "dora"))
+    for model in models.values():  # warm-up: first-call allocations, the DoRA norm cache filled
+        decode_seconds(model, prompt, 4)
+        loglik_seconds(model, batch[:2])
+    decode: dict[str, list[float]] = {name: [] for name in models}
+    loglik: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(rounds):
+        for name, model in models.items():
+            decode[name].append(decode_seconds(model, prompt, new_tokens) / new_tokens)
+            loglik[name].append(loglik_seconds(model, batch))
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {decode[n][-1] * 1e3:.1f} ms/token" for n in models), flush=True)
+    median = {kind: {n: statistics.median(v) for n, v in runs.items()} for kind, runs in (("decode", decode), ("loglik", loglik))}
+    ratios = {}
+    for kind, label in (("decode", "decode, batch 1"), ("loglik", "loglik, batch 16")):
+        m = median[kind]
+        ratios[f"dora/lora {label}"] = m["dora"] / m["lora"]
+        ratios[f"dora/base {label}"] = m["dora"] / m["base"]
+        ratios[f"lora/base {label}"] = m["lora"] / m["base"]
+        ratios[f"merged/base {label}"] = m["merged"] / m["base"]
+    return {
+        "decode_seconds_per_token": {"median": median["decode"], "rounds": decode},
+        "loglik_seconds_per_forward": {"median": median["loglik"], "rounds": loglik},
+        "ratios": ratios,
+        "targets": {k: {"target": v, "measured": ratios[k], "met": ratios[k] <= v} for k, v in TARGETS.items()},
+        "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens, "loglik_batch": list(batch.shape),
+    }
+
+
+def dora_checkpoint(model_dir: Path, out: Path) -> Path:
+    from dora_cli.adapters import AdapterConfig, save_adapter
+
+    model = adapter_model(model_dir, "dora")
+    cfg = AdapterConfig(method="dora", r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    save_adapter(model, cfg, out, base_model=str(model_dir))
+    return out
+
+
+def measure_export(target: Path, out: Path) -> dict:
+    """`dora export TARGET --gguf OUT --type f16` in its own process: wall-clock seconds and peak RSS (the
+    child's own, from wait4)."""
+    command = [sys.executable, "-m", "dora_cli.cli", "export", str(target), "--gguf", str(out), "--type", "f16", "--overwrite"]
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            log.seek(0)
+            raise SystemExit(f"dora export failed:\n{log.read().decode()[-2000:]}")
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "gguf_mb": out.stat().st_size / 2**20}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"error: --model {args.model}: no config.json (make fetch-model)")
+    torch.set_num_threads(args.threads)
+
+    inference = measure_inference(args.model, args.rounds, args.new_tokens)
+    params = sum(p.numel() for p in adapter_model(args.model, None).parameters())
+    f32_mb = params * 4 / 2**20
+    with tempfile.TemporaryDirectory(prefix="bench_inference-") as tmp:
+        ckpt = dora_checkpoint(args.model, Path(tmp) / "dora-ckpt")
+        export = {
+            "dora checkpoint (merged on the fly)": measure_export(ckpt, Path(tmp) / "dora.gguf"),
+            "model directory": measure_export(args.model, Path(tmp) / "base.gguf"),
+        }
+    for figures in export.values():
+        figures["peak_rss_over_f32_size"] = figures["peak_rss_mb"] / f32_mb
+        figures["targets_met"] = figures["seconds"] < 30 and figures["peak_rss_over_f32_size"] < 2
+    report = {
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                    "threads": args.threads, "note": "shared machine: ratios from one run, absolute times noisy"},
+        "model": str(args.model), "parameters": params, "f32_size_mb": f32_mb,
+        "adapter": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]},
+        "rounds": args.rounds, "inference": inference, "export_f16": export,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"ratios": inference["ratios"], "export_f16": export}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
