@@ -60,6 +60,10 @@ bench: setup fetch-model
 	$(BIN)/python bench/bench_adapters.py --model $(SMOLLM2) --out bench/results/adapters.json
 	$(BIN)/python bench/bench_e2e.py --model $(SMOLLM2) --out bench/results/e2e.json
 
+# Inference: unmerged DoRA / LoRA decode (batch 1) and loglik (batch 16) speed; dora export's time and peak RSS.
+bench-inference: setup fetch-model
+	$(BIN)/python bench/bench_inference.py --model $(SMOLLM2) --out bench/results/inference.json
+
 lint: setup
 	$(BIN)/ruff check dora_cli tests bench data
 

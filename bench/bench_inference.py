@@ -3,13 +3,14 @@
 Decoding: greedy, 64 new tokens, batch 1, SmolLM2-135M-Instruct in fp32 with r 16 on q / k / v / up / down,
 as `dora generate` runs it (eval mode, `torch.inference_mode`). Loglik: one forward of 16 rows x 128 tokens,
 as `dora eval`'s loglik mode runs it. Configurations: the base model, the DoRA adapter merged (a plain
-model), unmerged LoRA, unmerged DoRA; every round runs each once (A B C D A B C D ...), and the figures are
-medians over the rounds, the ratios taken from those medians.
+model), unmerged LoRA, unmerged DoRA; every round runs each once (A B C D, then D C B A, ...), and the
+figures are medians over the rounds, wall-clock and process CPU time (which descheduling by other jobs does
+not inflate), the ratios taken from those medians.
 
 Export: `dora export` of SmolLM2 with a DoRA checkpoint (merged on the fly) and of the plain model, to f16, each
 in its own process: wall-clock time of the whole command, and its peak RSS against the model's f32 size.
 
-    .venv/bin/python bench/bench_inference.py                     # about 5 minutes on 2 cores
+    .venv/bin/python bench/bench_inference.py                     # about 5 minutes on 2 idle cores
     .venv/bin/python bench/bench_inference.py --rounds 5 --out bench/results/inference.json
 """
 
@@ -65,17 +66,18 @@ def merged(model):
 
 
 @torch.inference_mode()
-def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    start = time.perf_counter()
+def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(wall-clock, process CPU) seconds of a greedy decode of `new_tokens` tokens."""
+    start, cpu = time.perf_counter(), time.process_time()
     model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 @torch.inference_mode()
-def loglik_seconds(model, ids: torch.Tensor) -> float:
-    start = time.perf_counter()
+def loglik_seconds(model, ids: torch.Tensor) -> tuple[float, float]:
+    start, cpu = time.perf_counter(), time.process_time()
     torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def measure_inference(model_dir: Path, rounds: int, new_tokens: int) -> dict:
@@ -91,24 +93,29 @@ def measure_inference(model_dir: Path, rounds: int, new_tokens: int) -> dict:
     for model in models.values():  # warm-up: first-call allocations, the DoRA norm cache filled
         decode_seconds(model, prompt, 4)
         loglik_seconds(model, batch[:2])
-    decode: dict[str, list[float]] = {name: [] for name in models}
-    loglik: dict[str, list[float]] = {name: [] for name in models}
+    runs = {(kind, clock): {name: [] for name in models} for kind in ("decode", "loglik") for clock in ("wall", "cpu")}
     for r in range(rounds):
-        for name, model in models.items():
-            decode[name].append(decode_seconds(model, prompt, new_tokens) / new_tokens)
-            loglik[name].append(loglik_seconds(model, batch))
-        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {decode[n][-1] * 1e3:.1f} ms/token" for n in models), flush=True)
-    median = {kind: {n: statistics.median(v) for n, v in runs.items()} for kind, runs in (("decode", decode), ("loglik", loglik))}
+        order = list(models) if r % 2 == 0 else list(reversed(models))  # A B C D, then D C B A
+        for name in order:
+            for kind, (wall, cpu) in (("decode", decode_seconds(models[name], prompt, new_tokens)),
+                                      ("loglik", loglik_seconds(models[name], batch))):
+                per = new_tokens if kind == "decode" else 1
+                runs[kind, "wall"][name].append(wall / per)
+                runs[kind, "cpu"][name].append(cpu / per)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(
+            f"{n} {runs['decode', 'wall'][n][-1] * 1e3:.1f} ms/token" for n in models), flush=True)
+    median = {key: {n: statistics.median(v) for n, v in per_model.items()} for key, per_model in runs.items()}
     ratios = {}
     for kind, label in (("decode", "decode, batch 1"), ("loglik", "loglik, batch 16")):
-        m = median[kind]
-        ratios[f"dora/lora {label}"] = m["dora"] / m["lora"]
-        ratios[f"dora/base {label}"] = m["dora"] / m["base"]
-        ratios[f"lora/base {label}"] = m["lora"] / m["base"]
-        ratios[f"merged/base {label}"] = m["merged"] / m["base"]
+        for clock, suffix in (("wall", ""), ("cpu", " (CPU time)")):
+            m = median[kind, clock]
+            for a, b in (("dora", "lora"), ("dora", "base"), ("lora", "base"), ("merged", "base")):
+                ratios[f"{a}/{b} {label}{suffix}"] = m[a] / m[b]
     return {
-        "decode_seconds_per_token": {"median": median["decode"], "rounds": decode},
-        "loglik_seconds_per_forward": {"median": median["loglik"], "rounds": loglik},
+        "decode_seconds_per_token": {clock: {"median": median["decode", clock], "rounds": runs["decode", clock]}
+                                     for clock in ("wall", "cpu")},
+        "loglik_seconds_per_forward": {clock: {"median": median["loglik", clock], "rounds": runs["loglik", clock]}
+                                       for clock in ("wall", "cpu")},
         "ratios": ratios,
         "targets": {k: {"target": v, "measured": ratios[k], "met": ratios[k] <= v} for k, v in TARGETS.items()},
         "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens, "loglik_batch": list(batch.shape),
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

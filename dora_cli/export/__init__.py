@@ -69,17 +69,18 @@ def run_export(
         check_outputs(out, modelfile, overwrite=overwrite, protected=[ckpt.path, ms.src.directory])
     where = str(ckpt.path)
 
-    config, tokenizer = _config_and_tokenizer(ms, where)
-    arch = weights.architecture(config, where=where)
     if ms.streamed:
-        model = None
-        shapes = ms.plan.tensors.items()
+        config, tokenizer = _streamed_config_and_tokenizer(ms, where)
+        model, shapes = None, ms.plan.tensors.items()
     else:
         from dora_cli.merge import load_merged
+        from dora_cli.models import model_config
 
+        weights.architecture(model_config(ms.src.model), where=where)  # before the weights are loaded
         model, tokenizer = load_merged(ms)
         config = model.config  # an adapted tied lm_head has been untied
         shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    arch = weights.architecture(config, where=where)
     entries = weights.plan(shapes, config, arch, type_, where=where)
     rows = next(e.shape[0] for e in entries if e.name == "token_embd.weight")
     description = vocab.describe(tokenizer, rows, where=where)
@@ -193,14 +194,13 @@ def is_our_modelfile(path: Path) -> bool:
 
 
 # ---- the source -------------------------------------------------------------------------------------------
-def _config_and_tokenizer(ms, where: str):
-    """The base's transformers config and tokenizer, without loading its weights."""
+def _streamed_config_and_tokenizer(ms, where: str):
+    """The streamed base's transformers config and tokenizer, without loading its weights; UserError for a
+    directory of quantized weights."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from dora_cli.models import load_tokenizer, loading, model_config
+    from dora_cli.models import load_tokenizer, loading
 
-    if not ms.streamed:
-        return model_config(ms.src.model), load_tokenizer(ms.src.model)
     with loading(f"{ms.plan.directory}: config.json cannot be read", where=where):
         config = AutoConfig.from_pretrained(ms.plan.directory)
     quantized = getattr(config, "quantization_config", None)
