@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from dora_cli import __version__
+import dora_cli
 from dora_cli.console import progress_bar, say, stderr_is_terminal
 from dora_cli.errors import UserError, did_you_mean
 from dora_cli.export import ollama, vocab, weights
@@ -91,7 +91,7 @@ def run_export(
     record = {
         "target": str(ckpt.path.resolve()), "kind": ckpt.kind, "base": ms.src.description,
         "adapter": None if ms.adapter is None else ms.adapter.config.method, "type": type_,
-        "streamed": ms.streamed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dora_cli": __version__,
+        "streamed": ms.streamed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dora_cli": dora_cli.__version__,
     }
     tensors = _tensors(ms, model)
 
