@@ -131,20 +131,30 @@ def dora_checkpoint(model_dir: Path, out: Path) -> Path:
     return out
 
 
+# `dora` in a child process that prints its peak RSS on exit: VmHWM, the high-water mark of the process's own
+# memory since it started Python (ru_maxrss would also count the benchmark process it was forked from).
+CHILD = """
+import atexit, sys
+def peak():
+    with open("/proc/self/status") as status:
+        print("peak_rss_kb", next(line.split()[1] for line in status if line.startswith("VmHWM")), file=sys.stderr)
+atexit.register(peak)
+sys.argv = ["dora", *sys.argv[1:]]
+from dora_cli.cli import main
+main()
+"""
+
+
 def measure_export(target: Path, out: Path) -> dict:
-    """`dora export TARGET --gguf OUT --type f16` in its own process: wall-clock seconds and peak RSS (the
-    child's own, from wait4)."""
-    command = [sys.executable, "-m", "dora_cli.cli", "export", str(target), "--gguf", str(out), "--type", "f16", "--overwrite"]
-    with tempfile.TemporaryFile() as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            log.seek(0)
-            raise SystemExit(f"dora export failed:\n{log.read().decode()[-2000:]}")
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "gguf_mb": out.stat().st_size / 2**20}
+    """`dora export TARGET --gguf OUT --type f16` in its own process: wall-clock seconds and peak RSS."""
+    command = [sys.executable, "-c", CHILD, "export", str(target), "--gguf", str(out), "--type", "f16", "--overwrite"]
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"dora export failed:\n{proc.stderr[-2000:]}")
+    peak_kb = int(next(line.split()[1] for line in proc.stderr.splitlines() if line.startswith("peak_rss_kb")))
+    return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "gguf_mb": out.stat().st_size / 2**20}
 
 
 def main(argv: list[str] | None = None) -> int:
