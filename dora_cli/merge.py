@@ -251,16 +251,18 @@ def stream_tensors(ms: MergeSource, dtype: torch.dtype | None) -> Iterator[tuple
     plan, adapter, src = ms.plan, ms.adapter, ms.src
     vera = adapter.vera(plan.shapes) if adapter is not None else None
     for name, keys in plan.shards.items():
-        with safe_open(str(plan.directory / name), framework="pt") as f:
-            for key in keys:
+        for key in keys:
+            # the shard is opened (mapped) for one tensor at a time: the pages read stay resident only while
+            # mapped, so a shard held open would end up whole in the process's memory
+            with safe_open(str(plan.directory / name), framework="pt") as f:
                 t = f.get_tensor(key)
-                module = key[: -len(".weight")] if key.endswith(".weight") else None
-                if adapter is not None and module in adapter.modules:
-                    w0 = t.to(src.cast) if src.cast is not None else t
-                    t = fold(w0, module, adapter, vera).to(dtype or w0.dtype)
-                elif dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                yield name, key, t.contiguous()
+            module = key[: -len(".weight")] if key.endswith(".weight") else None
+            if adapter is not None and module in adapter.modules:
+                w0 = t.to(src.cast) if src.cast is not None else t
+                t = fold(w0, module, adapter, vera).to(dtype or w0.dtype)
+            elif dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            yield name, key, t.contiguous()
 
 
 def _stream_merge(ms: MergeSource, dtype: torch.dtype | None, tmp: Path) -> None:
