@@ -94,6 +94,7 @@ def run_export(
         "streamed": ms.streamed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dora_cli": dora_cli.__version__,
     }
     tensors = _tensors(ms, model)
+    modelfile_text = ollama.modelfile(out, tokenizer) if modelfile is not None else None
 
     def write(tmp: Path) -> None:
         import gguf
@@ -113,20 +114,24 @@ def run_export(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         by_key = {e.key: e for e in entries}
+        written = 0
         with progress_bar(stderr_is_terminal()) as bar:
             task = bar.add_task(f"writing {out.name} ({type_})", total=len(entries))
             for key, tensor in tensors:
                 entry = by_key.get(key)
                 if entry is not None:
+                    assert entry is entries[written], f"{key} comes out of the order the header announced"
                     writer.write_tensor_data(weights.encode(entry, tensor, config, arch))
+                    written += 1
                     bar.advance(task)
+        assert written == len(entries), f"{len(entries) - written} announced tensors never came"
         writer.close()
 
     clean_stale(out.parent, out.name)
     atomic_file(out, write)
     if modelfile is not None:
         clean_stale(modelfile.parent, modelfile.name)
-        write_text(modelfile, ollama.modelfile(out, tokenizer))
+        write_text(modelfile, modelfile_text)
         say(f"Ollama: ollama create {out.stem} -f {modelfile}")
     say(f"GGUF written to {out} ({out.stat().st_size / 2**20:.1f} MiB, {type_}, {time.time() - started:.1f} s)")
     print(out)
