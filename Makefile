@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 SMOLLM2 := .cache/models/SmolLM2-135M-Instruct
 
-.PHONY: setup test test-slow test-kill test-dist test-all demo bench lint fetch-model clean
+.PHONY: setup test test-slow test-kill test-dist test-llamacpp test-all demo bench bench-inference lint fetch-model clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,15 @@ test-dist: setup
 	$(BIN)/pip install -q -e '.[deepspeed]'
 	DORA_DIST_REPORT=bench/results/dist_equality.json $(BIN)/python -m pytest -q -m dist --durations=0
 
+# llama.cpp itself reads what `dora export` writes: tokenization and 32-token greedy continuations equal ours.
+# llama-cpp-python is an optional extra that compiles llama.cpp from source (cmake, a C++ compiler; about
+# 20 minutes on 2 busy cores the first time); where it does not build, the target says so and skips.
+test-llamacpp: setup fetch-model
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install -q -e '.[llamacpp]' || true
+	@if $(BIN)/python -c "import llama_cpp" 2>/dev/null; then \
+	  $(BIN)/python -m pytest -q -m llamacpp --durations=0; \
+	else echo "test-llamacpp: skipped: llama-cpp-python did not build here (pip's output above says why)"; fi
+
 test-all: test test-kill test-dist test-slow
 
 demo: setup fetch-model
@@ -51,6 +60,10 @@ demo: setup fetch-model
 bench: setup fetch-model
 	$(BIN)/python bench/bench_adapters.py --model $(SMOLLM2) --out bench/results/adapters.json
 	$(BIN)/python bench/bench_e2e.py --model $(SMOLLM2) --out bench/results/e2e.json
+
+# Inference: unmerged DoRA / LoRA decode (batch 1) and loglik (batch 16) speed; dora export's time and peak RSS.
+bench-inference: setup fetch-model
+	$(BIN)/python bench/bench_inference.py --model $(SMOLLM2) --out bench/results/inference.json
 
 lint: setup
 	$(BIN)/ruff check dora_cli tests bench data

@@ -323,14 +323,17 @@ class ShardPlan:
     shards: dict[str, list[str]]  # shard file -> tensor names, in file order
     sharded: bool  # an index file (else the single model.safetensors)
     shapes: dict[str, tuple[int, ...]]  # module name -> weight shape
+    tensors: dict[str, tuple[int, ...]]  # tensor name -> shape, every tensor
 
 
 def read_shapes(directory: Path) -> ShardPlan:
-    """The shards of a safetensors model directory and the weight shape of every module (headers only)."""
+    """The shards of a safetensors model directory, the shape of every tensor and the weight shape of every
+    module (headers only)."""
     from safetensors import safe_open
 
     shards, sharded = shard_map(directory)
     shapes: dict[str, tuple[int, ...]] = {}
+    tensors: dict[str, tuple[int, ...]] = {}
     for name in list(shards):
         with safe_open(str(directory / name), framework="pt") as f:
             keys = list(f.keys())
@@ -339,9 +342,10 @@ def read_shapes(directory: Path) -> ShardPlan:
                 raise UserError(f"{directory / SAFE_INDEX}: maps {missing} to {name}, which does not hold it")
             shards[name] = [k for k in keys if k in set(shards[name])] if sharded else keys
             for key in shards[name]:
+                tensors[key] = tuple(f.get_slice(key).get_shape())
                 if key.endswith(".weight"):
-                    shapes[key[: -len(".weight")]] = tuple(f.get_slice(key).get_shape())
-    return ShardPlan(directory, shards, sharded, shapes)
+                    shapes[key[: -len(".weight")]] = tensors[key]
+    return ShardPlan(directory, shards, sharded, shapes, tensors)
 
 
 def read_tensors(directory: Path, keys: list[str]) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from dora_cli.errors import UserError, note_user_paths, run_main
 
 app = typer.Typer(
     name="dora",
-    help="DoRA fine-tuning from YAML recipes: train, eval, generate, chat, merge, sweep-rank, analyze.",
+    help="DoRA fine-tuning from YAML recipes: train, eval, generate, chat, merge, export, sweep-rank, analyze.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -163,6 +163,24 @@ def merge(
         checkpoint, out=out, dtype=dtype, base=base, verify=verify, force=force,
         quantized_base="original" if into_original else "dequantized",
     )
+
+
+@app.command()
+def export(
+    target: Annotated[Path, typer.Argument(help="A checkpoint (ours or a PEFT adapter directory), a merged model directory or a model directory.")],
+    gguf: Annotated[Path, typer.Option("--gguf", help="The GGUF file to write (OUT.gguf).")],
+    type_: Annotated[str, typer.Option("--type", help="f32, f16, bf16 or q8_0.")] = "f16",
+    ollama: Annotated[bool, typer.Option("--ollama", help="Also write OUT.Modelfile beside it, for `ollama create`.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a GGUF (and Modelfile) that dora export wrote.")] = False,
+    base: Base = None,
+) -> None:
+    """Write a model as one GGUF file for llama.cpp / Ollama: an adapter checkpoint is merged on the fly.
+
+    Example: dora export runs/x/final --gguf x.gguf --type q8_0 --ollama
+    """
+    from dora_cli.export import run_export
+
+    run_export(target, gguf, type_=type_, ollama_modelfile=ollama, overwrite=overwrite, base=base)
 
 
 @app.command("sweep-rank")

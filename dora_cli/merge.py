@@ -31,9 +31,11 @@ Features, top to bottom:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -103,24 +105,18 @@ def run_merge(
     _check_out(out, force, protected=[ckpt.path])
     clean_stale(out.parent, out.name)  # what an interrupted merge into the same --out left behind
 
-    adapter, src = _sources(ckpt, base, quantized_base)
+    ms = resolve_merge(ckpt, base=base, quantized_base=quantized_base)
+    adapter, src = ms.adapter, ms.src
     if src.directory is not None:
         _check_out(out, force, protected=[ckpt.path, src.directory])
-    src = _in_memory_if_tied(adapter, src)
     out_dtype = target if target is not None else src.cast  # auto: the dtype the trained forward saw
     record = _provenance(ckpt, adapter, src, out_dtype, quantized_base)
 
-    if src.directory is not None:
-        plan = read_shapes(src.directory)
-        if adapter is not None:  # validated against the base before anything is written
-            check_fits(adapter, plan.shapes, base=str(src.directory))
-        what = f"converting {ckpt.path} (nothing to fold)" if adapter is None else f"merging {ckpt.path} into {src.description}"
-        say(f"{what}: {len(plan.shards)} shard(s), streamed")
-        fill = lambda tmp: _stream_merge(plan, adapter, src, out_dtype, tmp)  # noqa: E731
+    if ms.streamed:
+        fill = lambda tmp: _stream_merge(ms, out_dtype, tmp)  # noqa: E731
     else:
-        model, tokenizer = _load_adapted(src, ckpt.path if adapter is not None else None)  # validates, writes nothing
-        say(f"merging {ckpt.path} into {src.description} (loaded in memory)")
-        fill = lambda tmp: _save_unwrapped(model, tokenizer, out_dtype, tmp)  # noqa: E731
+        model, tokenizer = load_merged(ms, out_dtype)  # validates, writes nothing
+        fill = lambda tmp: _save_unwrapped(model, tokenizer, tmp)  # noqa: E731
 
     def write(tmp: Path) -> None:
         fill(tmp)
@@ -133,6 +129,37 @@ def run_merge(
     say(f"merged model written to {out}")
     print(out)
     return out
+
+
+@dataclasses.dataclass
+class MergeSource:
+    """What a merge folds, checked before anything is written (`resolve_merge`)."""
+
+    ckpt: Checkpoint
+    adapter: Adapter | None  # None: a whole model (a full fine-tuning checkpoint or a model directory)
+    src: Base  # where the base weights come from
+    plan: ShardPlan | None  # the base's shards when they are streamed; None: merged in memory (`load_merged`)
+
+    @property
+    def streamed(self) -> bool:
+        return self.plan is not None
+
+
+def resolve_merge(ckpt: Checkpoint, *, base: str | None = None, quantized_base: str = "dequantized") -> MergeSource:
+    """The adapter, the base and how they are merged (streamed or in memory); UserError when the adapter
+    does not fit the base (streamed bases are checked here, in-memory ones when `load_merged` loads them)."""
+    adapter, src = _sources(ckpt, base, quantized_base)
+    src = _in_memory_if_tied(adapter, src)
+    plan = None
+    if src.directory is not None:
+        plan = read_shapes(src.directory)
+        if adapter is not None:
+            check_fits(adapter, plan.shapes, base=str(src.directory))
+        what = f"converting {ckpt.path} (nothing to fold)" if adapter is None else f"merging {ckpt.path} into {src.description}"
+        say(f"{what}: {len(plan.shards)} shard(s), streamed")
+    else:
+        say(f"merging {ckpt.path} into {src.description} (loaded in memory)")
+    return MergeSource(ckpt, adapter, src, plan)
 
 
 def _sources(ckpt: Checkpoint, base: str | None, quantized_base: str) -> tuple[Adapter | None, Base]:
@@ -216,36 +243,46 @@ def _version() -> str:
 # ==================================================================================================
 # Streaming: one shard at a time
 # ==================================================================================================
-def _stream_merge(plan: ShardPlan, adapter: Adapter | None, src: Base, dtype: torch.dtype | None, tmp: Path) -> None:
-    """Write every shard of the base into `tmp`, with the adapted modules folded, one shard in memory at a time."""
+def stream_tensors(ms: MergeSource, dtype: torch.dtype | None) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(shard file, tensor name, tensor) of the streamed base, the adapted modules folded, one tensor in memory
+    at a time, in the shards' order; `dtype` converts every floating tensor (None: as stored)."""
     from safetensors import safe_open
+
+    plan, adapter, src = ms.plan, ms.adapter, ms.src
+    vera = adapter.vera(plan.shapes) if adapter is not None else None
+    for name, keys in plan.shards.items():
+        for key in keys:
+            # the shard is opened (mapped) for one tensor at a time: the pages read stay resident only while
+            # mapped, so a shard held open would end up whole in the process's memory
+            with safe_open(str(plan.directory / name), framework="pt") as f:
+                t = f.get_tensor(key)
+            module = key[: -len(".weight")] if key.endswith(".weight") else None
+            if adapter is not None and module in adapter.modules:
+                w0 = t.to(src.cast) if src.cast is not None else t
+                t = fold(w0, module, adapter, vera).to(dtype or w0.dtype)
+            elif dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            yield name, key, t.contiguous()
+
+
+def _stream_merge(ms: MergeSource, dtype: torch.dtype | None, tmp: Path) -> None:
+    """Write every shard of the base into `tmp`, with the adapted modules folded, one shard in memory at a time."""
     from safetensors.torch import save_file
 
-    vera = adapter.vera(plan.shapes) if adapter is not None else None
     weight_map: dict[str, str] = {}
     total = 0
-    for name, keys in plan.shards.items():
-        tensors: dict[str, torch.Tensor] = {}
-        with safe_open(str(plan.directory / name), framework="pt") as f:
-            for key in keys:
-                t = f.get_tensor(key)
-                module = key[: -len(".weight")] if key.endswith(".weight") else None
-                if adapter is not None and module in adapter.modules:
-                    w0 = t.to(src.cast) if src.cast is not None else t
-                    t = fold(w0, module, adapter, vera).to(dtype or w0.dtype)
-                elif dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                tensors[key] = t.contiguous()
-                weight_map[key] = name
-                total += t.numel() * t.element_size()
+    for name, items in itertools.groupby(stream_tensors(ms, dtype), key=lambda item: item[0]):
+        tensors = {key: t for _, key, t in items}
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        say(f"  {name}: {len(tensors)} tensors")
         del tensors
-        say(f"  {name}: {len(keys)} tensors")
-    if plan.sharded:
+    if ms.plan.sharded:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    _write_config(plan.directory, tmp, dtype)
-    _copy_tokenizer(src, tmp)
+    _write_config(ms.plan.directory, tmp, dtype)
+    _copy_tokenizer(ms.src, tmp)
 
 
 def _write_config(base_dir: Path, tmp: Path, dtype: torch.dtype | None) -> None:
@@ -286,25 +323,25 @@ def _copy_tokenizer(src: Base, tmp: Path) -> None:
 # ==================================================================================================
 # In memory: load_model + load_adapter + unwrap + save_pretrained
 # ==================================================================================================
-def _load_adapted(src: Base, adapter_dir: Path | None):
-    """The trained model (base + adapter) in memory; UserError if the adapter does not fit."""
-    from dora_cli.adapters import load_adapter
+def load_merged(ms: MergeSource, dtype: torch.dtype | None = None):
+    """(model, tokenizer): the merged model in memory, a plain model of the base architecture (base + adapter
+    loaded, a tied adapted weight untied and said so, every adapter and quantized layer unwrapped); `dtype`
+    converts it. UserError if the adapter does not fit."""
+    from dora_cli.adapters import load_adapter, untie_adapted_weights, unwrap
     from dora_cli.models import load_model
 
-    model, tokenizer = load_model(src.model, for_training=False)
-    if adapter_dir is not None:
-        load_adapter(model, adapter_dir)
-    return model, tokenizer
-
-
-def _save_unwrapped(model, tokenizer, dtype: torch.dtype | None, tmp: Path) -> None:
-    from dora_cli.adapters import untie_adapted_weights, unwrap
-
+    model, tokenizer = load_model(ms.src.model, for_training=False)
+    if ms.adapter is not None:
+        load_adapter(model, ms.ckpt.path)
     for note in untie_adapted_weights(model):  # a tied lm_head adapted: said here, not left to a warning
         say(note)
     unwrap(model, dtype=dtype)  # a plain model: no quantized layer, no quantization markers
     if dtype is not None:
         model.config.dtype = dtype
+    return model, tokenizer
+
+
+def _save_unwrapped(model, tokenizer, tmp: Path) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     config = json.loads((tmp / "config.json").read_text())

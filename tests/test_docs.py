@@ -29,7 +29,7 @@ def test_every_recipe_key_is_in_the_readme_reference():
 
 def test_every_command_is_documented():
     commands = [c.name or c.callback.__name__ for c in app.registered_commands]
-    assert set(commands) == {"train", "eval", "generate", "chat", "merge", "sweep-rank", "analyze"}
+    assert set(commands) == {"train", "eval", "generate", "chat", "merge", "export", "sweep-rank", "analyze"}
     for command in commands:
         assert f"### dora {command}" in README
     assert "make demo" in README and "make test" in README

@@ -136,3 +136,16 @@ def test_sigkill_during_a_sweep_redoes_no_finished_trial(tmp_path):
     assert first.stat().st_mtime_ns == stamp  # the finished trial is not redone
     report = json.loads((out / "sweep" / "sweep.json").read_text())
     assert [t["status"] for t in report["trials"]] == ["ok", "ok"]
+
+
+def test_sigkill_during_an_export_leaves_no_gguf_and_the_next_one_cleans_up(smollm2_dir, tmp_path):
+    """Killed while the GGUF is being written (its temporary has grown past 10 MB): no OUT, and the next export
+    removes the temporary and writes OUT whole."""
+    out = tmp_path / "m.gguf"
+    proc = start("export", str(smollm2_dir), "--gguf", str(out), "--type", "f32")
+    growing = lambda: any(p.stat().st_size > 10 * 2**20 for p in tmp_path.glob(".tmp-m.gguf-*"))  # noqa: E731
+    assert kill_when(proc, growing)
+    assert not out.exists() and len(list(tmp_path.glob(".tmp-m.gguf-*"))) == 1
+    run_dora("export", str(smollm2_dir), "--gguf", str(out), "--type", "f32")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+    assert out.stat().st_size > 500 * 2**20
