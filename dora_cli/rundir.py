@@ -106,7 +106,8 @@ class RunLock:
         directory.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         for _ in range(3):
-            if self._link(me):
+            # A held lock is seen before anything is written (a refused command leaves the disk as it was).
+            if not self.path.exists() and self._link(me):
                 self.held = True
                 return None
             owner = self._owner()
@@ -114,7 +115,7 @@ class RunLock:
                 return owner
             if owner and owner.get("host") != me["host"]:
                 return owner
-            self.path.unlink(missing_ok=True)  # stale: its owner is dead
+            self.path.unlink(missing_ok=True)  # stale: its owner is dead (or the file is not a lock)
         raise UserError(f"{self.path}: could not take the lock")
 
     def _link(self, me: dict) -> bool:

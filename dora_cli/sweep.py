@@ -55,7 +55,7 @@ from dora_cli.console import say, stderr_is_terminal
 from dora_cli.errors import RunFailure, UserError, clip, did_you_mean, one_of
 from dora_cli.files import check_output_dir, write_json, write_text
 from dora_cli.recipe import Recipe, check_batch, load_recipe
-from dora_cli.rundir import RunDir, RunLock
+from dora_cli.rundir import LOG_NAME, RunDir, RunLock
 from dora_cli.sweep_report import chosen_at, document, plot, render_table
 
 DEFAULT_RECIPE = Path("recipes") / "commonsense_7b.yaml"
@@ -515,7 +515,6 @@ class Runner:
 
     sweep: Sweep
     failed: dict[str, dict] = field(default_factory=dict)  # trial name -> record, failed in this process
-    ran: int = 0
 
     def head(self, index: int) -> str:
         shard = f" (shard {self.sweep.shard[0]}/{self.sweep.shard[1]})" if self.sweep.shard else ""
@@ -542,7 +541,6 @@ class Runner:
 
     def _run(self, trial: Trial, head: str) -> str:
         started = time.perf_counter()
-        self.ran += 1
         self.failed.pop(trial.name, None)
         try:
             _run_trial(trial, head)
@@ -551,7 +549,7 @@ class Runner:
         except SystemExit as err:  # a multi-process training that failed exits with its status
             if err.code in (0, None, 2, 130, 143):  # user error or a signal: stop the sweep
                 raise
-            self.failed[trial.name] = _failed(trial, f"training exited with status {err.code} (see {RunDir(trial.dir).path / 'train.log'})")
+            self.failed[trial.name] = _failed(trial, f"training exited with status {err.code} (see {trial.dir / LOG_NAME})")
         finally:
             gc.collect()
             _empty_cuda_cache()
@@ -605,7 +603,7 @@ def execute(sweep: Sweep) -> dict:
 
 def _settle_selection(sweep: Sweep, runner: Runner) -> dict[str, tuple[str, Setting | None]]:
     """Every selection trial finished (run here when nobody holds it, waited for while another process
-    does); then each method's choice (selection_state)."""
+    does); then each method's choice, as `_records` gives it."""
     told: set[str] = set()
     while True:
         waiting = []

@@ -617,6 +617,7 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": window.tokens / elapsed if elapsed > 0 else 0.0,
+            "step_s": elapsed / max(1, window.steps),  # wall seconds per optimizer step since the last log line
             "peak_memory_mb": peak_memory_mb(),
         }
         self._event(record)

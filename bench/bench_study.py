@@ -1,0 +1,151 @@
+"""Time one trial of the committed study (studies/smollm2_commonsense) and estimate the whole study's wall time.
+
+    python bench/bench_study.py --out bench/results/study_timing.json [--rounds 2]
+
+One trial is DoRA r=8 on SmolLM2-135M-Instruct with the study's recipe, one thread (`train.threads=1`).
+Every piece is a `dora` process of its own, timed by its CPU seconds (resource.getrusage of the child: a
+busy machine stretches wall time, much less CPU time) and its wall time:
+
+- training steps, in fp32 and under bf16 autocast (train.mixed_precision): a run of LONG steps minus a run
+  of SHORT steps, divided by LONG - SHORT, is one step (model loading, the 200-example validation and the
+  final save cancel); the SHORT run less its steps is that fixed part. The validation losses of fp32 and
+  bf16 after LONG steps are compared (the study uses bf16 only if they match);
+- full fine-tuning steps (method full, fp32), for the study's Figure 2 run, the same way;
+- the evaluation (loglik, fp32) per test split: `dora eval --limit` at two limits, the difference per example.
+
+Pieces alternate (fp32, bf16, ...; the order reversed every round) over --rounds rounds; medians. The
+estimate for an idle machine with 2 cores divides one-thread CPU seconds by the two-thread speed-up that
+bench/results/e2e_commonsense.json measured on the same model (its CPU over wall seconds per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "studies" / "smollm2_commonsense" / "recipe.yaml"
+TASKS = {"boolq": 3270, "piqa": 1838, "ARC-Easy": 2376, "openbookqa": 500}  # test examples in ../shared/data
+STEPS_PER_TRIAL = 200
+TRIALS = 20  # LoRA and DoRA: 2 x 2 learning rates at r=8 (seed 1), then 2 x 3 ranks x 3 seeds (2 shared)
+SHORT, LONG = 2, 10
+EVAL_LIMITS = (8, 40)
+LIMITS = (None, 1000, 500)  # per-split example limits the estimate considers
+
+
+def dora(*args: str) -> tuple[float, float]:
+    """Run `dora ARGS`; (CPU seconds, wall seconds) of that process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "dora_cli.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    wall = time.perf_counter() - started
+    if proc.returncode:
+        raise SystemExit(f"dora {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
+
+
+def train(out: Path, steps: int, *overrides: str) -> dict:
+    cpu, wall = dora("train", str(RECIPE), f"output_dir={out}", f"train.max_steps={steps}", "train.save_every=null",
+                     "train.threads=1", *overrides)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"cpu_s": cpu, "wall_s": wall, "val_loss": metrics["val_loss"]}
+
+
+def per_step(work: Path, name: str, *overrides: str) -> dict:
+    """CPU and wall seconds of one step and of the fixed part (load, validation, save): two run lengths."""
+    short = train(work / f"{name}-short", SHORT, *overrides)
+    long = train(work / f"{name}-long", LONG, *overrides)
+    step = {k: (long[k] - short[k]) / (LONG - SHORT) for k in ("cpu_s", "wall_s")}
+    return {"step_cpu_s": step["cpu_s"], "step_wall_s": step["wall_s"], "fixed_cpu_s": short["cpu_s"] - SHORT * step["cpu_s"],
+            "val_loss": long["val_loss"], "final": work / f"{name}-long" / "final"}
+
+
+def eval_per_example(final: Path, work: Path) -> dict[str, float]:
+    """CPU seconds per test example of each split (loglik, fp32, one thread)."""
+    out = {}
+    for task in TASKS:
+        cpu = []
+        for limit in EVAL_LIMITS:
+            cpu.append(dora("eval", str(final), "--mode", "loglik", "--tasks", task, "--limit", str(limit),
+                            "--out", str(work / f"eval-{task}-{limit}"), "--batch-size", "16")[0])
+        out[task] = (cpu[1] - cpu[0]) / (EVAL_LIMITS[1] - EVAL_LIMITS[0])
+    return out
+
+
+def two_thread_speedup() -> float:
+    """CPU over wall seconds per step of DoRA on SmolLM2 with 2 threads on an idle machine (bench_e2e)."""
+    e2e = json.loads((ROOT / "bench" / "results" / "e2e_commonsense.json").read_text())
+    median = e2e["runs"]["commonsense"]["dora"]["ours"]["baseline"]["median"]
+    return median["cpu_step_time_s"] / median["step_time_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "study_timing.json")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    work = Path(tempfile.mkdtemp(prefix="bench_study-"))
+    runs: dict[str, list[dict]] = {"fp32": [], "bf16": [], "full": []}
+    evals: list[dict[str, float]] = []
+    started = time.time()
+    for rnd in range(args.rounds):
+        order = ["fp32", "bf16", "full"] if rnd % 2 == 0 else ["full", "bf16", "fp32"]
+        for kind in order:
+            overrides = {"fp32": [], "bf16": ["train.mixed_precision=bf16"], "full": ["adapter.method=full", "optim.lr=2e-5"]}[kind]
+            runs[kind].append(per_step(work / str(rnd), kind, *overrides))
+            r = runs[kind][-1]
+            print(f"round {rnd} {kind}: step {r['step_cpu_s']:.2f} CPU s ({r['step_wall_s']:.2f} wall s), "
+                  f"fixed {r['fixed_cpu_s']:.1f} CPU s, val loss {r['val_loss']:.4f}", flush=True)
+        evals.append(eval_per_example(runs["fp32"][-1]["final"], work / str(rnd)))
+        print(f"round {rnd} eval CPU s per example: {evals[-1]}", flush=True)
+
+    def median(kind: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[kind])
+
+    speedup = two_thread_speedup()
+    cpu_per_example = {t: statistics.median(e[t] for e in evals) for t in TASKS}
+    estimates = {}
+    for precision in ("fp32", "bf16"):
+        train_cpu = STEPS_PER_TRIAL * median(precision, "step_cpu_s") + median(precision, "fixed_cpu_s")
+        full_cpu = STEPS_PER_TRIAL * median("full", "step_cpu_s") + median("full", "fixed_cpu_s")
+        for limit in LIMITS:
+            eval_cpu = sum(min(n, limit or n) * cpu_per_example[t] for t, n in TASKS.items())
+            total = (TRIALS * (train_cpu + eval_cpu) + full_cpu) / speedup
+            estimates[f"{precision}, eval limit {limit or 'none'}"] = {
+                "trial_train_min": round(train_cpu / speedup / 60, 1), "trial_eval_min": round(eval_cpu / speedup / 60, 1),
+                "full_finetuning_min": round(full_cpu / speedup / 60, 1), "study_h": round(total / 3600, 2)}
+    doc = {
+        "what": "one DoRA r=8 trial of studies/smollm2_commonsense on SmolLM2-135M-Instruct, and the study's estimate",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()},
+        "rounds": args.rounds, "steps": [SHORT, LONG], "eval_limits": list(EVAL_LIMITS), "threads": 1,
+        "step_cpu_s": {k: median(k, "step_cpu_s") for k in runs},
+        "step_wall_s_on_this_machine": {k: median(k, "step_wall_s") for k in runs},
+        "fixed_cpu_s": {k: median(k, "fixed_cpu_s") for k in runs},
+        "bf16_over_fp32_step_cpu": median("bf16", "step_cpu_s") / median("fp32", "step_cpu_s"),
+        "val_loss_after_steps": {k: [r["val_loss"] for r in runs[k]] for k in ("fp32", "bf16")},
+        "eval_cpu_s_per_example": cpu_per_example,
+        "two_thread_speedup_from_e2e_bench": speedup,
+        "trials": TRIALS, "steps_per_trial": STEPS_PER_TRIAL, "estimates_idle_2_cores": estimates,
+        "bench_wall_s": round(time.time() - started),
+        "note": "taken on a shared, loaded machine; CPU seconds of one thread, turned into idle 2-core wall time "
+                "by the e2e bench's two-thread speed-up: an estimate, to be checked by the study's own wall time",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    print(json.dumps(doc, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
