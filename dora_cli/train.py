@@ -451,13 +451,13 @@ class Trainer:
         return tensor_changes(self.s.start, gather_all(adapter_tensors(self.acc.unwrap_model(self.s.model))))
 
     def _magnitude_warning(self, changes: dict) -> list[str]:
-        """A run that took steps at a positive learning rate and left a magnitude exactly where it started
-        (frozen, or every update rounded away): one warning line, in the log and in metrics.json."""
+        """A run that took steps (at optim.lr > 0: the schema's rule) and left a magnitude exactly where it
+        started (frozen, or every update rounded away): one warning line, in the log and in metrics.json."""
         from dora_cli.adapters.change import untrained_magnitudes
 
         idle = untrained_magnitudes(changes)
         lr = self.recipe.optim.lr
-        if not idle or self.step == 0 or lr <= 0:
+        if not idle or self.step == 0:
             return []
         line = (f"the magnitude did not train: the {', '.join(idle)} magnitude{'s are' if len(idle) > 1 else ' is'} "
                 f"exactly {'their' if len(idle) > 1 else 'its'} initial value after {self.step} steps at optim.lr {lr:g} "
@@ -617,7 +617,6 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": window.tokens / elapsed if elapsed > 0 else 0.0,
-            "step_s": elapsed / max(1, window.steps),  # wall seconds per optimizer step since the last log line
             "peak_memory_mb": peak_memory_mb(),
         }
         self._event(record)
