@@ -11,7 +11,8 @@ Resumable: run it again after an interruption (or a kill) and every finished pie
 
 Everything trained goes to studies/smollm2_commonsense/runs/ (not committed); the results are copied to
 studies/smollm2_commonsense/results/: sweep.json, sweep.md, sweep.png, analysis/analysis.{json,png} and
-study.json (the commands and the wall time of each step).
+study.json (the commands, and the wall time of each step summed over every invocation: runs/wall_time.json
+keeps the count between them).
 
     python studies/smollm2_commonsense/run_study.py [--shard K/N]   # N machines: step 1 only, one shard each
 """
@@ -60,48 +61,54 @@ def selected_runs(sweep: dict) -> dict[str, Path]:
     return found
 
 
+def timed(step: str, work) -> None:
+    """Run `work()`, adding its wall seconds to `step` in runs/wall_time.json (summed over invocations)."""
+    path = RUNS / "wall_time.json"
+    started = time.time()
+    try:
+        work()
+    finally:
+        seconds = json.loads(path.read_text()) if path.is_file() else {}
+        seconds[step] = round(seconds.get(step, 0) + time.time() - started)
+        RUNS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(seconds, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shard", help="K/N: run only this shard of the rank study (step 1); then run without it")
     args = ap.parse_args()
-    timings: dict[str, float] = {}
-    started = time.time()
     recipe = str(RECIPE.relative_to(ROOT))
 
     # 1. The rank study.
-    t0 = time.time()
-    dora("sweep-rank", recipe, *SWEEP, *(["--shard", args.shard] if args.shard else []))
-    timings["sweep_s"] = round(time.time() - t0)
+    timed("sweep_s", lambda: dora("sweep-rank", recipe, *SWEEP, *(["--shard", args.shard] if args.shard else [])))
     if args.shard:
         print(f"study: shard {args.shard} done; when every shard is, run the study once without --shard")
         return
 
     # 2. One full fine-tuning run (the analysis's FT).
     full = RUNS / "full"
-    t0 = time.time()
     if not (full / "final").is_dir():
         resume = ["--resume"] if (full / "recipe.yaml").is_file() else []
-        dora("train", recipe, "adapter.method=full", f"optim.lr={FT_LR}", "train.seed=1", f"output_dir={full}", *resume)
-    timings["full_finetuning_s"] = round(time.time() - t0)
+        timed("full_finetuning_s", lambda: dora("train", recipe, "adapter.method=full", f"optim.lr={FT_LR}", "train.seed=1",
+                                                f"output_dir={full}", *resume))
 
     # 3. The weight-decomposition analysis of FT, LoRA and DoRA (Figure 2).
     sweep = json.loads((RUNS / "sweep" / "sweep.json").read_text())
     runs = selected_runs(sweep)
     checkpoints = [str(run / step) for run in (full, runs["lora"], runs["dora"]) for step in ANALYSED_STEPS]
-    t0 = time.time()
-    dora("analyze", *checkpoints, "--out", str(RUNS / "analysis"))
-    timings["analysis_s"] = round(time.time() - t0)
+    timed("analysis_s", lambda: dora("analyze", *checkpoints, "--out", str(RUNS / "analysis")))
 
     # The results, into the study folder.
     RESULTS.mkdir(exist_ok=True)
     for name in ("sweep.json", "sweep.md", "sweep.png"):
         shutil.copyfile(RUNS / "sweep" / name, RESULTS / name)
     shutil.copytree(RUNS / "analysis", RESULTS / "analysis", dirs_exist_ok=True)
-    timings["total_s"] = round(time.time() - started)
+    seconds = json.loads((RUNS / "wall_time.json").read_text())
     study = {"recipe": recipe, "sweep": ["dora", "sweep-rank", recipe, *SWEEP], "full_finetuning_lr": FT_LR,
-             "analysed": checkpoints, "wall_time_of_this_invocation": timings}
+             "analysed": checkpoints, "wall_time_s": {**seconds, "total_s": sum(seconds.values())}}
     (RESULTS / "study.json").write_text(json.dumps(study, indent=1) + "\n")
-    print(f"study: results in {RESULTS} ({timings['total_s']} s in this invocation)")
+    print(f"study: results in {RESULTS} ({sum(seconds.values()) / 3600:.1f} hours of work over every invocation)")
 
 
 if __name__ == "__main__":
