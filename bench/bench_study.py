@@ -125,35 +125,42 @@ def main() -> None:
             r = runs[kind][-1]
             print(f"round {rnd} {kind}: step {r['step_cpu_s']:.2f} CPU s ({r['step_wall_s']:.2f} wall s), "
                   f"fixed {r['fixed_cpu_s']:.1f} CPU s, val loss {r['val_loss']:.4f}", flush=True)
+            write(args.out, document(args, runs, evals, started))  # what is measured so far: a crash keeps it
         evals.append(eval_per_example(runs["fp32"][-1]["final"], work / str(rnd)))
         print(f"round {rnd} eval CPU s per example: {evals[-1]}", flush=True)
+        write(args.out, document(args, runs, evals, started))
+    print(args.out.read_text())
 
-    def median(kind: str, key: str) -> float:
-        return statistics.median(r[key] for r in runs[kind])
 
-    cpu_per_example = {t: statistics.median(e[t] for e in evals) for t in TASKS}
-    step_cpu = {k: median(k, "step_cpu_s") for k in runs}
-    fixed_cpu = {k: median(k, "fixed_cpu_s") for k in runs}
+def document(args, runs: dict[str, list[dict]], evals: list[dict[str, float]], started: float) -> dict:
+    """The measurements so far (medians over rounds, every round's values) and, once all are in, the estimates."""
+    measured = {k: rs for k, rs in runs.items() if rs}
+    step_cpu = {k: statistics.median(r["step_cpu_s"] for r in rs) for k, rs in measured.items()}
+    fixed_cpu = {k: statistics.median(r["fixed_cpu_s"] for r in rs) for k, rs in measured.items()}
+    cpu_per_example = {t: statistics.median(e[t] for e in evals) for t in TASKS} if evals else {}
     doc = {
         "what": "one DoRA r=8 trial of studies/smollm2_commonsense on SmolLM2-135M-Instruct, and the study's estimate",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "rounds": args.rounds, "steps": [SHORT, LONG], "eval_limits": list(EVAL_LIMITS), "threads": 1,
-        "step_cpu_s": step_cpu,
-        "step_wall_s_on_this_machine": {k: median(k, "step_wall_s") for k in runs},
-        "fixed_cpu_s": fixed_cpu,
-        "bf16_over_fp32_step_cpu": median("bf16", "step_cpu_s") / median("fp32", "step_cpu_s"),
-        "val_loss_after_steps": {k: [r["val_loss"] for r in runs[k]] for k in ("fp32", "bf16")},
-        "eval_cpu_s_per_example": cpu_per_example,
+        "step_cpu_s": step_cpu, "fixed_cpu_s": fixed_cpu, "eval_cpu_s_per_example": cpu_per_example,
+        "val_loss_after_steps": {k: [r["val_loss"] for r in rs] for k, rs in measured.items()},
+        "every_round": {k: [{key: r[key] for key in ("step_cpu_s", "step_wall_s", "fixed_cpu_s")} for r in rs]
+                        for k, rs in measured.items()} | {"eval_cpu_s_per_example": evals},
         "trials": TRIALS, "steps_per_trial": STEPS_PER_TRIAL,
-        "estimates_idle_2_cores": estimates(step_cpu, fixed_cpu, cpu_per_example),
         "bench_wall_s": round(time.time() - started),
-        "note": "taken on a shared, loaded machine; one-thread CPU seconds stand for idle wall seconds: an "
-                "estimate, to be checked by the study's own wall time",
+        "note": "taken on a shared, loaded machine (wall seconds there mean little); one-thread CPU seconds stand "
+                "for idle wall seconds: an estimate, to be checked by the study's own wall time",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    print(json.dumps(doc, indent=1, default=str))
+    if "fp32" in step_cpu and "bf16" in step_cpu:
+        doc["bf16_over_fp32_step_cpu"] = step_cpu["bf16"] / step_cpu["fp32"]
+    if len(step_cpu) == 3 and cpu_per_example:
+        doc["estimates_idle_2_cores"] = estimates(step_cpu, fixed_cpu, cpu_per_example)
+    return doc
 
+
+def write(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
 
 if __name__ == "__main__":
     main()
