@@ -190,11 +190,17 @@ def sweep_rank(
     ranks: Annotated[str, typer.Option("--ranks", help="Comma-separated ranks.")] = "4,8,16,32,64",
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = "lora,dora",
     alpha_rule: Annotated[str, typer.Option("--alpha-rule", help="2r (alpha = 2r, as the paper) or fixed.")] = "2r",
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Seeds: 1,2,3 (a list), 3 (seeds 1..3) or 7, (the one seed 7); default: the recipe's train.seed.")] = None,
+    grid: Annotated[Optional[list[str]], typer.Option("--grid", help="KEY=v1,v2,...: also sweep a recipe key (repeatable); each method's setting is chosen on the validation loss.")] = None,
+    select_at: Annotated[Optional[str], typer.Option("--select-at", help="Choose each method's grid setting at this rank with the first seed, then use it at every rank.")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: run only the trials whose index is K mod N (N processes or machines, one output directory).")] = None,
+    report: Annotated[bool, typer.Option("--report", help="Write the combined reports from the finished trials; train nothing.")] = False,
 ) -> None:
-    """The paper's rank study (Table 15, Figure 4): train and evaluate each method at each rank."""
+    """The paper's rank study (Table 15, Figure 4): train and evaluate each method at each rank and seed."""
     from dora_cli.sweep import run_sweep
 
-    run_sweep(recipe, overrides or [], ranks=_csv(ranks) or [], methods=_csv(methods) or [], alpha_rule=alpha_rule)
+    run_sweep(recipe, overrides or [], ranks=_csv(ranks) or [], methods=_csv(methods) or [], alpha_rule=alpha_rule,
+              seeds=seeds, grid=grid or [], select_at=select_at, shard=shard, report=report)
 
 
 @app.command()

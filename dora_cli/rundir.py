@@ -71,43 +71,72 @@ VOLATILE = {
 class RunLock:
     """An exclusive claim on a directory, released on exit; a crashed owner's lock is stale.
 
-    A directory the lock had to create is removed again on release when nothing was written into it,
-    so a command refused after taking the lock leaves the disk as it was."""
+    The lock file (`name`, LOCK_NAME by default) is created with its content in one step (a hard link of a
+    complete temporary file), so a process never reads a half-written lock. A directory the lock had to
+    create is removed again on release when nothing was written into it, so a command refused after
+    taking the lock leaves the disk as it was."""
 
-    def __init__(self, directory: Path, what: str = "dora run", noun: str = "output_dir"):
-        self.path = Path(directory) / LOCK_NAME
+    def __init__(self, directory: Path, what: str = "dora run", noun: str = "output_dir", name: str = LOCK_NAME):
+        self.path = Path(directory) / name
         self.what, self.noun = what, noun
         self.held = False
         self.created: Path | None = None
 
     def acquire(self) -> RunLock:
+        owner = self.try_acquire()
+        if owner is None:
+            return self
+        directory = self.path.parent
+        if owner.get("host") == socket.gethostname():
+            raise UserError(
+                f"{directory}: another {self.what} (pid {owner['pid']}) is using this {self.noun}; "
+                f"wait for it or choose another {self.noun}"
+            )
+        raise UserError(
+            f"{directory}: locked by a run on host {owner.get('host')!r} (pid {owner.get('pid')}); "
+            f"if that run is gone, delete {self.path}"
+        )
+
+    def try_acquire(self) -> dict | None:
+        """Take the lock: None when taken, else its owner's record (pid, host) when a live process on this
+        host, or any process on another host, holds it."""
         directory = self.path.parent
         if not directory.exists():
             self.created = directory
         directory.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(2):
+        for _ in range(3):
+            # A held lock is seen before anything is written (a refused command leaves the disk as it was).
+            if not self.path.exists() and self._link(me):
+                self.held = True
+                return None
+            owner = self._owner()
+            if owner and owner.get("host") == me["host"] and pid_alive(int(owner.get("pid", -1))):
+                return owner
+            if owner and owner.get("host") != me["host"]:
+                return owner
+            self.path.unlink(missing_ok=True)  # stale: its owner is dead (or the file is not a lock)
+        raise UserError(f"{self.path}: could not take the lock")
+
+    def _link(self, me: dict) -> bool:
+        """Create the lock file with `me` in it, whole; False if it exists."""
+        tmp = self.path.parent / f"{TMP_PREFIX}{self.path.name}-{os.getpid()}"
+        try:
+            tmp.write_text(json.dumps(me))
+            os.link(tmp, self.path)
+            return True
+        except (FileExistsError, FileNotFoundError):  # taken; or our temporary was cleaned away: look again
+            return False
+        except OSError:  # a file system without hard links: create it exclusively, then fill it
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._owner()
-                if owner and owner.get("host") == me["host"] and pid_alive(int(owner.get("pid", -1))):
-                    raise UserError(
-                        f"{directory}: another {self.what} (pid {owner['pid']}) is using this {self.noun}; "
-                        f"wait for it or choose another {self.noun}"
-                    ) from None
-                if owner and owner.get("host") != me["host"]:
-                    raise UserError(
-                        f"{directory}: locked by a run on host {owner.get('host')!r} (pid {owner.get('pid')}); "
-                        f"if that run is gone, delete {self.path}"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its owner is dead
-                continue
+                return False
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
-            self.held = True
-            return self
-        raise UserError(f"{self.path}: could not take the lock")
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _owner(self) -> dict | None:
         try:

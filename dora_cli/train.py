@@ -216,12 +216,14 @@ class Setup:
     report: object  # adapters.ParamReport
     launch: tuple[dict, dict | None]  # launch.effective_config: accelerate.yaml, deepspeed.json
     selective_logits: bool  # the LM head runs on trained positions only (lm_loss.py)
+    start: dict[str, torch.Tensor]  # the adapter's initial tensors (PEFT keys, CPU): how far training moved them
 
 
 def make_setup(recipe: Recipe, acc, log) -> Setup:
     """Everything that can refuse the run, before anything is written: model, adapters, data, plan,
     optimizer, prepared for the strategy. `log(line)`: the run log (main process)."""
     from dora_cli.adapters import apply_adapters, parameter_report
+    from dora_cli.adapters.change import layer_tensors
     from dora_cli.batching import check_packing, make_collate, make_order
     from dora_cli.datasets import build_datasets, make_collator, trained_labels
     from dora_cli.models import load_model
@@ -230,6 +232,8 @@ def make_setup(recipe: Recipe, acc, log) -> Setup:
     with whole_model_loading(acc):
         model, tokenizer = load_model(r.model, for_training=True)
     apply_adapters(model, r.adapter)
+    # The initial values (a resumed run draws the same ones: the seed is set before the adapters are made).
+    start = layer_tensors(model)
     check_packing(model, r.data)
     report = parameter_report(model)
     train_set, val_set = build_datasets(r.data, tokenizer)
@@ -257,7 +261,7 @@ def make_setup(recipe: Recipe, acc, log) -> Setup:
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP's sharded ones, after prepare
     collate, eval_collate = make_collate(r.data, tokenizer), make_collator(tokenizer)
     return Setup(model, optimizer, tokenizer, params, kept, val_set, collate, eval_collate, plan, report,
-                 effective_config(acc, r), selective)
+                 effective_config(acc, r), selective, start)
 
 
 @dataclass
@@ -429,10 +433,37 @@ class Trainer:
             self._stop(last_saved)
         val_loss = self._validate() if self.s.val_set else None
         final = self._save(self.dir.final, trainer_state=False)
+        changes = self._adapter_change()
         if self.main:
-            self._write_metrics(started, first_loss, val_loss)
+            warnings = self._magnitude_warning(changes)
+            self._write_metrics(started, first_loss, val_loss, changes, warnings)
             self.log(f"done: {final}")
         return final
+
+    def _adapter_change(self) -> dict:
+        """tensor_changes of the adapter from its initial values (collective: sharded tensors are gathered)."""
+        from dora_cli.adapters import adapter_tensors
+        from dora_cli.adapters.change import tensor_changes
+        from dora_cli.gather import gather_all
+
+        if not self.s.start:
+            return {}
+        return tensor_changes(self.s.start, gather_all(adapter_tensors(self.acc.unwrap_model(self.s.model))))
+
+    def _magnitude_warning(self, changes: dict) -> list[str]:
+        """A run that took steps (at optim.lr > 0: the schema's rule) and left a magnitude exactly where it
+        started (frozen, or every update rounded away): one warning line, in the log and in metrics.json."""
+        from dora_cli.adapters.change import untrained_magnitudes
+
+        idle = untrained_magnitudes(changes)
+        lr = self.recipe.optim.lr
+        if not idle or self.step == 0:
+            return []
+        line = (f"the magnitude did not train: the {', '.join(idle)} magnitude{'s are' if len(idle) > 1 else ' is'} "
+                f"exactly {'their' if len(idle) > 1 else 'its'} initial value after {self.step} steps at optim.lr {lr:g} "
+                "(frozen, or every update rounded away?)")
+        self.log(f"warning: {line}")
+        return [line]
 
     def _set_lr(self) -> float:
         r, plan = self.recipe, self.s.plan
@@ -602,7 +633,8 @@ class Trainer:
             self.dir.log_event(record)
         trackers.log(self.acc, record)
 
-    def _write_metrics(self, started: float, first_loss: float | None, val_loss: float | None) -> None:
+    def _write_metrics(self, started: float, first_loss: float | None, val_loss: float | None, changes: dict,
+                       warnings: list[str]) -> None:
         losses = [e["loss"] for e in self.dir.events() if "loss" in e]
         report = self.s.report
         self.dir.write_metrics({
@@ -619,6 +651,8 @@ class Trainer:
             "trainable_percent": report.percent,
             "peak_memory_mb": peak_memory_mb(),
             "processes": self.acc.num_processes,
+            "adapter_change": changes,
+            "warnings": warnings,
             "expected": self.recipe.expected,
         })
 

@@ -127,8 +127,8 @@ def test_sigkill_during_a_sweep_redoes_no_finished_trial(tmp_path):
     out = tmp_path / "sweep"
     cmd = ["sweep-rank", SMOKE, "--ranks", "2,4", "--methods", "dora", f"output_dir={out}",
            "train.max_steps=6", "eval.limit=4"]
-    first = out / "sweep" / "dora-r2" / "eval" / "commonsense" / "metrics.json"
-    second_run = out / "sweep" / "dora-r4"
+    first = out / "sweep" / "dora-r2-s42" / "eval" / "commonsense" / "metrics.json"
+    second_run = out / "sweep" / "dora-r4-s42"
     proc = start(*cmd)
     assert kill_when(proc, lambda: first.is_file() and second_run.is_dir())
     stamp = first.stat().st_mtime_ns

@@ -233,7 +233,10 @@ def test_any_document_gives_a_recipe_or_a_user_error(workdir):
 
     run()
     print(f"documents: {dict(outcomes)}")
-    assert outcomes["recipe"] >= 40 and outcomes["error"] >= 40, outcomes  # both sides are exercised
+    # Both sides are exercised. How many documents are valid depends on the session: Hypothesis also draws
+    # constants found in every imported module of ours (hypothesis.internal.conjecture.providers), so the
+    # modules earlier tests imported shift the draws (33 to 66 valid of 300 seen); 20 leaves room.
+    assert outcomes["recipe"] >= 20 and outcomes["error"] >= 40, outcomes
 
 
 def test_any_override_gives_a_recipe_or_a_user_error(workdir):

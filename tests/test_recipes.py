@@ -20,18 +20,23 @@ from dora_cli.models import PAPER_CONFIGS, build_meta_model
 from dora_cli.recipe import DataConfig, DataSource, load_recipe
 
 RECIPE_DIR = ROOT / "recipes"
-RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
+STUDIES = sorted((ROOT / "studies").glob("*/recipe.yaml"))  # the committed studies' recipes
+RECIPES = sorted(RECIPE_DIR.glob("*.yaml")) + STUDIES
 ENV_VARS = sorted({m for p in [*RECIPES, *RECIPE_DIR.glob("base/*.yaml")]
                    for m in re.findall(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)", p.read_text())})
 
 
 def is_paper_recipe(path: Path) -> bool:
-    """Every recipe reproduces a paper row except the CPU ones (smoke, SmolLM2)."""
-    return path.name != "smoke.yaml" and not path.name.startswith("smollm2_")
+    """Every recipe reproduces a paper row except the CPU ones (smoke, SmolLM2, the studies)."""
+    return path.parent == RECIPE_DIR and path.name != "smoke.yaml" and not path.name.startswith("smollm2_")
+
+
+def recipe_id(path: Path) -> str:
+    return path.stem if path.parent == RECIPE_DIR else f"studies/{path.parent.name}"
 
 
 PAPER = [p for p in RECIPES if is_paper_recipe(p)]
-IDS = [p.stem for p in RECIPES]
+IDS = [recipe_id(p) for p in RECIPES]
 PAPER_IDS = [p.stem for p in PAPER]
 
 # The paper's "# Params (%)" (the paper's tables, docs/MATH.md); the orca-math rows have no paper value: theirs is
@@ -165,7 +170,7 @@ def test_paper_recipe_settings(path):
         assert (r.launch.strategy, r.train.micro_batch_size, r.eval.suite, r.eval.limit) == ("fsdp", 4, "math", 500)
 
 
-@pytest.mark.parametrize("path", [p for p in RECIPES if not is_paper_recipe(p)], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in RECIPES if not is_paper_recipe(p)], ids=recipe_id)
 def test_cpu_recipes_do_not_claim_paper_numbers(path):
     assert not load_recipe(path).expected
 
@@ -210,6 +215,35 @@ def test_llama3_orca_share_is_the_closed_form(method):
     report = parameter_report(model)
     assert (report.trainable, report.total) == (trainable, total)
     assert report.percent == pytest.approx(100 * trainable / total)
+
+
+# ---------------------------------------------------------------------------------------------- the study
+
+
+def test_the_committed_study_plans_its_whole_sweep_from_one_command(real_recipe_env, tmp_path):
+    """studies/smollm2_commonsense: LoRA and DoRA at ranks 4, 8, 16, 3 seeds, >= 200 steps of 8 examples, the
+    learning rate chosen from >= 2 values at rank 8 with seed 1, loglik on every test split in ../shared/data."""
+    import importlib.util
+
+    from dora_cli import sweep
+
+    spec = importlib.util.spec_from_file_location("run_study", ROOT / "studies" / "smollm2_commonsense" / "run_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    args = dict(zip(study.SWEEP[::2], study.SWEEP[1::2]))
+    plan = sweep.plan_sweep(study.RECIPE, [f"output_dir={tmp_path / 'out'}"], ranks=args["--ranks"].split(","),
+                            methods=args["--methods"].split(","), seeds=args["--seeds"], grid=[args["--grid"]],
+                            select_at=args["--select-at"])
+    assert (plan.methods, plan.ranks, plan.seeds, plan.select_at) == (["lora", "dora"], [4, 8, 16], [1, 2, 3], 8)
+    assert len(plan.settings) >= 2 and plan.grid[0][0].key == "optim.lr"
+    tests = sorted(d.name for d in (real_recipe_env[1] / "commonsense").iterdir() if (d / "test.json").is_file())
+    for trial in plan.trials.values():
+        r = trial.recipe
+        assert r.train.max_steps >= 200 and r.train.batch_size == 8 and r.data.val_set_size > 0
+        assert (r.eval.mode, sorted(r.eval.tasks)) == ("loglik", tests)
+        assert r.model.name_or_path == str(real_recipe_env[0])
+    assert [s.selecting for s in plan.slots].count(True) == 2 * len(plan.settings)
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------- one step

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from test_eval_mtbench import JUDGE_PROMPTS, QUESTIONS, REFS, StubJudge, write_jsonl
 from test_eval_run import checkpoint
 
-from dora_cli import analyze, cli, sweep
+from dora_cli import analyze, cli, sweep_report
 from dora_cli.eval.report import average_se, binomial_se, results_table, summarize, task_metrics
 from dora_cli.plots import model_name, series_style, y_limits
 from dora_cli.recipe import load_recipe
@@ -160,25 +160,31 @@ def caption(fig):
     return fig.findobj(lambda o: isinstance(o, Text) and o.get_text() == fig.get_supxlabel())[0]
 
 
-def tie_doc(model: str) -> dict:
-    """Two methods within half a point of each other at every rank; LoRA r=16 failed."""
-    trials = []
-    for method, averages in (("lora", [61.0, 61.5, 61.25, None]), ("dora", [61.0, 61.5, 61.0, 61.5])):
-        for rank, avg in zip((2, 4, 8, 16), averages):
-            trials.append({
-                "name": f"{method}-r{rank}", "method": method, "rank": rank, "status": "ok" if avg else "failed",
-                "average": avg, "average_se": 2.4 if avg else None, "examples": 400 if avg else None,
-                "paper_average": None,
-            })
-    settings_ = {"model": model, "methods": ["lora", "dora"], "ranks": [2, 4, 8, 16], "paper_reference": None,
-                 "eval": {"tasks": ["boolq", "ARC-Easy"], "mode": "loglik", "limit": 200}}
-    return {"settings": settings_, "trials": trials}
+def tie_doc(model: str, seeds: int = 1) -> dict:
+    """Two methods within half a point of each other at every rank (each seed a little apart); LoRA r=16 failed."""
+    records = []
+    for seed in range(1, seeds + 1):
+        for method, averages in (("lora", [61.0, 61.5, 61.25, None]), ("dora", [61.0, 61.5, 61.0, 61.5])):
+            for rank, avg in zip((2, 4, 8, 16), averages):
+                value = avg + 0.5 * (seed - 1) * (1 if method == "dora" else -1) if avg else None
+                records.append({
+                    "name": f"{method}-r{rank}-s{seed}", "method": method, "rank": rank, "seed": seed, "setting": {},
+                    "status": "ok" if avg else "failed", "error": None if avg else "nan", "trainable_percent": 0.1,
+                    "tasks": {"boolq": value} if avg else {}, "tasks_se": {"boolq": 2.4} if avg else {}, "average": value,
+                    "average_se": 2.4 if avg else None, "examples": 400 if avg else None, "val_loss": 1.0 if avg else None,
+                    "train_time_s": 1.0, "eval_time_s": 1.0, "paper_average": None, "warnings": [], "magnitude_change": {},
+                    "selecting": False,
+                })
+    settings_ = {"model": model, "methods": ["lora", "dora"], "ranks": [2, 4, 8, 16], "seeds": list(range(1, seeds + 1)),
+                 "grid": {}, "select_at": None, "paper_reference": None, "alpha_rule": "2r", "alpha": "2r",
+                 "eval": {"tasks": ["boolq"], "mode": "loglik", "limit": 200}}
+    return sweep_report.document(settings_, records)
 
 
 def test_sweep_png_keeps_tied_methods_apart_with_error_bars_and_a_sensible_range(tmp_path):
     from matplotlib.container import ErrorbarContainer
 
-    fig = sweep.plot(tie_doc("/some/where/SmolLM2-135M-Instruct"), tmp_path / "sweep.png")
+    fig = sweep_report.plot(tie_doc("/some/where/SmolLM2-135M-Instruct"), tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ax = fig.axes[0]
     bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
@@ -186,17 +192,41 @@ def test_sweep_png_keeps_tied_methods_apart_with_error_bars_and_a_sensible_range
     lora, dora_ = (c.lines[0] for c in bars)
     assert lora.get_marker() != dora_.get_marker() and lora.get_linestyle() != dora_.get_linestyle()
     assert not np.allclose(np.asarray(lora.get_xdata(), float), np.asarray(dora_.get_xdata(), float)[:3])  # a sideways offset: tied points do not cover each other
-    for c in bars:  # ±1 standard error
+    half = 1.959963984540054 * 2.4  # one seed: the 95 % binomial interval
+    for c in bars:
         segments = c.lines[2][0].get_segments()
-        assert all(seg[1][1] - seg[0][1] == pytest.approx(2 * 2.4) for seg in segments)
+        assert all(seg[1][1] - seg[0][1] == pytest.approx(2 * half) for seg in segments)
     low, high = ax.get_ylim()
-    assert high - low >= sweep.MIN_Y_SPAN and low <= 61.0 - 2.4 and high >= 61.5 + 2.4
+    assert high - low >= sweep_report.MIN_Y_SPAN and low <= 61.0 - half and high >= 61.5 + half
     assert ax.get_title() == "Rank study: SmolLM2-135M-Instruct"
-    assert "n = 400 test examples per trial (2 tasks)" in fig.get_supxlabel()
+    assert "n = 400 test examples per trial (1 task)" in fig.get_supxlabel()
+    assert "binomial" in fig.get_supxlabel() and "one seed" in " ".join(fig.get_supxlabel().split())
     renderer = draw(fig)
     assert fits(renderer, ax.title, fig.bbox) and fits(renderer, caption(fig), fig.bbox)
-    hub = sweep.plot(tie_doc("HuggingFaceTB/SmolLM2-135M-Instruct"), tmp_path / "hub.png")
+    hub = sweep_report.plot(tie_doc("HuggingFaceTB/SmolLM2-135M-Instruct"), tmp_path / "hub.png")
     assert hub.axes[0].get_title() == "Rank study: HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_sweep_png_shows_student_t_intervals_and_the_paired_differences_around_zero(tmp_path):
+    from matplotlib.container import ErrorbarContainer
+
+    doc = tie_doc("SmolLM2-135M-Instruct", seeds=3)
+    fig = sweep_report.plot(doc, tmp_path / "sweep.png")
+    accuracy, difference = fig.axes[:2]
+    [lora, _] = [c for c in accuracy.containers if isinstance(c, ErrorbarContainer)]
+    group = next(g for g in doc["groups"] if (g["method"], g["rank"]) == ("lora", 2))
+    assert group["average"]["basis"] == "student-t over seeds" and group["n"] == 3
+    seg = lora.lines[2][0].get_segments()[0]
+    assert seg[1][1] - seg[0][1] == pytest.approx(2 * group["average"]["half_width"])
+    [diff] = [c for c in difference.containers if isinstance(c, ErrorbarContainer)]
+    assert diff.get_label() == "DoRA − LoRA"
+    assert list(diff.lines[0].get_ydata()) == pytest.approx([d["average"]["mean"] for d in doc["differences"] if d["n"]])
+    assert [d["n"] for d in doc["differences"]] == [3, 3, 3, 0]  # LoRA r=16 failed: nothing to pair
+    zero = [line for line in difference.get_lines() if list(line.get_ydata()) == [0, 0]]
+    assert zero, "the difference panel has a zero line"
+    low, high = difference.get_ylim()
+    assert low < 0 < high
+    assert "Student t" in " ".join(fig.get_supxlabel().split())
 
 
 def test_analysis_png_shares_axes_and_its_titles_fit(tmp_path):

@@ -15,6 +15,7 @@ Usable without the CLI::
     base_ops.py   what a layer needs from its frozen base (GEMM without bias, weights; fp, 4-bit, 8-bit)
     norm.py       the factored row norm
     inject.py     wrap a model's target modules; count trainable parameters
+    change.py     how far training moved each adapter tensor (per module kind)
     checkpoint.py save / load in the PEFT layout
     merging.py    merge / unmerge in place, unwrap, merged state dicts
 """
