@@ -46,7 +46,15 @@ from dora_cli.checkpoints import (
 )
 from dora_cli.console import say
 from dora_cli.errors import UserError, did_you_mean
-from dora_cli.files import atomic_file, check_output_dir, write_json
+from dora_cli.files import (
+    OutputKind,
+    atomic_file,
+    check_output,
+    output_kind,
+    register_output_kind,
+    write_json,
+    write_output_marker,
+)
 from dora_cli.plots import fit, model_name
 
 JSON_NAME = "analysis.json"
@@ -54,6 +62,11 @@ PNG_NAME = "analysis.png"
 LAYER_RE = re.compile(r"\.(\d+)\.")
 DISPLAY = {"full": "FT", **{name: m.display for name, m in METHODS.items()}}
 PAPER = {"model": "VL-BART", "FT": -0.62, "DoRA": -0.31, "LoRA": 0.83}
+ANALYZE_OUTPUT = register_output_kind(OutputKind(
+    "analyze", "dora analyze", entries=(JSON_NAME, PNG_NAME),
+    legacy=lambda directory: (directory / JSON_NAME).is_file(),
+))
+"""What `dora analyze` writes in --out."""
 
 
 # ==================================================================================================
@@ -70,7 +83,7 @@ def run_analyze(
     modules = list(modules) if modules is not None else ["q_proj", "v_proj"]
     if not modules:
         raise UserError("--modules: expected at least one module name (for example q_proj,v_proj)")
-    out = check_output_dir(Path(out), label=f"--out {out}", exists_ok=True)
+    out = check_output(Path(out), ANALYZE_OUTPUT.name, label=f"--out {out}")
     ckpts = [describe(c) for c in expand(checkpoints)]
     ckpts = _dedupe_and_group(ckpts)
     src = _common_base(ckpts, base)
@@ -86,7 +99,10 @@ def run_analyze(
         points += _points(c, w0, shapes, names)
 
     result = summarize(ckpts, points, src, modules)
+    check_output(out, ANALYZE_OUTPUT.name, label=f"--out {out}")  # again: a file may have appeared meanwhile
     out.mkdir(parents=True, exist_ok=True)
+    if output_kind(out) is None:
+        write_output_marker(out, ANALYZE_OUTPUT.name)
     write_json(out / JSON_NAME, result)
     atomic_file(out / PNG_NAME, lambda p: plot(result, p))
     for label, g in result["methods"].items():

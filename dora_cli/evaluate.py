@@ -23,9 +23,29 @@ from pathlib import Path
 from dora_cli import rundir
 from dora_cli.checkpoints import Checkpoint, adapter_base_model, inspect_checkpoint, resolve_base
 from dora_cli.errors import UserError
-from dora_cli.eval.suites import SuiteRun, suite_of
-from dora_cli.files import check_output_dir
+from dora_cli.eval.suites import SUITES, SuiteRun, suite_of
+from dora_cli.files import (
+    OutputKind,
+    check_output,
+    output_kind,
+    register_output_kind,
+    unclaim_if_unused,
+    write_output_marker,
+)
 from dora_cli.recipe import ModelConfig, Recipe, load_recipe, recipe_from_dict
+
+
+def _legacy_eval(directory: Path) -> bool:
+    """An evaluation an earlier version wrote: suite directories holding its results, nothing else."""
+    names = {p.name for p in directory.iterdir()} - {rundir.LOCK_NAME}
+    return bool(names) and names <= set(SUITES) and any(
+        (directory / n / "metrics.json").is_file() or (directory / n / "predictions").is_dir()
+        or (directory / n / "model_answer").is_dir() for n in names
+    )
+
+
+EVAL_OUTPUT = register_output_kind(OutputKind("eval", "dora eval", entries=tuple(SUITES), legacy=_legacy_eval))
+"""What `dora eval` writes in OUT: one directory per suite."""
 
 
 @dataclass(frozen=True)
@@ -111,14 +131,22 @@ def evaluate(
     target = target if isinstance(target, Target) else find_target(target)
     suite = suite_of(recipe)
     suite.check_inputs(recipe)
-    out_dir = check_output_dir(Path(out) if out is not None else target.default_out(), label=f"--out {out}" if out else "eval output", exists_ok=True)
+    out_dir = Path(out) if out is not None else target.default_out()
+    check_output(out_dir, EVAL_OUTPUT.name, label=f"--out {out}" if out else f"eval output {out_dir}")
     with rundir.RunLock(out_dir, what="dora eval", noun="--out directory"):
         model, tokenizer = load_for_eval(target, recipe, base)
+        check_output(out_dir, EVAL_OUTPUT.name, label=f"--out {out}" if out else f"eval output {out_dir}")
+        if output_kind(out_dir) is None:
+            write_output_marker(out_dir, EVAL_OUTPUT.name)
         run = SuiteRun(
             recipe, model, tokenizer, out_dir / suite.name, model_name=target.name if target.checkpoint is None
             else str(target.checkpoint.path), model_id=target.label, overwrite=overwrite, progress=progress,
         )
-        metrics = suite.run(run)
+        try:
+            metrics = suite.run(run)
+        except UserError:
+            unclaim_if_unused(out_dir)
+            raise
     _report(run.out_dir, metrics)
     return metrics
 

@@ -14,12 +14,15 @@ Permissions are those of an ordinary file or directory (the umask), not mkstemp'
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,27 +111,226 @@ def atomic_directory(target: str | Path, fill: Callable[[Path], None], *, replac
     return target
 
 
-def check_output_dir(path: str | Path, *, label: str, exists_ok: bool) -> Path:
-    """Refuse, before any work, a directory `path` that this command could not create or replace:
-    a file or a dangling symlink in its place, a parent that is a file, a parent we cannot write, or
-    (unless `exists_ok`) an existing directory. `label` names the setting in the message (`--out x`)."""
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise UserError(f"{label}: is a symbolic link to {os.readlink(path)}, which does not exist")
+def _check_writable_place(path: Path, label: str) -> None:
+    """Refuse a place where no directory can be made: a file, a dangling link or a link loop in its place
+    or above it, a parent that is a file or that cannot be written."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise UserError(f"{label}: is a symbolic link to {os.readlink(path)}, which does not exist") from None
+    except OSError as err:
+        raise UserError(f"{label}: {_path_problem(err)}") from None
     if path.exists() and not path.is_dir():
         raise UserError(f"{label}: is a file; expected a directory")
-    if path.is_dir() and not exists_ok:
-        raise UserError(f"{label}: already exists")
     ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    while True:
+        try:
+            os.stat(ancestor)
+            break
+        except FileNotFoundError:
+            if ancestor == ancestor.parent:
+                break
+            ancestor = ancestor.parent
+        except OSError as err:
+            raise UserError(f"{label}: cannot be created: {ancestor}: {_path_problem(err)}") from None
     if not ancestor.is_dir():
         raise UserError(f"{label}: cannot be created: {ancestor} is a file")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UserError(f"{label}: cannot be written: {ancestor} is not writable (read-only or no permission)")
-    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+    if path.is_dir() and not os.access(path, os.R_OK | os.W_OK | os.X_OK):
         raise UserError(f"{label}: is not writable (read-only or no permission)")
+
+
+def _path_problem(err: OSError) -> str:
+    if err.errno == errno.ELOOP:
+        return "is a symbolic link loop (a link that leads back to itself)"
+    return problem_of(err)
+
+
+# ---- who owns an output directory ------------------------------------------------------------------------
+OUTPUT_MARKER = ".dora_output"
+"""The file that marks a directory a command of ours made: {"kind": "<command kind>"}."""
+LOCK_NAME = ".lock"
+
+OUTPUT_KIND_MODULES = ("dora_cli.rundir", "dora_cli.evaluate", "dora_cli.merge", "dora_cli.analyze", "dora_cli.sweep")
+"""The modules that register an output kind (`register_output_kind`), imported when kinds are compared."""
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What one command writes at the top of its output directory.
+
+    entries: patterns (fnmatch) of the names it writes besides the marker, the lock and temporaries;
+    nested: (pattern, kind) of entries that are outputs of another command, placed there by design
+    (`eval-final` of dora eval in a run directory); legacy: whether a directory without the marker was
+    made by an earlier version (identified by the files that version wrote)."""
+
+    name: str
+    command: str
+    entries: tuple[str, ...]
+    nested: tuple[tuple[str, str], ...] = ()
+    legacy: Callable[[Path], bool] | None = None
+
+    def owns(self, name: str) -> bool:
+        return name in (OUTPUT_MARKER, LOCK_NAME) or name.startswith(TMP_PREFIX) or any(
+            fnmatch.fnmatchcase(name, p) for p in self.entries)
+
+    def nested_kind(self, name: str) -> str | None:
+        return next((kind for pattern, kind in self.nested if fnmatch.fnmatchcase(name, pattern)), None)
+
+
+OUTPUT_KINDS: dict[str, OutputKind] = {}
+
+
+def register_output_kind(kind: OutputKind) -> OutputKind:
+    OUTPUT_KINDS[kind.name] = kind
+    return kind
+
+
+def _kinds() -> dict[str, OutputKind]:
+    import importlib
+
+    for module in OUTPUT_KIND_MODULES:
+        importlib.import_module(module)
+    return OUTPUT_KINDS
+
+
+def output_kind(directory: str | Path) -> str | None:
+    """The kind of output a command of ours wrote in `directory` (its marker, else the files an earlier
+    version wrote), or None (not a directory, or not ours)."""
+    directory = Path(directory)
+    try:
+        if not directory.is_dir():
+            return None
+        marker = directory / OUTPUT_MARKER
+        if marker.is_file() and not marker.is_symlink():
+            try:
+                kind = json.loads(marker.read_text(encoding="utf-8")).get("kind")
+            except (OSError, ValueError, AttributeError):
+                kind = None
+            return kind if isinstance(kind, str) else None
+        for kind in _kinds().values():
+            if kind.legacy is not None and kind.legacy(directory):
+                return kind.name
+    except OSError:
+        return None
+    return None
+
+
+def write_output_marker(directory: str | Path, kind: str) -> Path:
+    """Mark `directory` as an output of `kind` (a directory filled atomically marks its temporary)."""
+    return write_json(Path(directory) / OUTPUT_MARKER, {"kind": kind, "written_by": "dora_cli"})
+
+
+def check_output(path: str | Path, kind: str, *, label: str, replace: bool = False) -> Path:
+    """The one rule for an output directory, checked before anything is written (nothing is written here).
+
+    A command writes into `path` only when it is absent, empty, or an output of this command's own kind
+    (its marker) holding nothing but what this kind writes; never into a folder holding anything else,
+    never inside a checkpoint or inside another output of ours (except where that output's kind keeps
+    outputs of this kind: `eval-final` in a run directory). `replace` (--overwrite / --force): the
+    directory is about to be cleared: it must not be a symbolic link. `label` names the setting in
+    messages (`--out x`, `output_dir x`)."""
+    path = Path(path)
+    kinds = _kinds()
+    me = kinds[kind]
+    _check_writable_place(path, label)
+    if replace and path.is_symlink():
+        raise UserError(f"{label}: is a symbolic link; {me.command} never clears through one (give the real directory)")
+    from dora_cli.rundir import inside_a_checkpoint
+
+    where = Path(os.path.abspath(path.expanduser()))
+    checkpoint = inside_a_checkpoint(where)
+    if checkpoint is not None:
+        raise UserError(f"{label}: is or lies inside the checkpoint {checkpoint}; choose a directory outside it")
+    for ancestor in where.parents:
+        owner = output_kind(ancestor)
+        if owner is None:
+            continue
+        if ancestor == where.parent and owner in kinds and kinds[owner].nested_kind(where.name) == kind:
+            break
+        raise UserError(f"{label}: lies inside {ancestor}, an output of {_command(owner)}; choose a directory outside it")
+    if path.is_dir():
+        _check_owned(path, me, label)
     return path
+
+
+def _command(kind: str) -> str:
+    known = OUTPUT_KINDS.get(kind)
+    return known.command if known else f"dora ({kind})"
+
+
+def _check_owned(path: Path, kind: OutputKind, label: str) -> None:
+    """`path` (a directory) is empty, or an output of `kind` whose every entry that kind writes."""
+    entries = sorted(p.name for p in path.iterdir())
+    if _unclaimed(entries, path):
+        return
+    found = output_kind(path)
+    if found is None:
+        raise UserError(
+            f"{label}: holds files that dora_cli did not write ({_some(entries)}); {kind.command} writes only into a "
+            "new or empty directory, or one it made: choose another directory"
+        )
+    if found != kind.name:
+        raise UserError(f"{label}: holds an output of {_command(found)}, not of {kind.command}; choose another directory")
+    for name in entries:
+        if kind.owns(name):
+            continue
+        nested = kind.nested_kind(name)
+        if nested is not None and (path / name).is_dir() and not (path / name).is_symlink():
+            inner = _kinds().get(nested)
+            if inner is not None and (output_kind(path / name) == nested or _unclaimed(None, path / name)):
+                _check_owned(path / name, inner, f"{label}: {name}")
+                continue
+        raise UserError(
+            f"{label}: holds {name}, which {kind.command} did not write; move it out of the directory or choose another"
+        )
+
+
+def _unclaimed(entries: list[str] | None, path: Path) -> bool:
+    """A directory that is empty, or holds only the lock of a command of ours and temporaries its killed
+    writes left (a command stopped before it wrote anything)."""
+    entries = sorted(p.name for p in path.iterdir()) if entries is None else entries
+    left = [n for n in entries if not (n == LOCK_NAME and _our_lock(path / n)) and not _stale_temporary(n)]
+    return not left
+
+
+def _our_lock(path: Path) -> bool:
+    """A lock file a command of ours took (rundir.RunLock: pid and host), live or left by a dead process."""
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(owner, dict) and {"pid", "host"} <= set(owner)
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def clear_output(path: str | Path, kind: str) -> None:
+    """--overwrite / --force: remove what `kind` wrote in `path` (its entries and the outputs nested in it),
+    never the lock, never anything else (`check_output(..., replace=True)` has refused such a directory)."""
+    path = Path(path)
+    me = _kinds()[kind]
+    for child in path.iterdir():
+        if child.name == LOCK_NAME:
+            continue
+        nested = me.nested_kind(child.name)
+        if me.owns(child.name) or (nested is not None and (output_kind(child) == nested or _unclaimed(None, child))):
+            remove(child)
+        else:
+            raise UserError(f"{path}: holds {child.name}, which {me.command} did not write; nothing was removed from it")
+
+
+def unclaim_if_unused(path: str | Path) -> None:
+    """Remove the marker of an output directory that holds nothing else but the lock (a command refused
+    after claiming it); the lock's release then removes the directory it made: a refusal leaves no trace."""
+    path = Path(path)
+    if not path.is_dir() or {p.name for p in path.iterdir()} - {OUTPUT_MARKER, LOCK_NAME}:
+        return
+    (path / OUTPUT_MARKER).unlink(missing_ok=True)
 
 
 def remove(path: Path) -> None:
@@ -153,6 +355,11 @@ def pid_alive(pid: int) -> bool:
 
 
 _STALE = re.compile(rf"^{re.escape(TMP_PREFIX)}.*-(\d+)(\.\w+)?$")  # .tmp-<name>-<pid>[.<random>]
+
+
+def _stale_temporary(name: str) -> bool:
+    m = _STALE.match(name)
+    return m is not None and not pid_alive(int(m.group(1)))
 
 
 def clean_stale(directory: Path, name: str | None = None) -> list[Path]:

@@ -53,7 +53,15 @@ from dora_cli.checkpoints import (
 )
 from dora_cli.console import say
 from dora_cli.errors import RunFailure, UserError, did_you_mean, one_of
-from dora_cli.files import atomic_directory, check_output_dir, clean_stale, write_json
+from dora_cli.files import (
+    OutputKind,
+    atomic_directory,
+    check_output,
+    clean_stale,
+    register_output_kind,
+    write_json,
+    write_output_marker,
+)
 from dora_cli.recipe import ModelConfig
 
 PROVENANCE_NAME = "dora_merge.json"
@@ -66,6 +74,14 @@ DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
 }
 QUANTIZED_BASE = ("dequantized", "original")
+
+MERGE_OUTPUT = register_output_kind(OutputKind(
+    "merge", "dora merge",
+    entries=(PROVENANCE_NAME, "config.json", "generation_config.json", "model*.safetensors", SAFE_INDEX,
+             *TOKENIZER_FILES, "chat_template.*"),
+    legacy=lambda directory: (directory / PROVENANCE_NAME).is_file(),
+))
+"""What `dora merge` writes in --out: a model directory and dora_merge.json."""
 
 # The fixed prompts of --verify: token ids drawn from this seed (3 prompts of 16 tokens).
 VERIFY_SEED, VERIFY_PROMPTS, VERIFY_TOKENS = 1234, 3, 16
@@ -128,8 +144,10 @@ def run_merge(
             record["verify"] = verify_merge(src.model, ckpt.path if adapter is not None else None, tmp)
         record["seconds"] = round(time.time() - started, 3)
         write_json(tmp / PROVENANCE_NAME, record)
+        write_output_marker(tmp, MERGE_OUTPUT.name)
+        _check_out(out, force, protected=[ckpt.path])  # again: a file may have appeared in --out meanwhile
 
-    atomic_directory(out, write, replace=force)
+    atomic_directory(out, write, replace=force or (out.is_dir() and not any(out.iterdir())))
     say(f"merged model written to {out}")
     print(out)
     return out
@@ -325,9 +343,9 @@ def _check_out(out: Path, force: bool, protected: list[Path]) -> None:
     for p in protected:
         if _inside(out, p):
             raise UserError(f"--out {out}: is (or contains) {p}, which the merge reads; choose another directory")
-    if out.is_dir() and not force:
-        raise UserError(f"--out {out}: already exists; pass --force to replace it")
-    check_output_dir(out, label=f"--out {out}", exists_ok=True)
+    check_output(out, MERGE_OUTPUT.name, label=f"--out {out}", replace=force)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out}: already holds a merged model; pass --force to replace it")
 
 
 # ==================================================================================================

@@ -39,11 +39,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dora_cli.console import say
-from dora_cli.errors import RunFailure, UserError, clip
-from dora_cli.files import TMP_PREFIX, atomic_directory, fsync_path, pid_alive, remove, write_json
+from dora_cli.errors import RunFailure, UserError, clip, reading
+from dora_cli.files import (
+    LOCK_NAME,
+    OUTPUT_MARKER,
+    TMP_PREFIX,
+    OutputKind,
+    atomic_directory,
+    check_output,
+    clear_output,
+    fsync_path,
+    output_kind,
+    pid_alive,
+    read_json_object,
+    register_output_kind,
+    remove,
+    write_json,
+    write_output_marker,
+)
 
-LOCK_NAME = ".lock"
-MARKER_NAME = ".dora_run"
+LEGACY_MARKER = ".dora_run"  # the marker of runs made before files.OUTPUT_MARKER
+INPUTS_NAME = "inputs.json"
 MANIFEST_NAME = "manifest.json"
 RECIPE_NAME = "recipe.yaml"
 ACCELERATE_NAME = "accelerate.yaml"
@@ -88,7 +104,7 @@ class RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(me)
             except FileExistsError:
                 owner = self._owner()
                 if owner and owner.get("host") == me["host"] and pid_alive(int(owner.get("pid", -1))):
@@ -103,11 +119,19 @@ class RunLock:
                     ) from None
                 self.path.unlink(missing_ok=True)  # stale: its owner is dead
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
             self.held = True
             return self
         raise UserError(f"{self.path}: could not take the lock")
+
+    def _create(self, me: dict) -> None:
+        """The lock file with its content, created at once (a hard link of a written temporary: a kill never
+        leaves an empty lock); FileExistsError when it exists."""
+        tmp = self.path.with_name(f"{TMP_PREFIX}{LOCK_NAME}-{os.getpid()}")
+        tmp.write_text(json.dumps(me))
+        try:
+            os.link(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _owner(self) -> dict | None:
         try:
@@ -153,19 +177,33 @@ def write_manifest(directory: Path) -> None:
 
 
 def verify(directory: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else what is wrong with it (one phrase)."""
+    """None if the checkpoint is intact: its manifest lists exactly the files present, each with the size
+    and sha256 it has; else what is wrong with it (one phrase). A file the manifest does not list, or a
+    listed one that is missing, is damage as much as a changed one."""
     manifest = directory / MANIFEST_NAME
     if not manifest.is_file():
         return "no manifest (incomplete write)"
     try:
         files = json.loads(manifest.read_text())["files"]
-        entries = [(str(name), int(meta["size"]), str(meta["sha256"])) for name, meta in files.items()]
+        entries = {str(name): (int(meta["size"]), str(meta["sha256"])) for name, meta in files.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return f"{MANIFEST_NAME} is damaged"
-    for name, size, digest in entries:
-        path = directory / name
-        if not path.is_file():
+    try:
+        present = sorted(
+            p.relative_to(directory).as_posix() for p in directory.rglob("*")
+            if (p.is_symlink() or not p.is_dir()) and p != manifest
+        )
+    except OSError as err:
+        return f"cannot be listed ({err.strerror or err})"
+    unlisted = [name for name in present if name not in entries]
+    if unlisted:
+        return f"{unlisted[0]} is not listed in {MANIFEST_NAME}"
+    for name, (size, digest) in sorted(entries.items()):
+        if name not in present:
             return f"{name} is missing"
+        path = directory / name
+        if path.is_symlink() or not path.is_file():
+            return f"{name} is not a regular file"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} were written"
         if _sha256(path) != digest:
@@ -229,8 +267,6 @@ def checkpoint_step(path: Path) -> int | None:
     """The training step a checkpoint holds: trainer_state/state.json's step, else its checkpoint-<step>
     name; for final/ the run's last step (metrics.json, else the recipe's max_steps, else the newest
     checkpoint); None when nothing tells."""
-    from dora_cli.files import read_json_object
-
     state = path / STATE_DIR / "state.json"
     if state.is_file():
         step = read_json_object(state).get("step")
@@ -287,19 +323,110 @@ def first_difference(a, b, prefix: str = "") -> str:
 
 
 def saved_recipe(directory: Path):
-    """The recipe a run directory holds (its recipe.yaml), None without one; UserError if it is not ours."""
-    import yaml
-    from pydantic import ValidationError
-
-    from dora_cli.recipe import Recipe, safe_load
+    """The recipe a run directory holds (its recipe.yaml, `${env:...}` resolved as written), None without one."""
+    from dora_cli.recipe import load_recipe
 
     path = directory / RECIPE_NAME
     if not path.is_file():
         return None
+    return load_recipe(path)
+
+
+def _legacy_run(directory: Path) -> bool:
+    """A run directory of an earlier version: its marker, or a recipe it saved beside the log it wrote."""
+    if (directory / LEGACY_MARKER).is_file():
+        return True
+    if not ((directory / RECIPE_NAME).is_file() and (directory / LOG_NAME).is_file()):
+        return False
     try:
-        return Recipe.model_validate(safe_load(path.read_text()))
-    except (OSError, ValueError, ValidationError, yaml.YAMLError, RecursionError):
-        raise UserError(f"{directory}: holds {RECIPE_NAME} that is not a dora_cli recipe; choose another directory") from None
+        return saved_recipe(directory) is not None
+    except UserError:
+        return False
+
+
+TRAIN_OUTPUT = register_output_kind(OutputKind(
+    "train", "dora train",
+    entries=(LEGACY_MARKER, RECIPE_NAME, ACCELERATE_NAME, DEEPSPEED_NAME, LOG_NAME, METRICS_LOG_NAME, METRICS_NAME,
+             TRACKERS_NAME, INPUTS_NAME, "checkpoint-*", FINAL_NAME),
+    nested=(("eval", "eval"), ("eval-*", "eval"), ("*-merged", "merge")),
+    legacy=_legacy_run,
+))
+"""What `dora train` writes in output_dir; the default outputs of `dora eval` (eval-<checkpoint>) and
+`dora merge` (<checkpoint>-merged) of its checkpoints sit beside them."""
+
+
+# ---- the inputs of a run ------------------------------------------------------------------------------
+FULL_HASH_LIMIT = 1 << 30
+"""Files up to this size are hashed whole; larger ones (weights of big models) by their header and 64
+blocks spread over the file: any other weights of the same layout differ in them."""
+_BLOCK = 1 << 16
+
+
+def file_fingerprint(path: Path) -> dict:
+    """Size and sha256 of a file (sampled past FULL_HASH_LIMIT: the first MiB, 64 blocks, the last block)."""
+    size = path.stat().st_size
+    if size <= FULL_HASH_LIMIT:
+        return {"size": size, "sha256": _sha256(path)}
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        for i in range(65):
+            f.seek(min(size - _BLOCK, i * (size - _BLOCK) // 64))
+            h.update(f.read(_BLOCK))
+    return {"size": size, "sha256_sampled": h.hexdigest()}
+
+
+def _files_fingerprint(path: Path, recursive: bool) -> dict:
+    """{relative name: fingerprint} of a file (its own name) or of the files of a directory."""
+    if path.is_file():
+        return {path.name: file_fingerprint(path)}
+    found = path.rglob("*") if recursive else path.iterdir()
+    return {p.relative_to(path).as_posix(): file_fingerprint(p) for p in sorted(found)
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)}
+
+
+def input_fingerprints(recipe) -> dict:
+    """What a run trains on, by the recipe key that names it: each local data source (size and sha256 of
+    its files), the base model and tokenizer directories or .gguf file (config, tokenizer and weight files).
+    A hub name is recorded as such (the hub's revision is not pinned here)."""
+    named = [(f"data.sources[{i}].path", source.path, True) for i, source in enumerate(recipe.data.sources)]
+    named += [("model.name_or_path", recipe.model.name_or_path, False), ("model.tokenizer", recipe.model.tokenizer, False)]
+    found: dict = {}
+    for key, value, recursive in named:
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if path.exists():
+            with reading(path):
+                found[key] = {"path": str(path.resolve()), "files": _files_fingerprint(path, recursive)}
+        else:
+            found[key] = {"hub": value}
+    return found
+
+
+def input_change(before: dict, now: dict) -> str | None:
+    """The first input that differs between two `input_fingerprints`, in words; None when they agree."""
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if a == b:
+            continue
+        if a is None or b is None or "files" not in a or "files" not in b:
+            return f"{key}: {'added' if a is None else 'removed' if b is None else 'another source'} since the run started"
+        files_a, files_b = a["files"], b["files"]
+        for name in sorted(set(files_a) | set(files_b)):
+            fa, fb = files_a.get(name), files_b.get(name)
+            if fa == fb:
+                continue
+            where = Path(b["path"]) / name if Path(b["path"]).is_dir() else Path(b["path"])
+            if fa is None:
+                return f"{key}: {where} was added since the run started"
+            if fb is None:
+                return f"{key}: {where} was removed since the run started"
+            if fa.get("size") != fb.get("size"):
+                return f"{key}: {where} has changed since the run started ({fa.get('size')} bytes then, {fb.get('size')} now)"
+            return f"{key}: {where} has changed since the run started (same size, other content)"
+        return f"{key}: {b.get('path')} has changed since the run started"
+    return None
 
 
 def writing(path: Path):
@@ -323,6 +450,8 @@ class _Writing(contextlib.AbstractContextManager):
 class RunDir:
     """output_dir of one run: checked before anything is written, claimed under the lock, then written."""
 
+    kind = TRAIN_OUTPUT.name
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.recipe_file = self.path / RECIPE_NAME
@@ -337,26 +466,15 @@ class RunDir:
 
     # ---- before anything is written ----------------------------------------------------------
     def check(self, recipe, *, resume: bool, overwrite: bool) -> None:
-        """Refuse, before any work, an output_dir this run may not use: inside a checkpoint, not a
-        directory, not ours (for --overwrite), another recipe's run (unless --overwrite), or a finished
-        run of this recipe without --resume."""
-        from dora_cli.files import check_output_dir
-
+        """Refuse, before any work, an output_dir this run may not use (files.check_output: a folder holding
+        anything a run does not write, inside a checkpoint or another output, a link for --overwrite),
+        another recipe's run (unless --overwrite), a finished run of this recipe without --resume, and for
+        --resume inputs that changed since the run started."""
         label = f"output_dir {self.path}"
         if resume and overwrite:
             raise UserError("--resume and --overwrite exclude each other")
-        owner = inside_a_checkpoint(self.path.resolve()) if self.path.exists() or self.path.parent.exists() else None
-        if owner is not None:
-            raise UserError(f"{label}: lies inside the checkpoint {owner}; choose a directory outside it")
-        if self.path.is_symlink() and overwrite:
-            raise UserError(f"{label}: is a symbolic link; --overwrite never follows one (give the real directory)")
-        check_output_dir(self.path, label=label, exists_ok=True)
+        check_output(self.path, TRAIN_OUTPUT.name, label=label, replace=overwrite)
         if overwrite:
-            if self.path.is_dir() and any(self.path.iterdir()) and not self.is_a_run():
-                raise UserError(
-                    f"{label}: holds files that no dora_cli run wrote; --overwrite only replaces a run's own "
-                    "directory: choose another output_dir"
-                )
             return
         key = self.difference(recipe)
         if key is not None:
@@ -366,6 +484,23 @@ class RunDir:
             )
         if saved_recipe(self.path) is not None and not resume and (checkpoints(self.path) or self.final.exists()):
             raise UserError(f"{self.path}: holds a run of this recipe; pass --resume to continue it or --overwrite to start over")
+        if resume:
+            self.check_inputs(recipe)
+
+    def check_inputs(self, recipe) -> None:
+        """--resume: the inputs must be those the run started with (inputs.json; a run made before the
+        record has none to compare)."""
+        before = self.recorded_inputs()
+        if before is None:
+            return
+        change = input_change(before, input_fingerprints(recipe))
+        if change is not None:
+            raise UserError(f"{change}; --resume continues a run on the inputs it started with: restore them, "
+                            "or start over with --overwrite", where=f"output_dir {self.path}")
+
+    def recorded_inputs(self) -> dict | None:
+        path = self.path / INPUTS_NAME
+        return read_json_object(path) if path.is_file() else None
 
     def difference(self, recipe) -> str | None:
         """The first key in which the run this directory holds differs from `recipe` (None: no run, or the
@@ -377,25 +512,26 @@ class RunDir:
         return first_difference(mine, theirs) if mine != theirs else None
 
     def is_a_run(self) -> bool:
-        """A directory a run of ours made: the marker, or (runs older than the marker) a valid recipe.yaml."""
-        if (self.path / MARKER_NAME).is_file():
-            return True
-        try:
-            return saved_recipe(self.path) is not None
-        except UserError:
-            return False
+        """A directory a run of ours made (its marker, or the files of an earlier version's run)."""
+        return output_kind(self.path) == TRAIN_OUTPUT.name
 
     # ---- claiming ------------------------------------------------------------------------------------
-    def claim(self, *, overwrite: bool) -> None:
-        """Under the lock: clear a previous run (--overwrite: only what runs write, never through links),
-        remove interrupted writes, mark the directory as a run, and start the run log."""
+    def claim(self, recipe, *, overwrite: bool) -> None:
+        """Under the lock: check the directory again (a file may have appeared since), clear a previous
+        run (--overwrite: only what runs write, never through links), remove interrupted writes, mark the
+        directory as a run, record its inputs (a new run) and start the run log."""
+        label = f"output_dir {self.path}"
+        check_output(self.path, TRAIN_OUTPUT.name, label=label, replace=overwrite)
         if overwrite:
-            for child in self.path.iterdir():
-                if child.name != LOCK_NAME:
-                    remove(child)
+            clear_output(self.path, TRAIN_OUTPUT.name)
         clean_temporaries(self.path)
-        with writing(self.path / MARKER_NAME):
-            (self.path / MARKER_NAME).write_text("a dora_cli run directory (dora train --overwrite may clear it)\n")
+        with writing(self.path / OUTPUT_MARKER):
+            if not (self.path / OUTPUT_MARKER).is_file():
+                write_output_marker(self.path, TRAIN_OUTPUT.name)
+        inputs = self.path / INPUTS_NAME
+        if not inputs.is_file():
+            with writing(inputs):
+                write_json(inputs, input_fingerprints(recipe))
         self.log_file = self.path / LOG_NAME
 
     def log(self, message: str) -> None:
@@ -472,8 +608,6 @@ class RunDir:
     @staticmethod
     def read_state(directory: Path) -> tuple[dict, dict]:
         """(optimizer state, state.json) of a checkpoint; the optimizer file holds tensors only."""
-        from dora_cli.files import read_json_object
-
         path = directory / STATE_DIR
         return load_tensors_only(path / "optimizer.pt"), read_json_object(path / "state.json")
 

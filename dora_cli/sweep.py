@@ -47,7 +47,15 @@ from dora_cli.adapters import METHODS
 from dora_cli.adapters.variants import recipe_methods
 from dora_cli.console import say, stderr_is_terminal
 from dora_cli.errors import RunFailure, UserError, did_you_mean, one_of
-from dora_cli.files import check_output_dir, write_json, write_text
+from dora_cli.files import (
+    OutputKind,
+    check_output,
+    output_kind,
+    register_output_kind,
+    write_json,
+    write_output_marker,
+    write_text,
+)
 from dora_cli.plots import fit, model_name, save_png, series_style, y_limits
 from dora_cli.recipe import Recipe, check_batch, load_recipe
 from dora_cli.rundir import RunDir
@@ -56,6 +64,12 @@ DEFAULT_RECIPE = Path("recipes") / "commonsense_7b.yaml"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ALPHA_RULES = ("2r", "fixed")
 SWEEP_DIR = "sweep"
+REPORT_NAMES = ("sweep.json", "sweep.md", "sweep.png")
+SWEEP_OUTPUT = register_output_kind(OutputKind(
+    "sweep", "dora sweep-rank", entries=REPORT_NAMES, nested=(("*-r*", "train"),),
+    legacy=lambda directory: (directory / REPORT_NAMES[0]).is_file(),
+))
+"""What `dora sweep-rank` writes in OUTPUT/sweep: its reports, and one run directory per trial."""
 MIN_Y_SPAN = 10.0  # percentage points: sweep.png never stretches a smaller difference across its axis
 
 # The paper's Table 15: average commonsense accuracy (%) of LLaMA-7B at each rank (alpha = 2r).
@@ -246,12 +260,13 @@ def _check_inputs(sweep: Sweep) -> None:
     from dora_cli.models import resolve_source
 
     base = sweep.base
-    check_output_dir(sweep.dir, label=f"output_dir {base.output_dir}", exists_ok=True)
+    check_output(sweep.dir, SWEEP_OUTPUT.name, label=f"output_dir {base.output_dir}: {SWEEP_DIR}")
     check_batch(base, base.launch.num_processes)
     resolve_source(base.model.name_or_path)
     load_records(base.data)
     suite_of(base).check_inputs(base)  # every task `dora eval` accepts, custom ones included
     for trial in sweep.trials:
+        check_output(trial.dir, RunDir.kind, label=f"trial directory {trial.dir}")
         key = RunDir(trial.dir).difference(trial.recipe)
         if key is not None:
             raise UserError(
@@ -275,6 +290,10 @@ def execute(sweep: Sweep) -> dict:
     records = {t.name: _pending(t) for t in sweep.trials}
     failures = _trial_failures()
     n = len(sweep.trials)
+    check_output(sweep.dir, SWEEP_OUTPUT.name, label=f"output_dir {sweep.base.output_dir}: {SWEEP_DIR}")
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    if output_kind(sweep.dir) is None:
+        write_output_marker(sweep.dir, SWEEP_OUTPUT.name)
     say(f"sweep: {n} trials ({', '.join(sweep.methods)} x r = {', '.join(map(str, sweep.ranks))}) in {sweep.dir}")
     for i, trial in enumerate(sweep.trials, 1):
         head = f"sweep [{i}/{n}] {trial.label}"
@@ -430,9 +449,10 @@ def sweep_document(sweep: Sweep, records: dict[str, dict]) -> dict:
 def write_reports(sweep: Sweep, records: dict[str, dict]) -> dict:
     """sweep.json, sweep.md and sweep.png in OUTPUT/sweep/, each written under a temporary name and renamed."""
     doc = sweep_document(sweep, records)
-    write_json(sweep.dir / "sweep.json", doc)
-    write_text(sweep.dir / "sweep.md", render_table(doc))
-    plot(doc, sweep.dir / "sweep.png")
+    json_name, md_name, png_name = REPORT_NAMES
+    write_json(sweep.dir / json_name, doc)
+    write_text(sweep.dir / md_name, render_table(doc))
+    plot(doc, sweep.dir / png_name)
     return doc
 
 

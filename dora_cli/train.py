@@ -358,7 +358,7 @@ class Trainer:
     def _claim(self) -> None:
         """Under the lock: clear / mark the directory, resume, write the recipe, say what will happen."""
         if self.main:
-            self.dir.claim(overwrite=self.overwrite)
+            self.dir.claim(self.recipe, overwrite=self.overwrite)
             if self.recipe.model.trust_remote_code:
                 self.log("model.trust_remote_code is on: the model's own Python code runs")
         self.acc.wait_for_everyone()
