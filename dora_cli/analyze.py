@@ -50,6 +50,7 @@ from dora_cli.files import (
     OutputKind,
     atomic_file,
     check_output,
+    json_with,
     output_kind,
     register_output_kind,
     write_json,
@@ -64,7 +65,7 @@ DISPLAY = {"full": "FT", **{name: m.display for name, m in METHODS.items()}}
 PAPER = {"model": "VL-BART", "FT": -0.62, "DoRA": -0.31, "LoRA": 0.83}
 ANALYZE_OUTPUT = register_output_kind(OutputKind(
     "analyze", "dora analyze", entries=(JSON_NAME, PNG_NAME),
-    legacy=lambda directory: (directory / JSON_NAME).is_file(),
+    legacy=lambda directory: json_with(directory / JSON_NAME, "definition", "methods", "paper") is not None,
 ))
 """What `dora analyze` writes in --out."""
 

@@ -27,6 +27,7 @@ from dora_cli.eval.suites import SUITES, SuiteRun, suite_of
 from dora_cli.files import (
     OutputKind,
     check_output,
+    json_with,
     output_kind,
     register_output_kind,
     unclaim_if_unused,
@@ -39,8 +40,9 @@ def _legacy_eval(directory: Path) -> bool:
     """An evaluation an earlier version wrote: suite directories holding its results, nothing else."""
     names = {p.name for p in directory.iterdir()} - {rundir.LOCK_NAME}
     return bool(names) and names <= set(SUITES) and any(
-        (directory / n / "metrics.json").is_file() or (directory / n / "predictions").is_dir()
-        or (directory / n / "model_answer").is_dir() for n in names
+        (json_with(directory / n / "metrics.json", "suite", "settings") or {}).get("suite") == n
+        or json_with(directory / n / "predictions" / "run.json") is not None
+        or any((directory / n / "model_answer").glob("*.run.json")) for n in names
     )
 
 

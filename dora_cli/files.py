@@ -218,6 +218,16 @@ def output_kind(directory: str | Path) -> str | None:
     return None
 
 
+def json_with(path: Path, *keys: str) -> dict | None:
+    """The JSON object in `path` when it has all `keys` (how an earlier version's files are told from a
+    user's file of the same name), else None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) and all(k in data for k in keys) else None
+
+
 def write_output_marker(directory: str | Path, kind: str) -> Path:
     """Mark `directory` as an output of `kind` (a directory filled atomically marks its temporary)."""
     return write_json(Path(directory) / OUTPUT_MARKER, {"kind": kind, "written_by": "dora_cli"})
@@ -314,14 +324,16 @@ def clear_output(path: str | Path, kind: str) -> None:
     never the lock, never anything else (`check_output(..., replace=True)` has refused such a directory)."""
     path = Path(path)
     me = _kinds()[kind]
-    for child in path.iterdir():
+    doomed = []
+    for child in path.iterdir():  # everything checked before anything is removed
         if child.name == LOCK_NAME:
             continue
         nested = me.nested_kind(child.name)
-        if me.owns(child.name) or (nested is not None and (output_kind(child) == nested or _unclaimed(None, child))):
-            remove(child)
-        else:
+        if not (me.owns(child.name) or (nested is not None and (output_kind(child) == nested or _unclaimed(None, child)))):
             raise UserError(f"{path}: holds {child.name}, which {me.command} did not write; nothing was removed from it")
+        doomed.append(child)
+    for child in doomed:
+        remove(child)
 
 
 def unclaim_if_unused(path: str | Path) -> None:

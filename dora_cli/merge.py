@@ -58,6 +58,7 @@ from dora_cli.files import (
     atomic_directory,
     check_output,
     clean_stale,
+    json_with,
     register_output_kind,
     write_json,
     write_output_marker,
@@ -79,7 +80,7 @@ MERGE_OUTPUT = register_output_kind(OutputKind(
     "merge", "dora merge",
     entries=(PROVENANCE_NAME, "config.json", "generation_config.json", "model*.safetensors", SAFE_INDEX,
              *TOKENIZER_FILES, "chat_template.*"),
-    legacy=lambda directory: (directory / PROVENANCE_NAME).is_file(),
+    legacy=lambda directory: json_with(directory / PROVENANCE_NAME, "checkpoint", "checkpoint_kind", "base") is not None,
 ))
 """What `dora merge` writes in --out: a model directory and dora_merge.json."""
 

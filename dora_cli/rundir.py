@@ -58,7 +58,8 @@ from dora_cli.files import (
     write_output_marker,
 )
 
-LEGACY_MARKER = ".dora_run"  # the marker of runs made before files.OUTPUT_MARKER
+LEGACY_MARKER = ".dora_run"  # the marker of runs made before files.OUTPUT_MARKER, with this text:
+LEGACY_MARKER_TEXT = "a dora_cli run directory (dora train --overwrite may clear it)\n"
 INPUTS_NAME = "inputs.json"
 MANIFEST_NAME = "manifest.json"
 RECIPE_NAME = "recipe.yaml"
@@ -334,8 +335,10 @@ def saved_recipe(directory: Path):
 
 def _legacy_run(directory: Path) -> bool:
     """A run directory of an earlier version: its marker, or a recipe it saved beside the log it wrote."""
-    if (directory / LEGACY_MARKER).is_file():
-        return True
+    marker = directory / LEGACY_MARKER
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if marker.is_file() and marker.read_text(encoding="utf-8") == LEGACY_MARKER_TEXT:
+            return True
     if not ((directory / RECIPE_NAME).is_file() and (directory / LOG_NAME).is_file()):
         return False
     try:

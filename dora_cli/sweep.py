@@ -50,6 +50,7 @@ from dora_cli.errors import RunFailure, UserError, did_you_mean, one_of
 from dora_cli.files import (
     OutputKind,
     check_output,
+    json_with,
     output_kind,
     register_output_kind,
     write_json,
@@ -67,7 +68,7 @@ SWEEP_DIR = "sweep"
 REPORT_NAMES = ("sweep.json", "sweep.md", "sweep.png")
 SWEEP_OUTPUT = register_output_kind(OutputKind(
     "sweep", "dora sweep-rank", entries=REPORT_NAMES, nested=(("*-r*", "train"),),
-    legacy=lambda directory: (directory / REPORT_NAMES[0]).is_file(),
+    legacy=lambda directory: json_with(directory / REPORT_NAMES[0], "settings", "trials", "summary") is not None,
 ))
 """What `dora sweep-rank` writes in OUTPUT/sweep: its reports, and one run directory per trial."""
 MIN_Y_SPAN = 10.0  # percentage points: sweep.png never stretches a smaller difference across its axis
