@@ -63,7 +63,7 @@ from dora_cli.files import (
     write_json,
     write_output_marker,
 )
-from dora_cli.recipe import ModelConfig
+from dora_cli.recipe import ModelConfig, dump_recipe, safe_load
 
 PROVENANCE_NAME = "dora_merge.json"
 TOKENIZER_FILES = (
@@ -192,7 +192,7 @@ def _provenance(ckpt: Checkpoint, adapter: Adapter | None, src: Base, dtype: tor
         "checkpoint": str(ckpt.path.resolve()),
         "checkpoint_kind": ckpt.kind,
         "base": src.description,
-        "base_model": src.model.model_dump(mode="json"),
+        "base_model": _saved_model_section(ckpt, src),
         "quantized_base": quantized_base if _trained_quantized(ckpt) else None,
         "dtype": _dtype_name(dtype) if dtype is not None else "as stored",
         "streamed": src.directory is not None,
@@ -204,6 +204,13 @@ def _provenance(ckpt: Checkpoint, adapter: Adapter | None, src: Base, dtype: tor
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dora_cli": _version(),
     }
+
+
+def _saved_model_section(ckpt: Checkpoint, src: Base) -> dict:
+    """The base's model section as the checkpoint's recipe saves it (`${env:...}` references as written)."""
+    if ckpt.recipe is not None and src.model == ckpt.recipe.model:
+        return safe_load(dump_recipe(ckpt.recipe))["model"]
+    return src.model.model_dump(mode="json")
 
 
 def _trained_quantized(ckpt: Checkpoint) -> bool:

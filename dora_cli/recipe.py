@@ -45,7 +45,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dora_cli.adapters.config import AdapterConfig
 from dora_cli.errors import UserError, clip, did_you_mean, note_user_paths, one_of, problem_of
@@ -428,6 +436,9 @@ class Recipe(_Section):
     output_dir: str = Field("runs/default", json_schema_extra=LOCAL_PATH)
     expected: dict[str, float] = Field(default_factory=dict)
     """The paper's numbers for this row (task name or `avg` -> value), carried into metric JSON."""
+    _written: dict[tuple, tuple[str, Any]] = PrivateAttr(default_factory=dict)
+    """(location -> (the text as written, with its `${env:...}`, the value it gave)) of every value a
+    recipe file took from the environment: what `dump_recipe` saves instead of the value."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,8 +455,9 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     data: dict[str, Any] = {}
     for _, layer in layers:
         data = _deep_merge(data, layer)
-    data = _resolve_env(data, ())
-    return _validate(data, str(path), overrides, layers)
+    written: dict[tuple, str] = {}
+    data = _resolve_env(data, (), written)
+    return _validate(data, str(path), overrides, layers, written)
 
 
 def recipe_from_dict(data: dict[str, Any], source: str, overrides: Sequence[str] = ()) -> Recipe:
@@ -458,9 +470,11 @@ def recipe_from_dict(data: dict[str, Any], source: str, overrides: Sequence[str]
 
 
 def _validate(
-    data: dict[str, Any], source: str, overrides: Sequence[str], layers: list[tuple[str, dict[str, Any]]]
+    data: dict[str, Any], source: str, overrides: Sequence[str], layers: list[tuple[str, dict[str, Any]]],
+    written: dict[tuple, str] | None = None,
 ) -> Recipe:
-    """Overrides, then pydantic; `layers` (file name, mapping) tell which file wrote a bad key."""
+    """Overrides, then pydantic; `layers` (file name, mapping) tell which file wrote a bad key; `written`:
+    the text of the values taken from the environment (dropped where an override replaces them)."""
     if not isinstance(data, dict):
         raise UserError(f"expected a mapping of sections, got {_show(data)}", where=source)
     applied: list[tuple[tuple[str, ...], str]] = []
@@ -473,7 +487,32 @@ def _validate(
     except ValidationError as err:
         raise _friendly(err, source, applied, layers) from None
     note_user_paths(*recipe_paths(recipe))
+    dumped = recipe.model_dump(mode="python")
+    for loc, text in (written or {}).items():
+        if any(loc[: len(parts)] == parts for parts, _ in applied):
+            continue  # an override replaced it
+        found, value = _value_at(dumped, loc)
+        if found:
+            recipe._written[loc] = (text, value)
     return recipe
+
+
+def _value_at(tree: Any, loc: tuple) -> tuple[bool, Any]:
+    """(whether `loc` exists in a model dump, its value)."""
+    for part in loc:
+        if isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        elif isinstance(tree, (list, tuple)) and isinstance(part, int) and 0 <= part < len(tree):
+            tree = tree[part]
+        else:
+            return False, None
+    return True, tree
+
+
+def _set_at(tree: Any, loc: tuple, value: Any) -> None:
+    for part in loc[:-1]:
+        tree = tree[part]
+    tree[loc[-1]] = value
 
 
 def recipe_paths(recipe: Recipe) -> list[str]:
@@ -487,10 +526,53 @@ def recipe_paths(recipe: Recipe) -> list[str]:
     ]
 
 
-def dump_recipe(recipe: Recipe) -> str:
-    """The fully resolved recipe as YAML (no `base:`), keys in schema order; `load_recipe` reads it back."""
-    data = recipe.model_dump(mode="python", exclude={"base"})
-    return yaml.safe_dump(_plain(data), sort_keys=False, allow_unicode=True, default_flow_style=False)
+def dump_recipe(recipe: Recipe, *, resolved: bool = False) -> str:
+    """The recipe as YAML (no `base:`), keys in schema order; `load_recipe` reads it back.
+
+    Every value taken from the environment is written as it was written, `${env:...}` and all (the value
+    is used, never saved), unless `resolved` (the run's identity compares values). A path made absolute
+    (`absolute_paths`) keeps its reference behind the directory it was relative to, so the saved recipe
+    names the same file from any directory."""
+    raw = recipe.model_dump(mode="python", exclude={"base"})
+    data = _plain(raw)
+    if not resolved:
+        for loc, (text, value) in recipe._written.items():
+            found, current = _value_at(raw, loc)
+            if not found:
+                continue
+            if current == value:
+                _set_at(data, loc, text)
+            elif _made_absolute(loc, value, current):
+                _set_at(data, loc, os.path.join(os.getcwd(), text))
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def _made_absolute(loc: tuple, value: Any, current: Any) -> bool:
+    """Whether `current` is `value`, a relative path of a path field, made absolute from this directory."""
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(loc[-1]) if model is not None and isinstance(loc[-1], str) else None
+    marked = field is not None and isinstance(field.json_schema_extra, dict) and "path" in field.json_schema_extra
+    return (marked and isinstance(value, str) and not value.startswith(("/", "~"))
+            and current == os.path.abspath(value))
+
+
+@dataclass(frozen=True)
+class EnvReference:
+    """A value a recipe took from the environment."""
+
+    loc: tuple  # where: ("eval", "mt_bench", "judge_url")
+    key: str  # the same, dotted: eval.mt_bench.judge_url
+    text: str  # as written: http://user:${env:KEY}@host/v1
+    value: Any  # what it gave (validated)
+
+
+def env_references(recipe: Recipe) -> list[EnvReference]:
+    return [EnvReference(loc, _format_loc(loc), text, value) for loc, (text, value) in recipe._written.items()]
+
+
+def value_at(tree: Any, loc: tuple) -> tuple[bool, Any]:
+    """(whether `loc` exists in a recipe document, its value)."""
+    return _value_at(tree, loc)
 
 
 def absolute_paths(section: BaseModel) -> BaseModel:
@@ -641,13 +723,14 @@ def _mark_env(source: str) -> Callable[[Any], Any]:
     return lambda value: _EnvText(value, source) if isinstance(value, str) and "${env:" in value else value
 
 
-def _resolve_env(node: Any, key: tuple) -> Any:
-    """The merged tree with every `_EnvText` interpolated."""
+def _resolve_env(node: Any, key: tuple, written: dict[tuple, str]) -> Any:
+    """The merged tree with every `_EnvText` interpolated; `written` gets its text, by location."""
     if isinstance(node, dict):
-        return {k: _resolve_env(v, (*key, k)) for k, v in node.items()}
+        return {k: _resolve_env(v, (*key, k), written) for k, v in node.items()}
     if isinstance(node, list):
-        return [_resolve_env(v, (*key, i)) for i, v in enumerate(node)]
+        return [_resolve_env(v, (*key, i), written) for i, v in enumerate(node)]
     if isinstance(node, _EnvText):
+        written[key] = node.text
         return _interpolate(node, key)
     return node
 

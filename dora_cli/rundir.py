@@ -304,7 +304,7 @@ def identity(recipe) -> dict:
     its paths absolute (a saved recipe's are; relative ones are taken from the current directory)."""
     from dora_cli.recipe import absolute_paths, dump_recipe, safe_load
 
-    data = safe_load(dump_recipe(absolute_paths(recipe)))
+    data = safe_load(dump_recipe(absolute_paths(recipe), resolved=True))
     for dotted in VOLATILE:
         *sections, key = dotted.split(".")
         section = data
@@ -394,7 +394,7 @@ def input_fingerprints(recipe) -> dict:
     A hub name is recorded as such (the hub's revision is not pinned here)."""
     named = [(f"data.sources[{i}].path", source.path, True) for i, source in enumerate(recipe.data.sources)]
     named += [("model.name_or_path", recipe.model.name_or_path, False), ("model.tokenizer", recipe.model.tokenizer, False)]
-    found: dict = {}
+    found: dict = _environment_fingerprints(recipe)
     for key, value, recursive in named:
         if not value:
             continue
@@ -407,12 +407,29 @@ def input_fingerprints(recipe) -> dict:
     return found
 
 
+def _environment_fingerprints(recipe) -> dict:
+    """The values a recipe took from the environment that make the run what it is (not the volatile keys),
+    by their sha256 only: the saved recipe keeps the `${env:...}` reference, the resumed run compares."""
+    from dora_cli.recipe import env_references, value_at
+
+    same_run = identity(recipe)
+    found = {}
+    for ref in env_references(recipe):
+        present, value = value_at(same_run, ref.loc)
+        if present:
+            digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+            found[ref.key] = {"env": ref.text, "sha256": digest}
+    return found
+
+
 def input_change(before: dict, now: dict) -> str | None:
     """The first input that differs between two `input_fingerprints`, in words; None when they agree."""
     for key in sorted(set(before) | set(now)):
         a, b = before.get(key), now.get(key)
         if a == b:
             continue
+        if "env" in (a or {}) or "env" in (b or {}):
+            return f"{key}: its value from the environment ({(a or b)['env']}) is not the one the run started with"
         if a is None or b is None or "files" not in a or "files" not in b:
             return f"{key}: {'added' if a is None else 'removed' if b is None else 'another source'} since the run started"
         files_a, files_b = a["files"], b["files"]
