@@ -230,7 +230,7 @@ def base_weights(src: Base, patterns: list[str]) -> tuple[dict[str, torch.Tensor
     from dora_cli.adapters.base_ops import dequantized_weight
     from dora_cli.models import load_model
 
-    model, _ = load_model(src.model, for_training=False)
+    model, _ = load_model(src.model, for_training=False, label=src.label)
     linear = {n: model.get_submodule(n) for n in linear_module_names(model)}
     shapes = {n: (m.out_features, m.in_features) for n, m in linear.items()}
     chosen = select(list(linear), patterns)

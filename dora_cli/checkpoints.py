@@ -25,8 +25,8 @@ from dora_cli import rundir
 from dora_cli.adapters import AdaptedLinear, AdapterConfig, matches, read_adapter_config, read_adapter_weights
 from dora_cli.adapters.checkpoint import CONFIG_NAME, OURS_NAME, PREFIX
 from dora_cli.adapters.variants import METHODS, Vera, VeraProjections, tensor_suffixes
-from dora_cli.errors import UserError, did_you_mean
-from dora_cli.files import read_json_object
+from dora_cli.errors import UserError, absent, did_you_mean
+from dora_cli.files import read_json_object, safetensors_header
 from dora_cli.recipe import ModelConfig, Recipe
 
 SAFE_SINGLE = "model.safetensors"
@@ -48,8 +48,9 @@ def inspect_checkpoint(path: str | Path) -> Checkpoint:
     """Classify a checkpoint directory; UserError for anything that holds neither an adapter nor a
     model, and for one of ours whose files no longer match its manifest."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: does not exist")
+    problem = absent(path)
+    if problem is not None:
+        raise UserError(f"{path}: {problem}")
     if not path.is_dir():
         raise UserError(f"{path}: expected a checkpoint directory, got a file")
     if (path / rundir.MANIFEST_NAME).is_file():
@@ -246,13 +247,16 @@ class Base:
     directory: Path | None  # a local Hugging Face directory of safetensors to stream from, else None
     cast: torch.dtype | None  # the dtype the trained forward saw W0 in (None: as stored)
     tokenizer_dir: Path | None = None  # a local directory to copy the tokenizer files from
+    label: str = "model.name_or_path"  # how errors name it: --base, the recipe's key, adapter_config.json's
 
 
-def resolve_base(ckpt: Checkpoint, base: str | None = None, *, quantized_base: str = "dequantized") -> Base:
-    """Where the base weights come from: --base, else recipe.yaml's model section, else the adapter's config."""
+def resolve_base(ckpt: Checkpoint, base: str | None = None, *, quantized_base: str = "dequantized",
+                 recipe: Recipe | None = None) -> Base:
+    """Where the base weights come from: --base, else recipe.yaml's model section, else the adapter's config.
+    `recipe`: the recipe of the command (the checkpoint's with overrides, or the defaults), when it has one."""
     from dora_cli.models import cached_gguf_dir, resolve_source
 
-    recipe = ckpt.recipe
+    recipe = recipe or ckpt.recipe
     if recipe is not None:
         cfg = recipe.model
         if base is not None:
@@ -269,7 +273,8 @@ def resolve_base(ckpt: Checkpoint, base: str | None = None, *, quantized_base: s
     if original:
         cfg = cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"mode": "none"})})
     where = "--base" if base is not None else (
-        f"{ckpt.path / rundir.RECIPE_NAME}: model.name_or_path" if recipe else f"{ckpt.path / CONFIG_NAME}: base_model_name_or_path"
+        f"{ckpt.path / rundir.RECIPE_NAME}: model.name_or_path" if ckpt.recipe is not None
+        else f"{ckpt.path / CONFIG_NAME}: base_model_name_or_path"
     )
     source = resolve_source(cfg.name_or_path, where=where)
     directory = None
@@ -285,7 +290,8 @@ def resolve_base(ckpt: Checkpoint, base: str | None = None, *, quantized_base: s
         description += f" ({cfg.quantization.mode}, dequantized)"
     elif original:
         description += " (its original weights; the adapter was trained on a quantized copy)"
-    return Base(model=cfg, description=description, directory=directory, cast=cast, tokenizer_dir=_tokenizer_dir(cfg, directory))
+    return Base(model=cfg, description=description, directory=directory, cast=cast,
+                tokenizer_dir=_tokenizer_dir(cfg, directory), label=where)
 
 
 def _tokenizer_dir(cfg: ModelConfig, directory: Path | None) -> Path | None:
@@ -332,6 +338,7 @@ def read_shapes(directory: Path) -> ShardPlan:
     shards, sharded = shard_map(directory)
     shapes: dict[str, tuple[int, ...]] = {}
     for name in list(shards):
+        safetensors_header(directory / name)
         with safe_open(str(directory / name), framework="pt") as f:
             keys = list(f.keys())
             if sharded and set(shards[name]) - set(keys):
@@ -358,6 +365,7 @@ def read_tensors(directory: Path, keys: list[str]) -> dict[str, torch.Tensor]:
         by_file.setdefault(name, []).append(key)
     out: dict[str, torch.Tensor] = {}
     for name, wanted in by_file.items():
+        safetensors_header(directory / name)
         with safe_open(str(directory / name), framework="pt") as f:
             present = set(f.keys())
             for key in wanted:

@@ -113,8 +113,8 @@ def load_for_eval(target: Target, recipe: Recipe, base: str | None = None):
             dtype=source.dtype, trust_remote_code=source.trust_remote_code,
         )
         return load_model(cfg, for_training=False)
-    src = resolve_base(Checkpoint(ckpt.path, ckpt.kind, recipe), base)  # the recipe with the overrides
-    model, tokenizer = load_model(src.model, for_training=False)
+    src = resolve_base(ckpt, base, recipe=recipe)  # the recipe with the overrides
+    model, tokenizer = load_model(src.model, for_training=False, label=src.label)
     load_adapter(model, ckpt.path)
     model.eval()
     return model, tokenizer

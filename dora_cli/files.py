@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dora_cli.errors import UserError, problem_of, reading
+from dora_cli.errors import UserError, absent, problem_of, reading
 
 TMP_PREFIX = ".tmp-"
 
@@ -129,6 +129,8 @@ def _check_writable_place(path: Path, label: str) -> None:
             os.stat(ancestor)
             break
         except FileNotFoundError:
+            if os.path.islink(ancestor):
+                raise UserError(f"{label}: cannot be created: {ancestor} {absent(ancestor)}") from None
             if ancestor == ancestor.parent:
                 break
             ancestor = ancestor.parent
@@ -410,6 +412,36 @@ def read_json_object(path: str | Path) -> dict:
     return raw
 
 
+def safetensors_header(path: str | Path) -> dict:
+    """The header of a safetensors file, checked against the file before any library opens it: a file that
+    is cut short, is not safetensors or cannot be read is one line naming it (UserError)."""
+    path = Path(path)
+    with reading(path), open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or 8 + length > size:
+            raise UserError(f"{path}: not a complete safetensors file ({size} bytes; its header "
+                            f"{'is cut short' if length >= 2 else 'is missing'})")
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, RecursionError):
+            raise UserError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    data = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise UserError(f"{path}: not a safetensors file (tensor {name!r} has no valid data_offsets)")
+        if offsets[1] > data:
+            raise UserError(f"{path}: cut short: tensor {name!r} ends at byte {offsets[1]} of its data, the file holds {data}")
+    return header
+
+
 # ---- JSON lines ---------------------------------------------------------------------------------------
 def append_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     """Append records as JSON lines in one write, then flush and fsync."""
@@ -458,7 +490,7 @@ def read_jsonl(path: str | Path, what: str) -> list[dict]:
     """A JSON-lines input file; a missing file, an unreadable one or a bad line is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{what}: {path} does not exist")
+        raise UserError(f"{what}: {path} {'is a directory, not a file' if path.is_dir() else absent(path)}")
     with reading(path):
         lines = path.read_text(encoding="utf-8").splitlines()
     records = []

@@ -317,7 +317,7 @@ def _load_adapted(src: Base, adapter_dir: Path | None):
     from dora_cli.adapters import load_adapter
     from dora_cli.models import load_model
 
-    model, tokenizer = load_model(src.model, for_training=False)
+    model, tokenizer = load_model(src.model, for_training=False, label=src.label)
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
     return model, tokenizer
@@ -348,10 +348,10 @@ def _inside(path: Path, other: Path) -> bool:
 
 
 def _check_out(out: Path, force: bool, protected: list[Path]) -> None:
+    check_output(out, MERGE_OUTPUT.name, label=f"--out {out}", replace=force)
     for p in protected:
         if _inside(out, p):
             raise UserError(f"--out {out}: is (or contains) {p}, which the merge reads; choose another directory")
-    check_output(out, MERGE_OUTPUT.name, label=f"--out {out}", replace=force)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out}: already holds a merged model; pass --force to replace it")
 

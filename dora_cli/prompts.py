@@ -136,9 +136,8 @@ def require_chat_template(tokenizer: Any, where: str = "data.template: chat") ->
     """UserError unless the tokenizer has a chat template."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise UserError(
-            f"the tokenizer {name!r} has no chat template (expected llm_adapters for a base model)", where=where
-        )
+        other = "--template llm_adapters or alpaca" if where.startswith("--template") else "data.template: llm_adapters"
+        raise UserError(f"the tokenizer {name!r} has no chat template (for a base model use {other})", where=where)
 
 
 def chat_prompt(tokenizer: Any, instruction: str, input: str = "", output: str | None = None) -> str:

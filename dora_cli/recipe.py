@@ -56,7 +56,7 @@ from pydantic import (
 )
 
 from dora_cli.adapters.config import AdapterConfig
-from dora_cli.errors import UserError, clip, did_you_mean, note_user_paths, one_of, problem_of
+from dora_cli.errors import UserError, absent, clip, did_you_mean, note_user_paths, one_of, problem_of
 
 MAX_VALUES = 10_000
 """Most values a recipe document may hold once its aliases (`*name`) are expanded: far above any real
@@ -629,6 +629,9 @@ def _read_layers(path: Path, chain: tuple[tuple[str, Path], ...]) -> list[tuple[
     if isinstance(base, _EnvText):
         base = _interpolate(base, ("base",))
     base_path = Path(os.path.normpath(path.parent / base))
+    problem = absent(base_path)
+    if problem is not None:
+        raise UserError(f"base: {base_path}: {'no such file' if problem == 'does not exist' else problem}", where=str(path))
     chain = (*chain, (str(path), path.resolve()))
     seen = [resolved for _, resolved in chain]
     if base_path.resolve() in seen:
@@ -642,8 +645,9 @@ def _read_layers(path: Path, chain: tuple[tuple[str, Path], ...]) -> list[tuple[
 def _read_mapping(path: Path) -> dict[str, Any]:
     """One YAML file as a fresh mapping, strings with `${env:` wrapped for later interpolation."""
     where = str(path)
-    if not path.exists():
-        raise UserError("no such file", where=where)
+    problem = absent(path)
+    if problem is not None:
+        raise UserError("no such file" if problem == "does not exist" else problem, where=where)
     if path.is_dir():
         raise UserError("is a directory, not a recipe file", where=where)
     try:

@@ -127,6 +127,8 @@ class RunLock:
     def _create(self, me: dict) -> None:
         """The lock file with its content, created at once (a hard link of a written temporary: a kill never
         leaves an empty lock); FileExistsError when it exists."""
+        if os.path.lexists(self.path):  # nothing written next to a lock that is held
+            raise FileExistsError(self.path)
         tmp = self.path.with_name(f"{TMP_PREFIX}{LOCK_NAME}-{os.getpid()}")
         tmp.write_text(json.dumps(me))
         try:
