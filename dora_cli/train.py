@@ -39,6 +39,7 @@ from dora_cli.console import duration
 from dora_cli.errors import RunFailure, Terminated, UserError
 from dora_cli.launch import (
     check_launch,
+    check_started,
     checks_output_dir,
     cpu_cores,
     effective_config,
@@ -317,6 +318,7 @@ class Trainer:
 
         r = self.recipe
         self.acc = make_accelerator(r, **trackers.accelerator_options(r, self.dir))
+        check_started(self.acc, r)  # the processes and strategy asked for, before anything is set up
         # One process stops at once when signalled during setup; several note the signal, finish setting up
         # and stop together (one alone would leave the others waiting in a collective).
         self.signals.immediate = self.acc.num_processes == 1
