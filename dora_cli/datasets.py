@@ -445,6 +445,13 @@ def tokenize_conversations(records: Sequence[dict], tokenizer: Any, cfg: DataCon
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"format {cfg.format} needs a fast tokenizer (character offsets find the assistant turns); "
                         f"{type(tokenizer).__name__} is not one", where="data.format")
+    if not cfg.train_on_inputs and prompts.marks_generation(tokenizer):  # transformers' own assistant mask
+        out = []
+        for r in records:
+            ids, mask = prompts.assistant_mask(tokenizer, r["messages"], cfg.cutoff_len, _conversation_label(r))
+            labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+            out.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
+        return out
     if cfg.train_on_inputs:  # everything is trained: no spans to find
         rendered = [(prompts.render_conversation(tokenizer, r["messages"], _conversation_label(r)), []) for r in records]
     else:

@@ -383,6 +383,11 @@ CASES: dict[str, Build] = {
     "sweep-into-a-folder-of-the-user-s": lambda k: [
         "sweep-rank", k.recipe(), "--ranks", "2", f"output_dir={k.write('mine/sweep/notes.txt', 'x').parents[1]}"],
     "chat-stdin-closed": lambda k: ["chat", str(close_stdin(k, k.run()))],
+    "dry-run-every-response-cut-off": lambda k: ["train", k.recipe(), "--dry-run", "data.cutoff_len=8",
+                                                 "data.train_on_inputs=false"],
+    "dry-run-batch-larger-than-the-data": lambda k: ["train", k.recipe(), "--dry-run", "train.batch_size=512"],
+    "dry-run-into-a-folder-of-the-user-s": lambda k: [
+        "train", k.recipe(), "--dry-run", f"output_dir={k.write('mine/notes.txt', 'x').parent}"],
     "peft-adapter-whose-base-is-missing": lambda k: ["generate", str(peft_copy(k, base=k.tmp / "gone")), "q"],
     "eval-peft-adapter-whose-base-is-missing": lambda k: ["eval", str(peft_copy(k, base=k.tmp / "gone")), *eval_flags(k)],
     "generate-chat-template-of-a-conversation-run-without-one": lambda k: ["generate", str(conversation_run(k)), "q"],
