@@ -91,9 +91,10 @@ def run_analyze(
 
     w0, shapes = base_weights(src, modules)  # the base, read once
     names = sorted(w0, key=_order)
-    for c in ckpts:  # every refusal before the first line of work
-        _read_and_check(c, shapes, names, modules)
+    notes = [note for c in ckpts if (note := _read_and_check(c, shapes, names, modules))]  # every refusal first
     say(f"analysing {len(names)} modules of {src.description} in {len(ckpts)} checkpoints")
+    for note in notes:
+        say(note)
 
     points: list[dict] = []
     for c in ckpts:
@@ -243,11 +244,16 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
-def _read_and_check(c: Analysed, shapes: dict, names: list[str], patterns: list[str]) -> None:
-    """An adapter checkpoint's tensors, checked against the base; UserError when it adapts none of the
-    analysed modules."""
+def _read_and_check(c: Analysed, shapes: dict, names: list[str], patterns: list[str]) -> str | None:
+    """An adapter checkpoint's tensors, checked against the base (a full one: its analysed weights are
+    there); UserError when it adapts none of the analysed modules; a note when it adapts only some."""
     if c.ckpt.kind != "adapter":
-        return
+        have = read_shapes(c.ckpt.path).shapes
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise UserError(f"{c.ckpt.path}: holds no tensor {missing[0]}.weight (is it a full fine-tuning "
+                            "checkpoint of this base?)")
+        return None
     c.adapter = read_adapter(c.ckpt.path)
     check_fits(c.adapter, shapes, base="the base")
     if not any(n in c.adapter.modules for n in names):
@@ -256,6 +262,10 @@ def _read_and_check(c: Analysed, shapes: dict, names: list[str], patterns: list[
             f"--modules {','.join(patterns)}: {c.ckpt.path} has no adapter on these modules "
             f"(it adapts {', '.join(adapted)}{did_you_mean(patterns[0], adapted)})"
         )
+    skipped = [n for n in names if n not in c.adapter.modules]
+    if skipped:
+        return f"{c.ckpt.path}: {len(skipped)} analysed modules have no adapter (for example {skipped[0]}); left out"
+    return None
 
 
 def effective_weights(c: Analysed, w0: dict[str, torch.Tensor], shapes: dict, names: list[str]) -> dict[str, torch.Tensor]:
@@ -265,9 +275,6 @@ def effective_weights(c: Analysed, w0: dict[str, torch.Tensor], shapes: dict, na
         return {n: tensors[f"{n}.weight"].float() for n in names}
     adapter = c.adapter
     vera = adapter.vera(shapes)
-    skipped = [n for n in names if n not in adapter.modules]
-    if skipped:
-        say(f"{c.ckpt.path}: {len(skipped)} analysed modules have no adapter (for example {skipped[0]}); left out")
     return {n: fold(w0[n], n, adapter, vera) for n in names if n in adapter.modules}
 
 

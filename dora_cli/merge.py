@@ -123,7 +123,7 @@ def run_merge(
     adapter, src = _sources(ckpt, base, quantized_base)
     if src.directory is not None:
         _check_out(out, force, protected=[ckpt.path, src.directory])
-    src = _in_memory_if_tied(adapter, src)
+    src, tied = _in_memory_if_tied(adapter, src)
     out_dtype = target if target is not None else src.cast  # auto: the dtype the trained forward saw
     record = _provenance(ckpt, adapter, src, out_dtype, quantized_base)
 
@@ -136,6 +136,8 @@ def run_merge(
         fill = lambda tmp: _stream_merge(plan, adapter, src, out_dtype, tmp)  # noqa: E731
     else:
         model, tokenizer = _load_adapted(src, ckpt.path if adapter is not None else None)  # validates, writes nothing
+        if tied:
+            say(tied)
         say(f"merging {ckpt.path} into {src.description} (loaded in memory)")
         fill = lambda tmp: _save_unwrapped(model, tokenizer, out_dtype, tmp)  # noqa: E731
 
@@ -165,15 +167,15 @@ def _sources(ckpt: Checkpoint, base: str | None, quantized_base: str) -> tuple[A
                       cast=None, tokenizer_dir=ckpt.path)
 
 
-def _in_memory_if_tied(adapter: Adapter | None, src: Base) -> Base:
-    """`src` without its shards to stream when the adapter changes a weight the base stores only once,
-    tied to another (lm_head with tied embeddings): the in-memory merge unties them, and says so."""
+def _in_memory_if_tied(adapter: Adapter | None, src: Base) -> tuple[Base, str | None]:
+    """(`src` without its shards to stream when the adapter changes a weight the base stores only once, tied
+    to another (lm_head with tied embeddings): the in-memory merge unties them; what to say about it)."""
     if adapter is None or src.directory is None:
-        return src
+        return src, None
     shapes = read_shapes(src.directory).shapes
     missing = [n for n in adapter.modules if n not in shapes]
     if not missing:
-        return src
+        return src, None
     from dora_cli.models import meta_model
 
     shared: dict[int, list[str]] = {}
@@ -181,9 +183,9 @@ def _in_memory_if_tied(adapter: Adapter | None, src: Base) -> Base:
         shared.setdefault(id(p), []).append(name)
     tied = sorted(n for n in missing if any(f"{n}.weight" in names for names in shared.values() if len(names) > 1))
     if not tied:
-        return src  # not a tie: check_fits refuses the adapter
-    say(f"{', '.join(tied)}: tied to another weight in {src.directory}, which stores it once: merging in memory to untie it")
-    return dataclasses.replace(src, directory=None)
+        return src, None  # not a tie: check_fits refuses the adapter
+    note = f"{', '.join(tied)}: tied to another weight in {src.directory}, which stores it once: merging in memory to untie it"
+    return dataclasses.replace(src, directory=None), note
 
 
 def _provenance(ckpt: Checkpoint, adapter: Adapter | None, src: Base, dtype: torch.dtype | None, quantized_base: str) -> dict:

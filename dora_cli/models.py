@@ -209,6 +209,12 @@ def check_gguf_header(gguf_path: str | os.PathLike) -> None:
     if len(head) < 24 or 24 + 32 * tensors + 13 * entries > size:
         raise UserError(f"{gguf_path}: damaged GGUF header ({tensors} tensors and {entries} metadata entries "
                         f"announced in {size} bytes)", where=where)
+    from gguf import GGUFReader
+
+    with loading(f"{gguf_path}: the .gguf file cannot be read", where=where):
+        reader = GGUFReader(gguf_path)
+    if "general.architecture" not in reader.fields or not reader.tensors:
+        raise UserError(f"{gguf_path}: a GGUF file without a model (no general.architecture, or no tensors)", where=where)
 
 
 @contextlib.contextmanager

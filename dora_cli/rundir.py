@@ -88,8 +88,8 @@ VOLATILE = {
 class RunLock:
     """An exclusive claim on a directory, released on exit; a crashed owner's lock is stale.
 
-    A directory the lock had to create is removed again on release when nothing was written into it,
-    so a command refused after taking the lock leaves the disk as it was."""
+    The directories the lock had to create (parents included) are removed again on release when nothing was
+    written into them, so a command refused after taking the lock leaves the disk as it was."""
 
     def __init__(self, directory: Path, what: str = "dora run", noun: str = "output_dir"):
         self.path = Path(directory) / LOCK_NAME
@@ -99,8 +99,11 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         directory = self.path.parent
+        missing = directory
+        while not missing.parent.exists() and missing.parent != missing:
+            missing = missing.parent  # the topmost directory this lock makes (parents included)
         if not directory.exists():
-            self.created = directory
+            self.created = missing
         directory.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         for _ in range(2):
@@ -148,9 +151,12 @@ class RunLock:
             if owner and owner.get("pid") == os.getpid():
                 self.path.unlink(missing_ok=True)
             self.held = False
-            if self.created is not None:
-                with contextlib.suppress(OSError):
-                    self.created.rmdir()  # only when empty
+            if self.created is not None:  # what it made, when nothing was written into it (empty directories only)
+                for directory in [self.path.parent, *self.path.parent.parents]:
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
+                    if directory == self.created:
+                        break
 
     def __enter__(self) -> RunLock:
         return self.acquire()

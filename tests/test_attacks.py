@@ -725,6 +725,24 @@ def test_every_path_argument_refuses_every_fault_in_one_line(name, fault, kit, m
 
 
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("target", ["gguf", "mt-bench-without-judge-model"])
+def test_a_refusal_with_the_default_output_writes_not_even_a_directory(target, kit, monkeypatch, capfd):
+    """`dora eval` on a garbage .gguf (default output runs/eval-<name> under the current directory), an MT-Bench
+    refusal (default output eval-final in the run directory): nothing written, no directory made."""
+    if target == "gguf":
+        argv = ["eval", gguf(kit, b"GGUF\x03\x00\x00\x00" + bytes(64)), "--tasks", "boolq",
+                "--data-dir", str(ROOT / "data" / "smoke" / "commonsense")]
+    else:
+        argv = ["eval", str(kit.run()), *judge_files(kit, prompts_with("{question}{answer}", {
+            "single-v1-multi-turn": "{question_1}", "single-math-v1-multi-turn": "{question_1}"}))[:-2],
+            "eval.mt_bench.judge_model=null"]
+    before = snapshot(kit.tmp)
+    code, _, err = dora_in_process(argv, monkeypatch, capfd, cwd=kit.tmp)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert snapshot(kit.tmp) == before
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_the_error_names_what_the_user_gave(kit, monkeypatch, capfd):
     """A PEFT adapter's missing base is named where it is written (adapter_config.json), not a recipe.yaml that
     does not exist; `--template` is this command's option, never the recipe's data.template."""
