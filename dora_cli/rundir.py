@@ -1,9 +1,10 @@
 """The output directory of a run, and everything in it: nobody else spells these paths.
 
     output_dir/
-      .dora_run                marks a directory dora_cli made: the only kind --overwrite may clear
+      .dora_output             {"kind": "train"}: a run directory (files.check_output; earlier runs: .dora_run)
       .lock                    pid and host of the run using the directory (a dead owner's lock is taken over)
-      recipe.yaml              the resolved recipe of the run that owns the directory
+      recipe.yaml              the resolved recipe of the run that owns the directory (${env:...} as written)
+      inputs.json              what the run trains on (input_fingerprints), compared by --resume
       accelerate.yaml          the Accelerate setup it trained with, as set up (processes, machines, strategy and
                                its settings; `accelerate launch --config_file` reads it), rewritten at each start
       deepspeed.json           the DeepSpeed config it ran with (strategy deepspeed only)
@@ -17,11 +18,12 @@
         recipe.yaml
         trainer_state/         optimizer.pt (tensors only) and state.json (the step); the schedule, the data
                                order and the dropout masks are functions of the step
-        manifest.json          size and sha256 of every other file: written last, checked on resume and by
-                               every command that reads the checkpoint
+        manifest.json          size and sha256 of every other file, exactly the files present: written last,
+                               checked on resume and by every command that reads the checkpoint
       final/                   the same, without trainer_state/
+      eval-<checkpoint>/, <checkpoint>-merged/   dora eval's and dora merge's default outputs (their own kinds)
 
-`RunDir` is the run's handle on all of it: the identity check (is this the same recipe?), clearing,
+`RunDir` is the run's handle on all of it: the identity check (is this the same recipe, on the same inputs?), clearing,
 the recipe, the run log, metrics, checkpoints and the trainer state. Writes that fail (disk full,
 read-only) end the run with one line naming the file; complete checkpoints already written stay intact.
 """
