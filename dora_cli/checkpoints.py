@@ -15,6 +15,7 @@ Base weights that are a local directory of safetensors are read without building
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,9 +45,19 @@ class Checkpoint:
     recipe: Recipe | None
 
 
-def inspect_checkpoint(path: str | Path) -> Checkpoint:
+UNUSED_IN_EVAL = ("data.sources", "optim", "schedule", "train", "launch", "output_dir", "eval.mt_bench")
+"""The parts of a checkpoint's recipe that `dora eval` does not use (MT-Bench's only outside MT-Bench): a
+`${env:...}` there may be unset."""
+UNUSED_BY_CHECKPOINT_READERS = (*UNUSED_IN_EVAL, "eval", "expected")
+"""The parts that merge, analyze and generate do not use."""
+
+
+def inspect_checkpoint(path: str | Path, overrides: Sequence[str] = (),
+                       optional: Sequence[str] = UNUSED_BY_CHECKPOINT_READERS) -> Checkpoint:
     """Classify a checkpoint directory; UserError for anything that holds neither an adapter nor a
-    model, and for one of ours whose files no longer match its manifest."""
+    model, and for one of ours whose files no longer match its manifest. `overrides`: the command's dotted
+    overrides of its recipe (a value they replace is not looked up in the environment); `optional`: the keys
+    of the recipe the command does not use (a `${env:...}` there may be unset)."""
     path = Path(path)
     problem = absent(path)
     if problem is not None:
@@ -57,7 +68,7 @@ def inspect_checkpoint(path: str | Path) -> Checkpoint:
         problem = rundir.verify(path)
         if problem is not None:
             raise UserError(f"{path}: the checkpoint is damaged ({problem}); it was changed after training wrote it")
-    recipe = read_recipe(path)
+    recipe = read_recipe(path, overrides, optional)
     if (path / CONFIG_NAME).is_file():
         return Checkpoint(path, "adapter", recipe)
     if (path / "config.json").is_file() and has_safetensors(path):
@@ -72,14 +83,15 @@ def inspect_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
-def read_recipe(directory: Path) -> Recipe | None:
-    """The resolved recipe a checkpoint was trained with (recipe.yaml), or None."""
+def read_recipe(directory: Path, overrides: Sequence[str] = (),
+                optional: Sequence[str] = UNUSED_BY_CHECKPOINT_READERS) -> Recipe | None:
+    """The resolved recipe a checkpoint was trained with (recipe.yaml, with `overrides`), or None."""
     path = Path(directory) / rundir.RECIPE_NAME
     if not path.is_file():
         return None
     from dora_cli.recipe import load_recipe
 
-    return load_recipe(path)
+    return load_recipe(path, overrides, optional=optional)
 
 
 def has_safetensors(directory: Path) -> bool:

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dora_cli import rundir
-from dora_cli.checkpoints import Checkpoint, adapter_base_model, inspect_checkpoint, resolve_base
+from dora_cli.checkpoints import (
+    UNUSED_IN_EVAL,
+    Checkpoint,
+    adapter_base_model,
+    inspect_checkpoint,
+    resolve_base,
+)
 from dora_cli.errors import UserError
 from dora_cli.eval.suites import SUITES, SuiteRun, suite_of
 from dora_cli.files import (
@@ -70,22 +76,30 @@ class Target:
         return Path("runs") / f"eval-{self.label}"
 
 
-def find_target(name: str | Path) -> Target:
-    """Classify TARGET without loading anything (a missing local path is a UserError)."""
+def find_target(name: str | Path, overrides: list[str] | None = None,
+                optional: tuple[str, ...] = UNUSED_IN_EVAL) -> Target:
+    """Classify TARGET without loading anything (a missing local path is a UserError); `overrides` of its
+    recipe replace values that are then never looked up (a `${env:...}` the command does not need)."""
     from dora_cli.models import resolve_source
 
     if Path(name).is_dir():
-        return Target(str(name), inspect_checkpoint(name))
+        return Target(str(name), inspect_checkpoint(name, overrides or [], optional))
     resolve_source(str(name), where="TARGET")
     return Target(str(name), None)
 
 
-def target_recipe(target: Target, overrides: list[str], base: str | None = None) -> Recipe:
+def target_recipe(target: Target, overrides: list[str], base: str | None = None,
+                  optional: tuple[str, ...] = UNUSED_IN_EVAL) -> Recipe:
     """The recipe of an evaluation: the checkpoint's own (recipe.yaml), else the defaults for its base;
-    then the dotted overrides."""
+    then the dotted overrides. `optional`: keys whose `${env:...}` may stay unset (MT-Bench's, unless the
+    suite is MT-Bench)."""
     ckpt = target.checkpoint
     if ckpt is not None and ckpt.recipe is not None:
-        return load_recipe(ckpt.path / rundir.RECIPE_NAME, overrides)
+        path = ckpt.path / rundir.RECIPE_NAME
+        recipe = load_recipe(path, overrides, optional=optional)
+        if recipe.eval.suite == "mt_bench" and "eval.mt_bench" in optional:  # MT-Bench needs its settings
+            recipe = load_recipe(path, overrides, optional=[k for k in optional if k != "eval.mt_bench"])
+        return recipe
     if ckpt is None:
         name = target.name
     elif ckpt.kind == "adapter":
@@ -163,7 +177,7 @@ def run_eval(
     progress: bool = True,
 ) -> dict:
     """`dora eval`: the target's recipe (or the defaults) with the overrides, then `evaluate`."""
-    found = find_target(target)
+    found = find_target(target, list(overrides or []))
     recipe = target_recipe(found, list(overrides or []), base)
     return evaluate(found, recipe, base=base, out=out, overwrite=overwrite, progress=progress)
 

@@ -61,6 +61,7 @@ class Talker:
     def __init__(self, target: str | Path, sampling: Sampling, *, template: str | None = None, base: str | None = None):
         import torch
 
+        from dora_cli.checkpoints import UNUSED_BY_CHECKPOINT_READERS
         from dora_cli.evaluate import find_target, load_for_eval, target_recipe
         from dora_cli.prompts import TEMPLATES, require_chat_template
 
@@ -68,8 +69,8 @@ class Talker:
         if template is not None and template not in TEMPLATES:
             raise UserError(f"--template: expected one of {one_of(TEMPLATES)}, got {template!r}"
                             f"{did_you_mean(template, TEMPLATES)}")
-        found = find_target(target)
-        recipe = target_recipe(found, [], base)  # --template is this command's, never the recipe's data.template
+        found = find_target(target, optional=UNUSED_BY_CHECKPOINT_READERS)
+        recipe = target_recipe(found, [], base, UNUSED_BY_CHECKPOINT_READERS)  # --template: this command's, not data.template
         has_recipe = found.checkpoint is not None and found.checkpoint.recipe is not None
         self.model, self.tokenizer = load_for_eval(found, recipe, base)
         if template or has_recipe:

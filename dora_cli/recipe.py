@@ -445,9 +445,11 @@ class Recipe(_Section):
 # Loading
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, optional: Sequence[str] = ()) -> Recipe:
     """Read a recipe file, resolve `base:` and `${env:...}`, apply dotted overrides, validate.
 
+    `optional`: dotted keys the command has no use for (`eval.mt_bench`); a `${env:VAR}` under them whose
+    variable is not set stays as written (a saved recipe read without, say, the judge's key).
     Every problem the user can fix raises a one-line `UserError`.
     """
     path = Path(path)
@@ -455,9 +457,24 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     data: dict[str, Any] = {}
     for _, layer in layers:
         data = _deep_merge(data, layer)
+    replaced = [_parse_override(text) for text in overrides]  # a value an override replaces is never looked up
     written: dict[tuple, str] = {}
-    data = _resolve_env(data, (), written)
+    data = _resolve_env(data, (), written, lambda loc: any(_replaces(parts, value, loc) for parts, value in replaced),
+                        lambda loc: any(_format_loc(loc).startswith(key) for key in optional))
     return _validate(data, str(path), overrides, layers, written)
+
+
+def _replaces(parts: tuple, value: Any, loc: tuple) -> bool:
+    """Whether an override of `parts` with `value` replaces the value at `loc` (a mapping merges: only its keys)."""
+    if loc[: len(parts)] != parts:
+        return False
+    for key in loc[len(parts):]:
+        if not isinstance(value, dict):
+            return True
+        if key not in value:
+            return False
+        value = value[key]
+    return True
 
 
 def recipe_from_dict(data: dict[str, Any], source: str, overrides: Sequence[str] = ()) -> Recipe:
@@ -488,8 +505,9 @@ def _validate(
         raise _friendly(err, source, applied, layers) from None
     note_user_paths(*recipe_paths(recipe))
     dumped = recipe.model_dump(mode="python")
+    parsed = [_parse_override(text) for _, text in applied]
     for loc, text in (written or {}).items():
-        if any(loc[: len(parts)] == parts for parts, _ in applied):
+        if any(_replaces(parts, value, loc) for parts, value in parsed):
             continue  # an override replaced it
         found, value = _value_at(dumped, loc)
         if found:
@@ -727,15 +745,25 @@ def _mark_env(source: str) -> Callable[[Any], Any]:
     return lambda value: _EnvText(value, source) if isinstance(value, str) and "${env:" in value else value
 
 
-def _resolve_env(node: Any, key: tuple, written: dict[tuple, str]) -> Any:
-    """The merged tree with every `_EnvText` interpolated; `written` gets its text, by location."""
+def _resolve_env(node: Any, key: tuple, written: dict[tuple, str], replaced: Callable[[tuple], bool],
+                 unused: Callable[[tuple], bool]) -> Any:
+    """The merged tree with every `_EnvText` interpolated (but where an override will replace it: `replaced`;
+    where the command has no use for it, `unused`, an unset variable leaves the text as written); `written`
+    gets its text, by location."""
     if isinstance(node, dict):
-        return {k: _resolve_env(v, (*key, k), written) for k, v in node.items()}
+        return {k: _resolve_env(v, (*key, k), written, replaced, unused) for k, v in node.items()}
     if isinstance(node, list):
-        return [_resolve_env(v, (*key, i), written) for i, v in enumerate(node)]
+        return [_resolve_env(v, (*key, i), written, replaced, unused) for i, v in enumerate(node)]
     if isinstance(node, _EnvText):
+        if replaced(key):
+            return node.text
         written[key] = node.text
-        return _interpolate(node, key)
+        try:
+            return _interpolate(node, key)
+        except UserError:
+            if unused(key):
+                return node.text
+            raise
     return node
 
 

@@ -334,13 +334,13 @@ def first_difference(a, b, prefix: str = "") -> str:
 
 
 def saved_recipe(directory: Path):
-    """The recipe a run directory holds (its recipe.yaml, `${env:...}` resolved as written), None without one."""
+    """The recipe a run directory holds (its recipe.yaml, `${env:...}` resolved), None without one."""
     from dora_cli.recipe import load_recipe
 
     path = directory / RECIPE_NAME
     if not path.is_file():
         return None
-    return load_recipe(path)
+    return load_recipe(path, optional=sorted(VOLATILE))  # a ${env:...} unset in a key that may change stays
 
 
 def _legacy_run(directory: Path) -> bool:

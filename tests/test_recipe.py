@@ -543,3 +543,16 @@ def test_dora_train_bad_recipe_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines == ['error: bad.yaml: adapter.rr: unknown key (did you mean "r"?)']
+
+
+def test_a_value_an_override_replaces_is_never_looked_up_in_the_environment():
+    """`dora eval CKPT eval.mt_bench.judge_url=null` works without the judge's key its recipe names."""
+    write("x.yaml", MINIMAL + "eval: {mt_bench: {judge_url: 'http://u:${env:DORA_TEST_UNSET}@h/v1', "
+                              "judge_model: '${env:DORA_TEST_UNSET}'}}\n")
+    with pytest.raises(UserError, match="environment variable DORA_TEST_UNSET is not set"):
+        load_recipe("x.yaml")
+    with pytest.raises(UserError, match="judge_model: environment variable DORA_TEST_UNSET is not set"):
+        load_recipe("x.yaml", ["eval.mt_bench.judge_url=null"])  # the other reference is still needed
+    recipe = load_recipe("x.yaml", ["eval.mt_bench.judge_url=null", "eval.mt_bench={judge_model: m}"])
+    assert recipe.eval.mt_bench.judge_url is None and recipe.eval.mt_bench.judge_model == "m"
+    assert "${env:" not in dump_recipe(recipe)

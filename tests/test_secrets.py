@@ -292,3 +292,13 @@ def test_a_key_planted_through_env_references_is_never_written_or_printed(tmp_pa
     saved = (run / "recipe.yaml").read_text()  # the references are there, as written
     assert f"http://user:${{env:{PLANTED_ENV}}}@judge.example/v1?key=${{env:{PLANTED_ENV}}}" in saved
     assert f"judge-${{env:{PLANTED_ENV}}}" in saved and f"split: ${{env:{PLANTED_ENV}}}" in saved
+    # Without the key: what does not use it works (a commonsense eval, analyze, generate); what does is refused.
+    monkeypatch.delenv(PLANTED_ENV)
+    for argv in (["eval", run / "final", "--out", tmp_path / "ev2", "--limit", "1", "--tasks", "boolq", "--mode", "loglik",
+                  "--data-dir", ROOT / "data" / "smoke" / "commonsense"],
+                 ["analyze", run / "final", "--out", tmp_path / "an2"], ["generate", run / "final", "q", "--max-new-tokens", "2"]):
+        code, _, err = dora_in_process(argv, monkeypatch, capfd)
+        assert code == 0, (argv, err)
+    code, _, err = dora_in_process(["eval", run / "final", "--suite", "mt_bench", "--questions", tmp_path / "q.jsonl"],
+                                   monkeypatch, capfd)
+    assert code == 2 and f"environment variable {PLANTED_ENV} is not set" in err
