@@ -649,7 +649,8 @@ def _read_layers(path: Path, chain: tuple[tuple[str, Path], ...]) -> list[tuple[
     base_path = Path(os.path.normpath(path.parent / base))
     problem = absent(base_path)
     if problem is not None:
-        raise UserError(f"base: {base_path}: {'no such file' if problem == 'does not exist' else problem}", where=str(path))
+        raise UserError(f"base: no such file {base_path}" if problem == "does not exist" else f"base: {base_path} {problem}",
+                        where=str(path))
     chain = (*chain, (str(path), path.resolve()))
     seen = [resolved for _, resolved in chain]
     if base_path.resolve() in seen:
