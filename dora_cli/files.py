@@ -173,6 +173,19 @@ class OutputKind:
     entries: tuple[str, ...]
     nested: tuple[tuple[str, str], ...] = ()
     legacy: Callable[[Path], bool] | None = None
+    contents: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """(entry pattern, patterns of the paths inside it): directories whose every file is checked too (a
+    user's file inside a checkpoint would go with it when the checkpoint is replaced or pruned)."""
+
+    def foreign_inside(self, entry: Path) -> str | None:
+        """The first path inside `entry` (one of `contents`) that this kind does not write, or None."""
+        for pattern, inside in self.contents:
+            if fnmatch.fnmatchcase(entry.name, pattern) and entry.is_dir() and not entry.is_symlink():
+                for path in sorted(entry.rglob("*")):
+                    rel = path.relative_to(entry).as_posix()
+                    if not any(fnmatch.fnmatchcase(rel, p) for p in inside):
+                        return f"{entry.name}/{rel}"
+        return None
 
     def owns(self, name: str) -> bool:
         return name in (OUTPUT_MARKER, LOCK_NAME) or name.startswith(TMP_PREFIX) or any(
@@ -288,6 +301,10 @@ def _check_owned(path: Path, kind: OutputKind, label: str) -> None:
         raise UserError(f"{label}: holds an output of {_command(found)}, not of {kind.command}; choose another directory")
     for name in entries:
         if kind.owns(name):
+            inner = kind.foreign_inside(path / name)
+            if inner is not None:
+                raise UserError(f"{label}: holds {inner}, which {kind.command} did not write; move it out of the "
+                                "directory or choose another")
             continue
         nested = kind.nested_kind(name)
         if nested is not None and (path / name).is_dir() and not (path / name).is_symlink():

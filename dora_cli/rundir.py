@@ -357,12 +357,22 @@ def _legacy_run(directory: Path) -> bool:
         return False
 
 
+CHECKPOINT_FILES = (
+    MANIFEST_NAME, RECIPE_NAME, "adapter_config.json", "adapter_model.safetensors", "dora_cli_adapter.json",
+    STATE_DIR, f"{STATE_DIR}/optimizer.pt", f"{STATE_DIR}/state.json",
+    # method full: a whole model and its tokenizer (save_pretrained)
+    "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer*",
+    "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", "*.model",
+)
+"""The paths a checkpoint holds (what its manifest lists and the manifest): anything else in it is the user's."""
+
 TRAIN_OUTPUT = register_output_kind(OutputKind(
     "train", "dora train",
     entries=(LEGACY_MARKER, RECIPE_NAME, ACCELERATE_NAME, DEEPSPEED_NAME, LOG_NAME, METRICS_LOG_NAME, METRICS_NAME,
              TRACKERS_NAME, INPUTS_NAME, "checkpoint-*", FINAL_NAME),
     nested=(("eval", "eval"), ("eval-*", "eval"), ("*-merged", "merge")),
     legacy=_legacy_run,
+    contents=(("checkpoint-*", CHECKPOINT_FILES), (FINAL_NAME, CHECKPOINT_FILES)),
 ))
 """What `dora train` writes in output_dir; the default outputs of `dora eval` (eval-<checkpoint>) and
 `dora merge` (<checkpoint>-merged) of its checkpoints sit beside them."""

@@ -44,8 +44,10 @@ def edit_manifest(ckpt: Path, change) -> None:
 
 
 def unlisted_file(ckpt: Path) -> str:
-    (ckpt / "notes.txt").write_text("x")
-    return "notes.txt is not listed"
+    """A file of a name checkpoints hold (a whole model's, in an adapter checkpoint) that the manifest does not
+    list. (A file of any other name is the user's: the run is refused, test_ownership.py.)"""
+    (ckpt / "model.safetensors").write_text("x")
+    return "model.safetensors is not listed"
 
 
 def entry_removed_and_file_edited(ckpt: Path) -> str:

@@ -246,3 +246,21 @@ def test_random_commands_never_change_a_user_file(tree, commands, prepare, monke
         for path, data_ in written.items():
             assert path.is_file() and not path.is_symlink(), f"{path.relative_to(ws)} is gone ({commands})"
             assert path.read_bytes() == data_, f"{path.relative_to(ws)} changed ({commands})"
+
+
+@pytest.mark.parametrize("inside,named", [("checkpoint-3/README.md", "checkpoint-3/README.md"), ("final/notes/x.txt", "final/notes"),
+                                          ("checkpoint-3/trainer_state/mine.pt", "checkpoint-3/trainer_state/mine.pt")])
+def test_a_user_file_inside_a_checkpoint_blocks_every_write_into_the_run(inside, named, tmp_path):
+    """A checkpoint is replaced when resumed past it, pruned by keep_last, cleared by --overwrite: what the user
+    put inside it would go with it. The files a checkpoint holds are known by name; anything else is the user's."""
+    run = mark(tmp_path / "run", "train", "train.log")
+    for name in ("checkpoint-3/adapter_model.safetensors", "checkpoint-3/trainer_state/state.json",
+                 "final/model-00001-of-00002.safetensors", "final/tokenizer.json"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    check_output(run, "train", label="x", replace=True)
+    (run / inside).parent.mkdir(parents=True, exist_ok=True)
+    (run / inside).write_text("mine")
+    for replace in (False, True):
+        with pytest.raises(UserError, match=f"holds {named}, which dora train did not write"):
+            check_output(run, "train", label="x", replace=replace)
