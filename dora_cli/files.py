@@ -8,6 +8,10 @@
 - `append_jsonl` / `read_jsonl_resumable`: append-only JSON lines, flushed and fsynced per call, read
   back with a torn last line dropped; `read_jsonl`: a JSON-lines input file.
 - `guard_resume`: outputs made with other settings are never mixed into a resumed run.
+- who owns an output directory, one rule for every command (`OutputKind`, `check_output`, `clear_output`,
+  the `.dora_output` marker): a command writes only into a directory that is absent, empty or its own,
+  never inside a checkpoint or another output, and clears only what it wrote.
+- `safetensors_header`: a safetensors file checked (header, sizes) before any library opens it.
 
 Permissions are those of an ordinary file or directory (the umask), not mkstemp's 0600.
 """
@@ -340,19 +344,13 @@ def _some(names: list[str]) -> str:
 
 def clear_output(path: str | Path, kind: str) -> None:
     """--overwrite / --force: remove what `kind` wrote in `path` (its entries and the outputs nested in it),
-    never the lock, never anything else (`check_output(..., replace=True)` has refused such a directory)."""
+    never the lock; everything is checked first (the rule of `check_output`), so a directory holding
+    anything else loses nothing."""
     path = Path(path)
-    me = _kinds()[kind]
-    doomed = []
-    for child in path.iterdir():  # everything checked before anything is removed
-        if child.name == LOCK_NAME:
-            continue
-        nested = me.nested_kind(child.name)
-        if not (me.owns(child.name) or (nested is not None and (output_kind(child) == nested or _unclaimed(None, child)))):
-            raise UserError(f"{path}: holds {child.name}, which {me.command} did not write; nothing was removed from it")
-        doomed.append(child)
-    for child in doomed:
-        remove(child)
+    _check_owned(path, _kinds()[kind], str(path))
+    for child in path.iterdir():
+        if child.name != LOCK_NAME:
+            remove(child)
 
 
 def unclaim_if_unused(path: str | Path) -> None:
