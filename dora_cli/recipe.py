@@ -509,14 +509,14 @@ def _validate(
     for loc, text in (written or {}).items():
         if any(_replaces(parts, value, loc) for parts, value in parsed):
             continue  # an override replaced it
-        found, value = _value_at(dumped, loc)
+        found, value = value_at(dumped, loc)
         if found:
             recipe._written[loc] = (text, value)
     return recipe
 
 
-def _value_at(tree: Any, loc: tuple) -> tuple[bool, Any]:
-    """(whether `loc` exists in a model dump, its value)."""
+def value_at(tree: Any, loc: tuple) -> tuple[bool, Any]:
+    """(whether `loc` exists in a recipe document or model dump, its value)."""
     for part in loc:
         if isinstance(tree, dict) and part in tree:
             tree = tree[part]
@@ -555,7 +555,7 @@ def dump_recipe(recipe: Recipe, *, resolved: bool = False) -> str:
     data = _plain(raw)
     if not resolved:
         for loc, (text, value) in recipe._written.items():
-            found, current = _value_at(raw, loc)
+            found, current = value_at(raw, loc)
             if not found:
                 continue
             if current == value:
@@ -587,10 +587,6 @@ class EnvReference:
 def env_references(recipe: Recipe) -> list[EnvReference]:
     return [EnvReference(loc, _format_loc(loc), text, value) for loc, (text, value) in recipe._written.items()]
 
-
-def value_at(tree: Any, loc: tuple) -> tuple[bool, Any]:
-    """(whether `loc` exists in a recipe document, its value)."""
-    return _value_at(tree, loc)
 
 
 def absolute_paths(section: BaseModel) -> BaseModel:
