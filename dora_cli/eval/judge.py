@@ -167,6 +167,9 @@ class JudgeClient:
 
     def _content(self, response) -> str:
         """The message content of a chat completion, redacted; JudgeUnavailable when it is not one."""
+        if isinstance(response, (str, bytes)):  # the client hands over a body that is not JSON as it came
+            text = response.decode("utf-8", "replace") if isinstance(response, bytes) else response
+            raise JudgeUnavailable(f"HTTP 200 with a body that is not JSON ({clip(self.redact(text), 120)})")
         try:
             content = response.choices[0].message.content
         except (AttributeError, IndexError, KeyError, TypeError) as err:
