@@ -213,16 +213,12 @@ def _content_span(text: str, start: int, content: str, specials: list[str], inde
     before it (a role header a template without an add_generation_prompt branch writes inside the turn) is
     framing, as `{% generation %}` blocks leave it out. The content, as given or trimmed (templates often
     trim it), must be followed only by special tokens and whitespace."""
+    bare = _bare_end(text, start, len(text), specials)  # the turn without its closing specials and whitespace
     for wanted in dict.fromkeys((content, content.strip())):
-        if not wanted:
-            end = _bare_end(text, start, len(text), specials)
-            return end, end
-        found = text.rfind(wanted, start)
-        while found >= 0:
-            end = found + len(wanted)
-            if _bare_end(text, end, len(text), specials) == end:
-                return found, end
-            found = text.rfind(wanted, start, end - 1)
+        core = wanted.rstrip()  # the content's own trailing whitespace went with the turn's
+        found = bare - len(core)
+        if found >= start and text.startswith(wanted, found):
+            return found, found + len(wanted)
     raise UserError(
         f"the tokenizer's chat template does not write assistant message {index} as given (its content, then "
         "end-of-turn tokens), so its trained tokens cannot be told from the template's own; mark them with "
