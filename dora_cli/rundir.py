@@ -138,6 +138,12 @@ class RunLock:
         tmp.write_text(json.dumps(me))
         try:
             os.link(tmp, self.path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: created exclusively, then written
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
         finally:
             tmp.unlink(missing_ok=True)
 
