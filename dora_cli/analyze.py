@@ -46,7 +46,16 @@ from dora_cli.checkpoints import (
 )
 from dora_cli.console import say
 from dora_cli.errors import UserError, did_you_mean
-from dora_cli.files import atomic_file, check_output_dir, write_json
+from dora_cli.files import (
+    OutputKind,
+    atomic_file,
+    check_output,
+    json_with,
+    output_kind,
+    register_output_kind,
+    write_json,
+    write_output_marker,
+)
 from dora_cli.plots import fit, model_name
 
 JSON_NAME = "analysis.json"
@@ -54,6 +63,11 @@ PNG_NAME = "analysis.png"
 LAYER_RE = re.compile(r"\.(\d+)\.")
 DISPLAY = {"full": "FT", **{name: m.display for name, m in METHODS.items()}}
 PAPER = {"model": "VL-BART", "FT": -0.62, "DoRA": -0.31, "LoRA": 0.83}
+ANALYZE_OUTPUT = register_output_kind(OutputKind(
+    "analyze", "dora analyze", entries=(JSON_NAME, PNG_NAME),
+    legacy=lambda directory: json_with(directory / JSON_NAME, "definition", "methods", "paper") is not None,
+))
+"""What `dora analyze` writes in --out."""
 
 
 # ==================================================================================================
@@ -70,23 +84,27 @@ def run_analyze(
     modules = list(modules) if modules is not None else ["q_proj", "v_proj"]
     if not modules:
         raise UserError("--modules: expected at least one module name (for example q_proj,v_proj)")
-    out = check_output_dir(Path(out), label=f"--out {out}", exists_ok=True)
+    out = check_output(Path(out), ANALYZE_OUTPUT.name, label=f"--out {out}")
     ckpts = [describe(c) for c in expand(checkpoints)]
     ckpts = _dedupe_and_group(ckpts)
     src = _common_base(ckpts, base)
 
     w0, shapes = base_weights(src, modules)  # the base, read once
     names = sorted(w0, key=_order)
-    for c in ckpts:  # every refusal before the first line of work
-        _read_and_check(c, shapes, names, modules)
+    notes = [note for c in ckpts if (note := _read_and_check(c, shapes, names, modules))]  # every refusal first
     say(f"analysing {len(names)} modules of {src.description} in {len(ckpts)} checkpoints")
+    for note in notes:
+        say(note)
 
     points: list[dict] = []
     for c in ckpts:
         points += _points(c, w0, shapes, names)
 
     result = summarize(ckpts, points, src, modules)
+    check_output(out, ANALYZE_OUTPUT.name, label=f"--out {out}")  # again: a file may have appeared meanwhile
     out.mkdir(parents=True, exist_ok=True)
+    if output_kind(out) is None:
+        write_output_marker(out, ANALYZE_OUTPUT.name)
     write_json(out / JSON_NAME, result)
     atomic_file(out / PNG_NAME, lambda p: plot(result, p))
     for label, g in result["methods"].items():
@@ -213,7 +231,7 @@ def base_weights(src: Base, patterns: list[str]) -> tuple[dict[str, torch.Tensor
     from dora_cli.adapters.base_ops import dequantized_weight
     from dora_cli.models import load_model
 
-    model, _ = load_model(src.model, for_training=False)
+    model, _ = load_model(src.model, for_training=False, label=src.label)
     linear = {n: model.get_submodule(n) for n in linear_module_names(model)}
     shapes = {n: (m.out_features, m.in_features) for n, m in linear.items()}
     chosen = select(list(linear), patterns)
@@ -226,11 +244,16 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
-def _read_and_check(c: Analysed, shapes: dict, names: list[str], patterns: list[str]) -> None:
-    """An adapter checkpoint's tensors, checked against the base; UserError when it adapts none of the
-    analysed modules."""
+def _read_and_check(c: Analysed, shapes: dict, names: list[str], patterns: list[str]) -> str | None:
+    """An adapter checkpoint's tensors, checked against the base (a full one: its analysed weights are
+    there); UserError when it adapts none of the analysed modules; a note when it adapts only some."""
     if c.ckpt.kind != "adapter":
-        return
+        have = read_shapes(c.ckpt.path).shapes
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise UserError(f"{c.ckpt.path}: holds no tensor {missing[0]}.weight (is it a full fine-tuning "
+                            "checkpoint of this base?)")
+        return None
     c.adapter = read_adapter(c.ckpt.path)
     check_fits(c.adapter, shapes, base="the base")
     if not any(n in c.adapter.modules for n in names):
@@ -239,6 +262,10 @@ def _read_and_check(c: Analysed, shapes: dict, names: list[str], patterns: list[
             f"--modules {','.join(patterns)}: {c.ckpt.path} has no adapter on these modules "
             f"(it adapts {', '.join(adapted)}{did_you_mean(patterns[0], adapted)})"
         )
+    skipped = [n for n in names if n not in c.adapter.modules]
+    if skipped:
+        return f"{c.ckpt.path}: {len(skipped)} analysed modules have no adapter (for example {skipped[0]}); left out"
+    return None
 
 
 def effective_weights(c: Analysed, w0: dict[str, torch.Tensor], shapes: dict, names: list[str]) -> dict[str, torch.Tensor]:
@@ -248,9 +275,6 @@ def effective_weights(c: Analysed, w0: dict[str, torch.Tensor], shapes: dict, na
         return {n: tensors[f"{n}.weight"].float() for n in names}
     adapter = c.adapter
     vera = adapter.vera(shapes)
-    skipped = [n for n in names if n not in adapter.modules]
-    if skipped:
-        say(f"{c.ckpt.path}: {len(skipped)} analysed modules have no adapter (for example {skipped[0]}); left out")
     return {n: fold(w0[n], n, adapter, vera) for n in names if n in adapter.modules}
 
 

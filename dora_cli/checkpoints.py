@@ -15,6 +15,7 @@ Base weights that are a local directory of safetensors are read without building
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,8 @@ from dora_cli import rundir
 from dora_cli.adapters import AdaptedLinear, AdapterConfig, matches, read_adapter_config, read_adapter_weights
 from dora_cli.adapters.checkpoint import CONFIG_NAME, OURS_NAME, PREFIX
 from dora_cli.adapters.variants import METHODS, Vera, VeraProjections, tensor_suffixes
-from dora_cli.errors import UserError, did_you_mean
-from dora_cli.files import read_json_object
+from dora_cli.errors import UserError, absent, did_you_mean
+from dora_cli.files import read_json_object, safetensors_header
 from dora_cli.recipe import ModelConfig, Recipe
 
 SAFE_SINGLE = "model.safetensors"
@@ -44,19 +45,30 @@ class Checkpoint:
     recipe: Recipe | None
 
 
-def inspect_checkpoint(path: str | Path) -> Checkpoint:
+UNUSED_IN_EVAL = ("data.sources", "optim", "schedule", "train", "launch", "output_dir", "eval.mt_bench")
+"""The parts of a checkpoint's recipe that `dora eval` does not use (MT-Bench's only outside MT-Bench): a
+`${env:...}` there may be unset."""
+UNUSED_BY_CHECKPOINT_READERS = (*UNUSED_IN_EVAL, "eval", "expected")
+"""The parts that merge, analyze and generate do not use."""
+
+
+def inspect_checkpoint(path: str | Path, overrides: Sequence[str] = (),
+                       optional: Sequence[str] = UNUSED_BY_CHECKPOINT_READERS) -> Checkpoint:
     """Classify a checkpoint directory; UserError for anything that holds neither an adapter nor a
-    model, and for one of ours whose files no longer match its manifest."""
+    model, and for one of ours whose files no longer match its manifest. `overrides`: the command's dotted
+    overrides of its recipe (a value they replace is not looked up in the environment); `optional`: the keys
+    of the recipe the command does not use (a `${env:...}` there may be unset)."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: does not exist")
+    problem = absent(path)
+    if problem is not None:
+        raise UserError(f"{path}: {problem}")
     if not path.is_dir():
         raise UserError(f"{path}: expected a checkpoint directory, got a file")
     if (path / rundir.MANIFEST_NAME).is_file():
         problem = rundir.verify(path)
         if problem is not None:
             raise UserError(f"{path}: the checkpoint is damaged ({problem}); it was changed after training wrote it")
-    recipe = read_recipe(path)
+    recipe = read_recipe(path, overrides, optional)
     if (path / CONFIG_NAME).is_file():
         return Checkpoint(path, "adapter", recipe)
     if (path / "config.json").is_file() and has_safetensors(path):
@@ -71,14 +83,15 @@ def inspect_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
-def read_recipe(directory: Path) -> Recipe | None:
-    """The resolved recipe a checkpoint was trained with (recipe.yaml), or None."""
+def read_recipe(directory: Path, overrides: Sequence[str] = (),
+                optional: Sequence[str] = UNUSED_BY_CHECKPOINT_READERS) -> Recipe | None:
+    """The resolved recipe a checkpoint was trained with (recipe.yaml, with `overrides`), or None."""
     path = Path(directory) / rundir.RECIPE_NAME
     if not path.is_file():
         return None
     from dora_cli.recipe import load_recipe
 
-    return load_recipe(path)
+    return load_recipe(path, overrides, optional=optional)
 
 
 def has_safetensors(directory: Path) -> bool:
@@ -246,13 +259,16 @@ class Base:
     directory: Path | None  # a local Hugging Face directory of safetensors to stream from, else None
     cast: torch.dtype | None  # the dtype the trained forward saw W0 in (None: as stored)
     tokenizer_dir: Path | None = None  # a local directory to copy the tokenizer files from
+    label: str = "model.name_or_path"  # how errors name it: --base, the recipe's key, adapter_config.json's
 
 
-def resolve_base(ckpt: Checkpoint, base: str | None = None, *, quantized_base: str = "dequantized") -> Base:
-    """Where the base weights come from: --base, else recipe.yaml's model section, else the adapter's config."""
+def resolve_base(ckpt: Checkpoint, base: str | None = None, *, quantized_base: str = "dequantized",
+                 recipe: Recipe | None = None) -> Base:
+    """Where the base weights come from: --base, else recipe.yaml's model section, else the adapter's config.
+    `recipe`: the recipe of the command (the checkpoint's with overrides, or the defaults), when it has one."""
     from dora_cli.models import cached_gguf_dir, resolve_source
 
-    recipe = ckpt.recipe
+    recipe = recipe or ckpt.recipe
     if recipe is not None:
         cfg = recipe.model
         if base is not None:
@@ -269,7 +285,8 @@ def resolve_base(ckpt: Checkpoint, base: str | None = None, *, quantized_base: s
     if original:
         cfg = cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"mode": "none"})})
     where = "--base" if base is not None else (
-        f"{ckpt.path / rundir.RECIPE_NAME}: model.name_or_path" if recipe else f"{ckpt.path / CONFIG_NAME}: base_model_name_or_path"
+        f"{ckpt.path / rundir.RECIPE_NAME}: model.name_or_path" if ckpt.recipe is not None
+        else f"{ckpt.path / CONFIG_NAME}: base_model_name_or_path"
     )
     source = resolve_source(cfg.name_or_path, where=where)
     directory = None
@@ -285,7 +302,8 @@ def resolve_base(ckpt: Checkpoint, base: str | None = None, *, quantized_base: s
         description += f" ({cfg.quantization.mode}, dequantized)"
     elif original:
         description += " (its original weights; the adapter was trained on a quantized copy)"
-    return Base(model=cfg, description=description, directory=directory, cast=cast, tokenizer_dir=_tokenizer_dir(cfg, directory))
+    return Base(model=cfg, description=description, directory=directory, cast=cast,
+                tokenizer_dir=_tokenizer_dir(cfg, directory), label=where)
 
 
 def _tokenizer_dir(cfg: ModelConfig, directory: Path | None) -> Path | None:
@@ -335,6 +353,7 @@ def read_shapes(directory: Path) -> ShardPlan:
     shapes: dict[str, tuple[int, ...]] = {}
     tensors: dict[str, tuple[int, ...]] = {}
     for name in list(shards):
+        safetensors_header(directory / name)
         with safe_open(str(directory / name), framework="pt") as f:
             keys = list(f.keys())
             if sharded and set(shards[name]) - set(keys):
@@ -362,6 +381,7 @@ def read_tensors(directory: Path, keys: list[str]) -> dict[str, torch.Tensor]:
         by_file.setdefault(name, []).append(key)
     out: dict[str, torch.Tensor] = {}
     for name, wanted in by_file.items():
+        safetensors_header(directory / name)
         with safe_open(str(directory / name), framework="pt") as f:
             present = set(f.keys())
             for key in wanted:

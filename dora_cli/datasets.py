@@ -52,6 +52,7 @@ Everything is deterministic: sampling uses `random.Random` seeded from `data.see
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ from typing import Any
 import torch
 
 from dora_cli import hub, prompts
-from dora_cli.errors import UserError, clip, did_you_mean, one_of, problem_of, reading, unicode_text
+from dora_cli.errors import UserError, absent, clip, did_you_mean, one_of, problem_of, reading, unicode_text
 from dora_cli.files import looks_local
 from dora_cli.recipe import CONVERSATION_FORMATS, INT32_MAX, DataConfig, DataSource
 
@@ -141,6 +142,8 @@ def read_source(source: DataSource, fmt: str = "commonsense", where: str = "data
         files = _files_of_dir(path, source.split, where)
     elif path.is_file():
         files = [path]
+    elif os.path.lexists(path):  # a link to nowhere, a link loop
+        raise UserError(f"{source.path}: {absent(path)}", where=f"{where}.path")
     elif looks_local(source.path, DATA_SUFFIXES):
         raise UserError(f"{source.path}: no such file or directory{_near_names(path)}", where=f"{where}.path")
     else:
@@ -164,7 +167,8 @@ def read_records_file(path: str | Path) -> list[Any]:
     row a record); UserError if malformed."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"no such file{_near_names(path)}", where=str(path))
+        problem = "is a directory, not a records file" if path.is_dir() else absent(path) if os.path.lexists(path) else None
+        raise UserError(problem or f"no such file{_near_names(path)}", where=str(path))
     if path.suffix == ".parquet":
         return _read_parquet(path)
     with reading(path):
@@ -441,6 +445,13 @@ def tokenize_conversations(records: Sequence[dict], tokenizer: Any, cfg: DataCon
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"format {cfg.format} needs a fast tokenizer (character offsets find the assistant turns); "
                         f"{type(tokenizer).__name__} is not one", where="data.format")
+    if not cfg.train_on_inputs and prompts.marks_generation(tokenizer):  # transformers' own assistant mask
+        out = []
+        for r in records:
+            ids, mask = prompts.assistant_mask(tokenizer, r["messages"], cfg.cutoff_len, _conversation_label(r))
+            labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+            out.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
+        return out
     if cfg.train_on_inputs:  # everything is trained: no spans to find
         rendered = [(prompts.render_conversation(tokenizer, r["messages"], _conversation_label(r)), []) for r in records]
     else:

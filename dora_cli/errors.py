@@ -64,6 +64,22 @@ def unicode_text(text: str, what: str, where: str | None = None) -> str:
     return text
 
 
+def absent(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be opened as it stands: "is a symbolic link loop", "is a symbolic link to X, which
+    does not exist", "does not exist"; None when it exists."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        return "does not exist"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symbolic link loop (a link that leads back to itself)"
+        return problem_of(err)
+    return None
+
+
 def clip(text: str, limit: int = 200) -> str:
     """`text` on one line, at most `limit` characters, cut after a whole word ("..." marks the cut; a
     first word longer than the limit is cut inside)."""

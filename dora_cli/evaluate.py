@@ -21,11 +21,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dora_cli import rundir
-from dora_cli.checkpoints import Checkpoint, adapter_base_model, inspect_checkpoint, resolve_base
+from dora_cli.checkpoints import (
+    UNUSED_IN_EVAL,
+    Checkpoint,
+    adapter_base_model,
+    inspect_checkpoint,
+    resolve_base,
+)
 from dora_cli.errors import UserError
-from dora_cli.eval.suites import SuiteRun, suite_of
-from dora_cli.files import check_output_dir
+from dora_cli.eval.suites import SUITES, SuiteRun, suite_of
+from dora_cli.files import (
+    OutputKind,
+    check_output,
+    json_with,
+    output_kind,
+    register_output_kind,
+    unclaim_if_unused,
+    write_output_marker,
+)
 from dora_cli.recipe import ModelConfig, Recipe, load_recipe, recipe_from_dict
+
+
+def _legacy_eval(directory: Path) -> bool:
+    """An evaluation an earlier version wrote: suite directories holding its results, nothing else."""
+    names = {p.name for p in directory.iterdir()} - {rundir.LOCK_NAME}
+    return bool(names) and names <= set(SUITES) and any(
+        (json_with(directory / n / "metrics.json", "suite", "settings") or {}).get("suite") == n
+        or json_with(directory / n / "predictions" / "run.json") is not None
+        or any((directory / n / "model_answer").glob("*.run.json")) for n in names
+    )
+
+
+EVAL_OUTPUT = register_output_kind(OutputKind("eval", "dora eval", entries=tuple(SUITES), legacy=_legacy_eval))
+"""What `dora eval` writes in OUT: one directory per suite."""
 
 
 @dataclass(frozen=True)
@@ -48,22 +76,30 @@ class Target:
         return Path("runs") / f"eval-{self.label}"
 
 
-def find_target(name: str | Path) -> Target:
-    """Classify TARGET without loading anything (a missing local path is a UserError)."""
+def find_target(name: str | Path, overrides: list[str] | None = None,
+                optional: tuple[str, ...] = UNUSED_IN_EVAL) -> Target:
+    """Classify TARGET without loading anything (a missing local path is a UserError); `overrides` of its
+    recipe replace values that are then never looked up (a `${env:...}` the command does not need)."""
     from dora_cli.models import resolve_source
 
     if Path(name).is_dir():
-        return Target(str(name), inspect_checkpoint(name))
+        return Target(str(name), inspect_checkpoint(name, overrides or [], optional))
     resolve_source(str(name), where="TARGET")
     return Target(str(name), None)
 
 
-def target_recipe(target: Target, overrides: list[str], base: str | None = None) -> Recipe:
+def target_recipe(target: Target, overrides: list[str], base: str | None = None,
+                  optional: tuple[str, ...] = UNUSED_IN_EVAL) -> Recipe:
     """The recipe of an evaluation: the checkpoint's own (recipe.yaml), else the defaults for its base;
-    then the dotted overrides."""
+    then the dotted overrides. `optional`: keys whose `${env:...}` may stay unset (MT-Bench's, unless the
+    suite is MT-Bench)."""
     ckpt = target.checkpoint
     if ckpt is not None and ckpt.recipe is not None:
-        return load_recipe(ckpt.path / rundir.RECIPE_NAME, overrides)
+        path = ckpt.path / rundir.RECIPE_NAME
+        recipe = load_recipe(path, overrides, optional=optional)
+        if recipe.eval.suite == "mt_bench" and "eval.mt_bench" in optional:  # MT-Bench needs its settings
+            recipe = load_recipe(path, overrides, optional=[k for k in optional if k != "eval.mt_bench"])
+        return recipe
     if ckpt is None:
         name = target.name
     elif ckpt.kind == "adapter":
@@ -91,8 +127,8 @@ def load_for_eval(target: Target, recipe: Recipe, base: str | None = None):
             dtype=source.dtype, trust_remote_code=source.trust_remote_code,
         )
         return load_model(cfg, for_training=False)
-    src = resolve_base(Checkpoint(ckpt.path, ckpt.kind, recipe), base)  # the recipe with the overrides
-    model, tokenizer = load_model(src.model, for_training=False)
+    src = resolve_base(ckpt, base, recipe=recipe)  # the recipe with the overrides
+    model, tokenizer = load_model(src.model, for_training=False, label=src.label)
     load_adapter(model, ckpt.path)
     model.eval()
     return model, tokenizer
@@ -111,14 +147,22 @@ def evaluate(
     target = target if isinstance(target, Target) else find_target(target)
     suite = suite_of(recipe)
     suite.check_inputs(recipe)
-    out_dir = check_output_dir(Path(out) if out is not None else target.default_out(), label=f"--out {out}" if out else "eval output", exists_ok=True)
+    out_dir = Path(out) if out is not None else target.default_out()
+    check_output(out_dir, EVAL_OUTPUT.name, label=f"--out {out}" if out else f"eval output {out_dir}")
     with rundir.RunLock(out_dir, what="dora eval", noun="--out directory"):
         model, tokenizer = load_for_eval(target, recipe, base)
+        check_output(out_dir, EVAL_OUTPUT.name, label=f"--out {out}" if out else f"eval output {out_dir}")
+        if output_kind(out_dir) is None:
+            write_output_marker(out_dir, EVAL_OUTPUT.name)
         run = SuiteRun(
             recipe, model, tokenizer, out_dir / suite.name, model_name=target.name if target.checkpoint is None
             else str(target.checkpoint.path), model_id=target.label, overwrite=overwrite, progress=progress,
         )
-        metrics = suite.run(run)
+        try:
+            metrics = suite.run(run)
+        except UserError:
+            unclaim_if_unused(out_dir)
+            raise
     _report(run.out_dir, metrics)
     return metrics
 
@@ -133,7 +177,7 @@ def run_eval(
     progress: bool = True,
 ) -> dict:
     """`dora eval`: the target's recipe (or the defaults) with the overrides, then `evaluate`."""
-    found = find_target(target)
+    found = find_target(target, list(overrides or []))
     recipe = target_recipe(found, list(overrides or []), base)
     return evaluate(found, recipe, base=base, out=out, overwrite=overwrite, progress=progress)
 

@@ -8,22 +8,29 @@
 - `append_jsonl` / `read_jsonl_resumable`: append-only JSON lines, flushed and fsynced per call, read
   back with a torn last line dropped; `read_jsonl`: a JSON-lines input file.
 - `guard_resume`: outputs made with other settings are never mixed into a resumed run.
+- who owns an output directory, one rule for every command (`OutputKind`, `check_output`, `clear_output`,
+  the `.dora_output` marker): a command writes only into a directory that is absent, empty or its own,
+  never inside a checkpoint or another output, and clears only what it wrote.
+- `safetensors_header`: a safetensors file checked (header, sizes) before any library opens it.
 
 Permissions are those of an ordinary file or directory (the umask), not mkstemp's 0600.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dora_cli.errors import UserError, problem_of, reading
+from dora_cli.errors import UserError, absent, problem_of, reading
 
 TMP_PREFIX = ".tmp-"
 
@@ -108,27 +115,272 @@ def atomic_directory(target: str | Path, fill: Callable[[Path], None], *, replac
     return target
 
 
-def check_output_dir(path: str | Path, *, label: str, exists_ok: bool) -> Path:
-    """Refuse, before any work, a directory `path` that this command could not create or replace:
-    a file or a dangling symlink in its place, a parent that is a file, a parent we cannot write, or
-    (unless `exists_ok`) an existing directory. `label` names the setting in the message (`--out x`)."""
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise UserError(f"{label}: is a symbolic link to {os.readlink(path)}, which does not exist")
+def _check_writable_place(path: Path, label: str) -> None:
+    """Refuse a place where no directory can be made: a file, a dangling link or a link loop in its place
+    or above it, a parent that is a file or that cannot be written."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise UserError(f"{label}: is a symbolic link to {os.readlink(path)}, which does not exist") from None
+    except OSError as err:
+        raise UserError(f"{label}: {_path_problem(err)}") from None
     if path.exists() and not path.is_dir():
         raise UserError(f"{label}: is a file; expected a directory")
-    if path.is_dir() and not exists_ok:
-        raise UserError(f"{label}: already exists")
     ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    while True:
+        try:
+            os.stat(ancestor)
+            break
+        except FileNotFoundError:
+            if os.path.islink(ancestor):
+                raise UserError(f"{label}: cannot be created: {ancestor} {absent(ancestor)}") from None
+            if ancestor == ancestor.parent:
+                break
+            ancestor = ancestor.parent
+        except OSError as err:
+            raise UserError(f"{label}: cannot be created: {ancestor}: {_path_problem(err)}") from None
     if not ancestor.is_dir():
         raise UserError(f"{label}: cannot be created: {ancestor} is a file")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UserError(f"{label}: cannot be written: {ancestor} is not writable (read-only or no permission)")
-    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+    if path.is_dir() and not os.access(path, os.R_OK | os.W_OK | os.X_OK):
         raise UserError(f"{label}: is not writable (read-only or no permission)")
+
+
+def _path_problem(err: OSError) -> str:
+    if err.errno == errno.ELOOP:
+        return "is a symbolic link loop (a link that leads back to itself)"
+    return problem_of(err)
+
+
+# ---- who owns an output directory ------------------------------------------------------------------------
+OUTPUT_MARKER = ".dora_output"
+"""The file that marks a directory a command of ours made: {"kind": "<command kind>"}."""
+LOCK_NAME = ".lock"
+
+OUTPUT_KIND_MODULES = ("dora_cli.rundir", "dora_cli.evaluate", "dora_cli.merge", "dora_cli.analyze", "dora_cli.sweep")
+"""The modules that register an output kind (`register_output_kind`), imported when kinds are compared."""
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What one command writes at the top of its output directory.
+
+    entries: patterns (fnmatch) of the names it writes besides the marker, the lock and temporaries;
+    nested: (pattern, kind) of entries that are outputs of another command, placed there by design
+    (`eval-final` of dora eval in a run directory); legacy: whether a directory without the marker was
+    made by an earlier version (identified by the files that version wrote)."""
+
+    name: str
+    command: str
+    entries: tuple[str, ...]
+    nested: tuple[tuple[str, str], ...] = ()
+    legacy: Callable[[Path], bool] | None = None
+    contents: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """(entry pattern, patterns of the paths inside it): directories whose every file is checked too (a
+    user's file inside a checkpoint would go with it when the checkpoint is replaced or pruned)."""
+
+    def foreign_inside(self, entry: Path) -> str | None:
+        """The first path inside `entry` (one of `contents`) that this kind does not write, or None."""
+        for pattern, inside in self.contents:
+            if fnmatch.fnmatchcase(entry.name, pattern) and entry.is_dir() and not entry.is_symlink():
+                for path in sorted(entry.rglob("*")):
+                    rel = path.relative_to(entry).as_posix()
+                    if not any(fnmatch.fnmatchcase(rel, p) for p in inside):
+                        return f"{entry.name}/{rel}"
+        return None
+
+    def owns(self, name: str) -> bool:
+        return name in (OUTPUT_MARKER, LOCK_NAME) or name.startswith(TMP_PREFIX) or any(
+            fnmatch.fnmatchcase(name, p) for p in self.entries)
+
+    def nested_kind(self, name: str) -> str | None:
+        return next((kind for pattern, kind in self.nested if fnmatch.fnmatchcase(name, pattern)), None)
+
+
+OUTPUT_KINDS: dict[str, OutputKind] = {}
+
+
+def register_output_kind(kind: OutputKind) -> OutputKind:
+    OUTPUT_KINDS[kind.name] = kind
+    return kind
+
+
+def _kinds() -> dict[str, OutputKind]:
+    import importlib
+
+    for module in OUTPUT_KIND_MODULES:
+        importlib.import_module(module)
+    return OUTPUT_KINDS
+
+
+def output_kind(directory: str | Path) -> str | None:
+    """The kind of output a command of ours wrote in `directory` (its marker, else the files an earlier
+    version wrote), or None (not a directory, or not ours)."""
+    directory = Path(directory)
+    try:
+        if not directory.is_dir():
+            return None
+        marker = directory / OUTPUT_MARKER
+        if marker.is_file() and not marker.is_symlink():
+            try:
+                kind = json.loads(marker.read_text(encoding="utf-8")).get("kind")
+            except (OSError, ValueError, AttributeError):
+                kind = None
+            return kind if isinstance(kind, str) else None
+        for kind in _kinds().values():
+            if kind.legacy is not None and kind.legacy(directory):
+                return kind.name
+    except OSError:
+        return None
+    return None
+
+
+def json_with(path: Path, *keys: str) -> dict | None:
+    """The JSON object in `path` when it has all `keys` (how an earlier version's files are told from a
+    user's file of the same name), else None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) and all(k in data for k in keys) else None
+
+
+def write_output_marker(directory: str | Path, kind: str) -> Path:
+    """Mark `directory` as an output of `kind` (a directory filled atomically marks its temporary)."""
+    return write_json(Path(directory) / OUTPUT_MARKER, {"kind": kind, "written_by": "dora_cli"})
+
+
+def check_output(path: str | Path, kind: str, *, label: str, replace: bool = False) -> Path:
+    """The one rule for an output directory, checked before anything is written (nothing is written here).
+
+    A command writes into `path` only when it is absent, empty, or an output of this command's own kind
+    (its marker) holding nothing but what this kind writes; never into a folder holding anything else,
+    never inside a checkpoint or inside another output of ours (except where that output's kind keeps
+    outputs of this kind: `eval-final` in a run directory). `replace` (--overwrite / --force): the
+    directory is about to be cleared: it must not be a symbolic link. `label` names the setting in
+    messages (`--out x`, `output_dir x`)."""
+    path = Path(path)
+    kinds = _kinds()
+    me = kinds[kind]
+    _check_writable_place(path, label)
+    if replace and path.is_symlink():
+        raise UserError(f"{label}: is a symbolic link; {me.command} never clears through one (give the real directory)")
+    from dora_cli.rundir import inside_a_checkpoint
+
+    where = Path(os.path.abspath(path.expanduser()))
+    checkpoint = inside_a_checkpoint(where)
+    if checkpoint is not None:
+        raise UserError(f"{label}: is or lies inside the checkpoint {checkpoint}; choose a directory outside it")
+    for ancestor in where.parents:
+        owner = output_kind(ancestor)
+        if owner is None:
+            continue
+        if ancestor == where.parent and owner in kinds and kinds[owner].nested_kind(where.name) == kind:
+            break
+        raise UserError(f"{label}: lies inside {ancestor}, an output of {_command(owner)}; choose a directory outside it")
+    if path.is_dir():
+        _check_owned(path, me, label)
     return path
+
+
+def check_output_file_place(path: str | Path, *, label: str) -> Path:
+    """The rule of `check_output` for a command whose output is one file (`dora export`): its directory must
+    be one that can be made or written, and neither a checkpoint nor inside one or inside any output of ours
+    (whose --overwrite / --force would then refuse, or a resume would prune it). The file itself is the
+    command's to check (its own marker)."""
+    path = Path(path)
+    directory = path.parent
+    _check_writable_place(directory, f"{label}: its directory {directory}")
+    from dora_cli.rundir import inside_a_checkpoint
+
+    where = Path(os.path.abspath(directory.expanduser()))
+    checkpoint = inside_a_checkpoint(where)
+    if checkpoint is not None:
+        raise UserError(f"{label}: lies inside the checkpoint {checkpoint}; choose a place outside it")
+    for ancestor in (where, *where.parents):
+        owner = output_kind(ancestor)
+        if owner is not None:
+            raise UserError(f"{label}: lies inside {ancestor}, an output of {_command(owner)}; choose a place outside it")
+    return path
+
+
+def _command(kind: str) -> str:
+    known = OUTPUT_KINDS.get(kind)
+    return known.command if known else f"dora ({kind})"
+
+
+def _check_owned(path: Path, kind: OutputKind, label: str) -> None:
+    """`path` (a directory) is empty, or an output of `kind` whose every entry that kind writes."""
+    entries = sorted(p.name for p in path.iterdir())
+    if _unclaimed(entries, path):
+        return
+    found = output_kind(path)
+    if found is None:
+        raise UserError(
+            f"{label}: holds files that dora_cli did not write ({_some(entries)}); {kind.command} writes only into a "
+            "new or empty directory, or one it made: choose another directory"
+        )
+    if found != kind.name:
+        raise UserError(f"{label}: holds an output of {_command(found)}, not of {kind.command}; choose another directory")
+    for name in entries:
+        if kind.owns(name):
+            inner = kind.foreign_inside(path / name)
+            if inner is not None:
+                raise UserError(f"{label}: holds {inner}, which {kind.command} did not write; move it out of the "
+                                "directory or choose another")
+            continue
+        nested = kind.nested_kind(name)
+        if nested is not None and (path / name).is_dir() and not (path / name).is_symlink():
+            inner = _kinds().get(nested)
+            if inner is not None and (output_kind(path / name) == nested or _unclaimed(None, path / name)):
+                _check_owned(path / name, inner, f"{label}: {name}")
+                continue
+        raise UserError(
+            f"{label}: holds {name}, which {kind.command} did not write; move it out of the directory or choose another"
+        )
+
+
+def _unclaimed(entries: list[str] | None, path: Path) -> bool:
+    """A directory that is empty, or holds only the lock of a command of ours and temporaries its killed
+    writes left (a command stopped before it wrote anything)."""
+    entries = sorted(p.name for p in path.iterdir()) if entries is None else entries
+    left = [n for n in entries if not (n == LOCK_NAME and _our_lock(path / n)) and not _stale_temporary(n)]
+    return not left
+
+
+def _our_lock(path: Path) -> bool:
+    """A lock file a command of ours took (rundir.RunLock: pid and host), live or left by a dead process."""
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(owner, dict) and {"pid", "host"} <= set(owner)
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def clear_output(path: str | Path, kind: str) -> None:
+    """--overwrite / --force: remove what `kind` wrote in `path` (its entries and the outputs nested in it),
+    never the lock; everything is checked first (the rule of `check_output`), so a directory holding
+    anything else loses nothing."""
+    path = Path(path)
+    _check_owned(path, _kinds()[kind], str(path))
+    for child in path.iterdir():
+        if child.name != LOCK_NAME:
+            remove(child)
+
+
+def unclaim_if_unused(path: str | Path) -> None:
+    """Remove the marker of an output directory that holds nothing else but the lock (a command refused
+    after claiming it); the lock's release then removes the directory it made: a refusal leaves no trace."""
+    path = Path(path)
+    if not path.is_dir() or {p.name for p in path.iterdir()} - {OUTPUT_MARKER, LOCK_NAME}:
+        return
+    (path / OUTPUT_MARKER).unlink(missing_ok=True)
 
 
 def remove(path: Path) -> None:
@@ -153,6 +405,11 @@ def pid_alive(pid: int) -> bool:
 
 
 _STALE = re.compile(rf"^{re.escape(TMP_PREFIX)}.*-(\d+)(\.\w+)?$")  # .tmp-<name>-<pid>[.<random>]
+
+
+def _stale_temporary(name: str) -> bool:
+    m = _STALE.match(name)
+    return m is not None and not pid_alive(int(m.group(1)))
 
 
 def clean_stale(directory: Path, name: str | None = None) -> list[Path]:
@@ -189,6 +446,36 @@ def read_json_object(path: str | Path) -> dict:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a JSON object")
     return raw
+
+
+def safetensors_header(path: str | Path) -> dict:
+    """The header of a safetensors file, checked against the file before any library opens it: a file that
+    is cut short, is not safetensors or cannot be read is one line naming it (UserError)."""
+    path = Path(path)
+    with reading(path), open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or 8 + length > size:
+            raise UserError(f"{path}: not a complete safetensors file ({size} bytes; its header "
+                            f"{'is cut short' if length >= 2 else 'is missing'})")
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, RecursionError):
+            raise UserError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    data = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise UserError(f"{path}: not a safetensors file (tensor {name!r} has no valid data_offsets)")
+        if offsets[1] > data:
+            raise UserError(f"{path}: cut short: tensor {name!r} ends at byte {offsets[1]} of its data, the file holds {data}")
+    return header
 
 
 # ---- JSON lines ---------------------------------------------------------------------------------------
@@ -239,7 +526,7 @@ def read_jsonl(path: str | Path, what: str) -> list[dict]:
     """A JSON-lines input file; a missing file, an unreadable one or a bad line is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{what}: {path} does not exist")
+        raise UserError(f"{what}: {path} {'is a directory, not a file' if path.is_dir() else absent(path)}")
     with reading(path):
         lines = path.read_text(encoding="utf-8").splitlines()
     records = []

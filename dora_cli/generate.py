@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from dora_cli.errors import UserError, did_you_mean, one_of, unicode_text
+from dora_cli.errors import UserError, did_you_mean, one_of, problem_of, unicode_text
 from dora_cli.recipe import SEED_MAX
 
 EXIT = "/exit"
@@ -61,6 +61,7 @@ class Talker:
     def __init__(self, target: str | Path, sampling: Sampling, *, template: str | None = None, base: str | None = None):
         import torch
 
+        from dora_cli.checkpoints import UNUSED_BY_CHECKPOINT_READERS
         from dora_cli.evaluate import find_target, load_for_eval, target_recipe
         from dora_cli.prompts import TEMPLATES, require_chat_template
 
@@ -68,12 +69,12 @@ class Talker:
         if template is not None and template not in TEMPLATES:
             raise UserError(f"--template: expected one of {one_of(TEMPLATES)}, got {template!r}"
                             f"{did_you_mean(template, TEMPLATES)}")
-        found = find_target(target)
-        recipe = target_recipe(found, [f"data.template={template}"] if template else [], base)
+        found = find_target(target, optional=UNUSED_BY_CHECKPOINT_READERS)
+        recipe = target_recipe(found, [], base, UNUSED_BY_CHECKPOINT_READERS)  # --template: this command's, not data.template
         has_recipe = found.checkpoint is not None and found.checkpoint.recipe is not None
         self.model, self.tokenizer = load_for_eval(found, recipe, base)
         if template or has_recipe:
-            self.template = recipe.data.template
+            self.template = template or recipe.data.template
         else:
             self.template = "chat" if getattr(self.tokenizer, "chat_template", None) else "llm_adapters"
         if self.template == "chat":
@@ -106,6 +107,9 @@ def run_chat(target: str | Path, sampling: Sampling, *, template: str | None = N
     """`dora chat`: answer each line of stdin in one conversation until /exit or the end; the (question,
     answer) turns of the last conversation."""
     stdin = stdin if stdin is not None else sys.stdin
+    if stdin is None or stdin.closed:
+        raise UserError("stdin is closed: dora chat reads one user turn per line of stdin "
+                        "(run it in a terminal, or pipe the turns in)")
     talker = Talker(target, sampling, template=template, base=base)
     interactive = stdin.isatty()
     if interactive:
@@ -120,6 +124,8 @@ def run_chat(target: str | Path, sampling: Sampling, *, template: str | None = N
             line = unicode_text(stdin.readline(), f"stdin line {number}")
         except UnicodeDecodeError as err:
             raise UserError(f"stdin line {number}: not valid UTF-8 ({err.reason})") from None
+        except (OSError, ValueError) as err:  # a stream closed or broken under us
+            raise UserError(f"stdin line {number}: cannot be read ({problem_of(err)})") from None
         text = line.strip()
         if not line or text == EXIT:
             break

@@ -48,6 +48,8 @@ from dora_cli.recipe import Recipe, check_batch, dump_recipe
 from dora_cli.rundir import DEEPSPEED_NAME
 
 ACCELERATE_TYPES = {"FSDP": "fsdp", "DEEPSPEED": "deepspeed"}
+ASKED_PROCESSES, ASKED_STRATEGY, REFUSAL_FILE = "DORA_ASKED_PROCESSES", "DORA_ASKED_STRATEGY", "DORA_REFUSAL_FILE"
+"""What the command that launched the processes asked for (check_started compares it with what started)."""
 MULTI_MACHINE_PORT = 29500
 
 
@@ -193,15 +195,19 @@ def relaunch(recipe: Recipe, processes: int, flags: list[str]) -> None:
         else:
             config_file = Path(tmp) / "accelerate.yaml"
             config_file.write_text(yaml.safe_dump(launcher_config(recipe, processes)))
-        stop_file = Path(tmp) / "stopped"
+        stop_file, refusal_file = Path(tmp) / "stopped", Path(tmp) / "refused"
         env = dict(os.environ, DORA_LAUNCHED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-                   DORA_STOP_FILE=str(stop_file))
+                   DORA_STOP_FILE=str(stop_file), **{ASKED_PROCESSES: str(processes), REFUSAL_FILE: str(refusal_file),
+                                                    ASKED_STRATEGY: requested_strategy(recipe)})
         machines = f" on machine {recipe.launch.machine_rank} of {recipe.launch.num_machines}" if recipe.launch.num_machines > 1 else ""
         say(f"launching {processes} processes ({requested_strategy(recipe)}){machines}")
         launcher = subprocess.Popen(launch_command(recipe_file, config_file, flags), env=env, start_new_session=True)
         forwarded: list[int] = []
         code = _wait_forwarding_signals(launcher, forwarded)
         stopped = stop_file.read_text().strip() if stop_file.is_file() else ""
+        refused = refusal_file.read_text().strip() if refusal_file.is_file() else ""
+    if refused:
+        raise UserError(refused)
     signum = int(stopped) if stopped.isdigit() else forwarded[0] if forwarded and code != 0 else None
     if signum is not None:  # as if the signal had stopped this process: Ctrl-C 130, SIGTERM 143
         raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
@@ -310,6 +316,34 @@ def make_accelerator(recipe: Recipe, **options):
     if expected is not None and acc.distributed_type != expected:
         raise RunFailure(f"launch.strategy {strategy}: Accelerate set up {acc.distributed_type.name} instead; stopping rather than training differently")
     return acc
+
+
+def check_started(acc, recipe: Recipe) -> None:
+    """In each process, before anything is set up: the processes and the strategy that started are those that
+    were asked for (by the launching command: --nproc, launch.*, launch.config_file; under an external
+    launcher, its WORLD_SIZE), for DDP as for FSDP / DeepSpeed. A launcher that quietly ran one process
+    (an Accelerate config whose distributed_type it does not start here) is refused, in one line."""
+    asked = int(os.environ.get(ASKED_PROCESSES) or os.environ.get("WORLD_SIZE") or 1)
+    strategy = os.environ.get(ASKED_STRATEGY) or strategy_here(recipe)[0]
+    kind = acc.distributed_type.name
+    started = ACCELERATE_TYPES.get(kind, "ddp")
+    if acc.num_processes == asked and started == strategy:
+        return
+    source = f"launch.config_file {recipe.launch.config_file}" if recipe.launch.config_file else "the recipe's launch section"
+    message = (
+        f"launch: {asked} process{'es' if asked != 1 else ''} with {strategy} were asked for ({source}), but "
+        f"{acc.num_processes} started with {started} (Accelerate set up {kind}); nothing was trained"
+        + ("; Accelerate starts several CPU processes for distributed_type MULTI_GPU (through torchrun), not for "
+           "MULTI_CPU without MPI" if kind == "NO" and recipe.launch.config_file else "")
+    )
+    refusal = os.environ.get(REFUSAL_FILE) if os.environ.get("DORA_LAUNCHED") == "1" else None
+    if refusal is not None:  # every process agrees: all end quietly, the launching command says why (one line)
+        if acc.is_main_process:
+            Path(refusal).write_text(message)
+        raise SystemExit(0)
+    if not acc.is_main_process:
+        raise SystemExit(2)  # the main process says why, once
+    raise UserError(message)
 
 
 def _fsdp_over_gloo(acc, plugin, recipe: Recipe) -> None:

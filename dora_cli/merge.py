@@ -55,8 +55,17 @@ from dora_cli.checkpoints import (
 )
 from dora_cli.console import say
 from dora_cli.errors import RunFailure, UserError, did_you_mean, one_of
-from dora_cli.files import atomic_directory, check_output_dir, clean_stale, write_json
-from dora_cli.recipe import ModelConfig
+from dora_cli.files import (
+    OutputKind,
+    atomic_directory,
+    check_output,
+    clean_stale,
+    json_with,
+    register_output_kind,
+    write_json,
+    write_output_marker,
+)
+from dora_cli.recipe import ModelConfig, dump_recipe, safe_load
 
 PROVENANCE_NAME = "dora_merge.json"
 TOKENIZER_FILES = (
@@ -68,6 +77,14 @@ DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
 }
 QUANTIZED_BASE = ("dequantized", "original")
+
+MERGE_OUTPUT = register_output_kind(OutputKind(
+    "merge", "dora merge",
+    entries=(PROVENANCE_NAME, "config.json", "generation_config.json", "model*.safetensors", SAFE_INDEX,
+             *TOKENIZER_FILES, "chat_template.*"),
+    legacy=lambda directory: json_with(directory / PROVENANCE_NAME, "checkpoint", "checkpoint_kind", "base") is not None,
+))
+"""What `dora merge` writes in --out: a model directory and dora_merge.json."""
 
 # The fixed prompts of --verify: token ids drawn from this seed (3 prompts of 16 tokens).
 VERIFY_SEED, VERIFY_PROMPTS, VERIFY_TOKENS = 1234, 3, 16
@@ -124,8 +141,10 @@ def run_merge(
             record["verify"] = verify_merge(src.model, ckpt.path if adapter is not None else None, tmp)
         record["seconds"] = round(time.time() - started, 3)
         write_json(tmp / PROVENANCE_NAME, record)
+        write_output_marker(tmp, MERGE_OUTPUT.name)
+        _check_out(out, force, protected=[ckpt.path])  # again: a file may have appeared in --out meanwhile
 
-    atomic_directory(out, write, replace=force)
+    atomic_directory(out, write, replace=force or (out.is_dir() and not any(out.iterdir())))
     say(f"merged model written to {out}")
     print(out)
     return out
@@ -139,6 +158,7 @@ class MergeSource:
     adapter: Adapter | None  # None: a whole model (a full fine-tuning checkpoint or a model directory)
     src: Base  # where the base weights come from
     plan: ShardPlan | None  # the base's shards when they are streamed; None: merged in memory (`load_merged`)
+    tied: str | None = None  # in memory because the adapter changes a tied weight: what `load_merged` says
 
     @property
     def streamed(self) -> bool:
@@ -149,7 +169,7 @@ def resolve_merge(ckpt: Checkpoint, *, base: str | None = None, quantized_base: 
     """The adapter, the base and how they are merged (streamed or in memory); UserError when the adapter
     does not fit the base (streamed bases are checked here, in-memory ones when `load_merged` loads them)."""
     adapter, src = _sources(ckpt, base, quantized_base)
-    src = _in_memory_if_tied(adapter, src)
+    src, tied = _in_memory_if_tied(adapter, src)
     plan = None
     if src.directory is not None:
         plan = read_shapes(src.directory)
@@ -157,9 +177,7 @@ def resolve_merge(ckpt: Checkpoint, *, base: str | None = None, quantized_base: 
             check_fits(adapter, plan.shapes, base=str(src.directory))
         what = f"converting {ckpt.path} (nothing to fold)" if adapter is None else f"merging {ckpt.path} into {src.description}"
         say(f"{what}: {len(plan.shards)} shard(s), streamed")
-    else:
-        say(f"merging {ckpt.path} into {src.description} (loaded in memory)")
-    return MergeSource(ckpt, adapter, src, plan)
+    return MergeSource(ckpt, adapter, src, plan, tied)
 
 
 def _sources(ckpt: Checkpoint, base: str | None, quantized_base: str) -> tuple[Adapter | None, Base]:
@@ -173,15 +191,15 @@ def _sources(ckpt: Checkpoint, base: str | None, quantized_base: str) -> tuple[A
                       cast=None, tokenizer_dir=ckpt.path)
 
 
-def _in_memory_if_tied(adapter: Adapter | None, src: Base) -> Base:
-    """`src` without its shards to stream when the adapter changes a weight the base stores only once,
-    tied to another (lm_head with tied embeddings): the in-memory merge unties them, and says so."""
+def _in_memory_if_tied(adapter: Adapter | None, src: Base) -> tuple[Base, str | None]:
+    """(`src` without its shards to stream when the adapter changes a weight the base stores only once, tied
+    to another (lm_head with tied embeddings): the in-memory merge unties them; what to say about it)."""
     if adapter is None or src.directory is None:
-        return src
+        return src, None
     shapes = read_shapes(src.directory).shapes
     missing = [n for n in adapter.modules if n not in shapes]
     if not missing:
-        return src
+        return src, None
     from dora_cli.models import meta_model
 
     shared: dict[int, list[str]] = {}
@@ -189,9 +207,9 @@ def _in_memory_if_tied(adapter: Adapter | None, src: Base) -> Base:
         shared.setdefault(id(p), []).append(name)
     tied = sorted(n for n in missing if any(f"{n}.weight" in names for names in shared.values() if len(names) > 1))
     if not tied:
-        return src  # not a tie: check_fits refuses the adapter
-    say(f"{', '.join(tied)}: tied to another weight in {src.directory}, which stores it once: merging in memory to untie it")
-    return dataclasses.replace(src, directory=None)
+        return src, None  # not a tie: check_fits refuses the adapter
+    note = f"{', '.join(tied)}: tied to another weight in {src.directory}, which stores it once: merging in memory to untie it"
+    return dataclasses.replace(src, directory=None), note
 
 
 def _provenance(ckpt: Checkpoint, adapter: Adapter | None, src: Base, dtype: torch.dtype | None, quantized_base: str) -> dict:
@@ -200,7 +218,7 @@ def _provenance(ckpt: Checkpoint, adapter: Adapter | None, src: Base, dtype: tor
         "checkpoint": str(ckpt.path.resolve()),
         "checkpoint_kind": ckpt.kind,
         "base": src.description,
-        "base_model": src.model.model_dump(mode="json"),
+        "base_model": _saved_model_section(ckpt, src),
         "quantized_base": quantized_base if _trained_quantized(ckpt) else None,
         "dtype": _dtype_name(dtype) if dtype is not None else "as stored",
         "streamed": src.directory is not None,
@@ -212,6 +230,13 @@ def _provenance(ckpt: Checkpoint, adapter: Adapter | None, src: Base, dtype: tor
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dora_cli": _version(),
     }
+
+
+def _saved_model_section(ckpt: Checkpoint, src: Base) -> dict:
+    """The base's model section as the checkpoint's recipe saves it (`${env:...}` references as written)."""
+    if ckpt.recipe is not None and src.model == ckpt.recipe.model:
+        return safe_load(dump_recipe(ckpt.recipe))["model"]
+    return src.model.model_dump(mode="json")
 
 
 def _trained_quantized(ckpt: Checkpoint) -> bool:
@@ -330,9 +355,11 @@ def load_merged(ms: MergeSource, dtype: torch.dtype | None = None):
     from dora_cli.adapters import load_adapter, untie_adapted_weights, unwrap
     from dora_cli.models import load_model
 
-    model, tokenizer = load_model(ms.src.model, for_training=False)
+    model, tokenizer = load_model(ms.src.model, for_training=False, label=ms.src.label)
     if ms.adapter is not None:
         load_adapter(model, ms.ckpt.path)
+    for note in filter(None, (ms.tied, f"merging {ms.ckpt.path} into {ms.src.description} (loaded in memory)")):
+        say(note)  # after the checks of loading
     for note in untie_adapted_weights(model):  # a tied lm_head adapted: said here, not left to a warning
         say(note)
     unwrap(model, dtype=dtype)  # a plain model: no quantized layer, no quantization markers
@@ -359,12 +386,12 @@ def _inside(path: Path, other: Path) -> bool:
 
 
 def _check_out(out: Path, force: bool, protected: list[Path]) -> None:
+    check_output(out, MERGE_OUTPUT.name, label=f"--out {out}", replace=force)
     for p in protected:
         if _inside(out, p):
             raise UserError(f"--out {out}: is (or contains) {p}, which the merge reads; choose another directory")
-    if out.is_dir() and not force:
-        raise UserError(f"--out {out}: already exists; pass --force to replace it")
-    check_output_dir(out, label=f"--out {out}", exists_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out}: already holds a merged model; pass --force to replace it")
 
 
 # ==================================================================================================

@@ -22,6 +22,7 @@ counting and the LLaMA configurations of the paper.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import inspect
@@ -37,11 +38,13 @@ import torch
 from dora_cli import hub
 from dora_cli.adapters.base_ops import prepare_base
 from dora_cli.console import say
-from dora_cli.errors import UserError, clip, did_you_mean, note_user_paths
+from dora_cli.errors import UserError, absent, clip, did_you_mean, note_user_paths
 from dora_cli.files import atomic_directory, looks_local
 from dora_cli.recipe import INT32_MAX, SEED_MAX, ModelConfig, QuantizationConfig
 
 CACHE_ENV = "DORA_CACHE"
+_LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("model_label", default="model.name_or_path")
+"""How errors name the model the user gave: the recipe key, or the option / file that named it (`--base`)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -60,8 +63,9 @@ class ModelSource:
     location: str  # absolute directory / .gguf path, hub id, or "" for a random model
 
 
-def resolve_source(name_or_path: str | None, *, where: str = "model.name_or_path") -> ModelSource:
+def resolve_source(name_or_path: str | None, *, where: str | None = None) -> ModelSource:
     """Classify `name_or_path` without loading anything; UserError for a missing local path."""
+    where = where or _LABEL.get()
     if name_or_path is None:
         return ModelSource("random", "")
     path = Path(name_or_path).expanduser()
@@ -71,6 +75,8 @@ def resolve_source(name_or_path: str | None, *, where: str = "model.name_or_path
         if path.suffix.lower() == ".gguf":
             return ModelSource("gguf", str(path.resolve()))
         raise UserError(f"{name_or_path!r} is a file; expected a model directory or a .gguf file", where=where)
+    if os.path.lexists(path):  # a link to nowhere, a link loop
+        raise UserError(f"{name_or_path!r} {absent(path)}", where=where)
     if looks_local(name_or_path, (".gguf",)):
         raise UserError(f"{name_or_path!r} does not exist{_path_suggestion(path)}", where=where)
     if _HUB_ID.match(name_or_path):
@@ -172,7 +178,7 @@ def cached_gguf_dir(gguf_path: str | os.PathLike) -> Path:
     with _file_lock(out.with_name(out.name + ".lock")):
         if not (out / "config.json").is_file():
             say(f"converting {gguf_path} to a Hugging Face directory (once) at {out}")
-            with loading(f"{gguf_path}: the .gguf file cannot be converted", where="model.name_or_path"):
+            with loading(f"{gguf_path}: the .gguf file cannot be converted", where=_LABEL.get()):
                 convert_gguf(gguf_path, out)
             meta = {"gguf": str(Path(gguf_path).resolve()), "size": Path(gguf_path).stat().st_size,
                     "mtime_ns": Path(gguf_path).stat().st_mtime_ns}
@@ -190,7 +196,7 @@ def check_gguf_header(gguf_path: str | os.PathLike) -> None:
     The header is the magic bytes, the version (2 or 3), then the tensor and metadata counts, which must
     fit the file (a tensor's description takes at least 32 bytes, a metadata entry 13).
     """
-    where = "model.name_or_path"
+    where = _LABEL.get()
     with open(gguf_path, "rb") as fh:
         head = fh.read(24)
         size = os.fstat(fh.fileno()).st_size
@@ -203,6 +209,12 @@ def check_gguf_header(gguf_path: str | os.PathLike) -> None:
     if len(head) < 24 or 24 + 32 * tensors + 13 * entries > size:
         raise UserError(f"{gguf_path}: damaged GGUF header ({tensors} tensors and {entries} metadata entries "
                         f"announced in {size} bytes)", where=where)
+    from gguf import GGUFReader
+
+    with loading(f"{gguf_path}: the .gguf file cannot be read", where=where):
+        reader = GGUFReader(gguf_path)
+    if "general.architecture" not in reader.fields or not reader.tensors:
+        raise UserError(f"{gguf_path}: a GGUF file without a model (no general.architecture, or no tensors)", where=where)
 
 
 @contextlib.contextmanager
@@ -246,7 +258,7 @@ def load_tokenizer(cfg: ModelConfig, *, padding_side: PaddingSide = "right"):
     if cfg.tokenizer is not None:
         where, name = "model.tokenizer", cfg.tokenizer
     elif cfg.name_or_path is not None:
-        where, name = "model.name_or_path", cfg.name_or_path
+        where, name = _LABEL.get(), cfg.name_or_path
     else:
         raise UserError("required with model.config (a tokenizer directory or hub id)", where="model.tokenizer")
     source = resolve_source(name, where=where)
@@ -314,16 +326,26 @@ def loading(what: str, *, where: str):
 # Model
 
 
-def load_model(cfg: ModelConfig, *, for_training: bool = True, padding_side: PaddingSide | None = None):
+def load_model(cfg: ModelConfig, *, for_training: bool = True, padding_side: PaddingSide | None = None,
+               label: str | None = None):
     """(model, tokenizer) for the recipe's `model:` section.
 
     for_training: train mode, plus gradient checkpointing (and no KV cache) when `cfg.gradient_checkpointing`;
     otherwise eval mode with every parameter frozen. The tokenizer pads on the right for training and
-    on the left for generation unless `padding_side` says otherwise.
+    on the left for generation unless `padding_side` says otherwise. `label`: how errors name the model
+    (default model.name_or_path; `--base` when the user gave it so).
     """
+    token = _LABEL.set(label or _LABEL.get())
+    try:
+        return _load_model(cfg, for_training=for_training, padding_side=padding_side)
+    finally:
+        _LABEL.reset(token)
+
+
+def _load_model(cfg: ModelConfig, *, for_training: bool, padding_side: PaddingSide | None):
     source = resolve_source(cfg.name_or_path)
     if source.kind == "dir" and not (Path(source.location) / "config.json").is_file():
-        raise UserError(f"{cfg.name_or_path!r} is a directory without config.json", where="model.name_or_path")
+        raise UserError(f"{cfg.name_or_path!r} is a directory without config.json", where=_LABEL.get())
     if cfg.trust_remote_code:
         say(f"model.trust_remote_code is on: the model's own Python code from {cfg.name_or_path or cfg.tokenizer} will run")
     tokenizer = load_tokenizer(cfg, padding_side=padding_side or ("right" if for_training else "left"))
@@ -396,8 +418,8 @@ def _from_pretrained(location: str, *, dtype: torch.dtype, quant, trust_remote_c
 def _source_errors(source: ModelSource, cfg: ModelConfig, what: str, access: hub.Access | None):
     """The error wrapper of a model source: the hub's (unreachable, not found) or the local files' (`loading`)."""
     if source.kind == "hub":
-        return hub.loading(cfg.name_or_path, "model.name_or_path", access)
-    return loading(what, where="model.name_or_path")
+        return hub.loading(cfg.name_or_path, _LABEL.get(), access)
+    return loading(what, where=_LABEL.get())
 
 
 def _pretrained_config(location: str, *, trust_remote_code: bool, **extra):
@@ -411,7 +433,7 @@ def check_vocabulary(tokenizer, config, cfg: ModelConfig) -> None:
     rows = getattr(config, "vocab_size", None)
     if not isinstance(rows, int) or len(tokenizer) <= rows:
         return
-    where = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    where = "model.tokenizer" if cfg.tokenizer else _LABEL.get()
     raise UserError(
         f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows (vocab_size in "
         f"config.json): token ids from {rows} up cannot be embedded; use the tokenizer the model was trained with",
@@ -599,7 +621,7 @@ def model_config(cfg: ModelConfig):
     if source.kind != "hub":
         return AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
     access = hub.access()
-    with hub.loading(cfg.name_or_path, "model.name_or_path", access):
+    with hub.loading(cfg.name_or_path, _LABEL.get(), access):
         return AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code,
                                           **access.from_pretrained_kwargs())
 

@@ -63,11 +63,15 @@ incrementally (the rendering of the first k messages is a prefix of the renderin
 
     before  = render(messages[:i], add_generation_prompt=True)    # ... up to "<|im_start|>assistant\n"
     through = render(messages[:i + 1])                            # ... up to "reply<|im_end|>\n"
-    trained = through[len(before):], cut after its last special token when only whitespace follows
+    trained = through[len(before):], cut after its last special token when only whitespace follows,
+              from where the message's content starts (what the template writes before it is framing)
 
 so the trained text of a turn is its content and the end-of-turn token(s) as the template writes them
-("reply<|im_end|>"; a newline after the end-of-turn token is the next turn's framing, as templates that
-mark `{% generation %}` have it). A template that does not render incrementally is refused.
+("reply<|im_end|>"; a newline after the end-of-turn token is the next turn's framing, and so is a role
+header a template without an add_generation_prompt branch writes inside the turn), as templates that mark
+`{% generation %}` have it. A template that does not render incrementally, or that does not end a turn with
+the content as given, is refused with the reason. A template that marks `{% generation %}` blocks gets
+transformers' own assistant mask (`assistant_mask`: `apply_chat_template(..., return_assistant_tokens_mask=True)`).
 
 `dialogue_prompt(template, tokenizer, questions, answers)` is the prompt for the next answer of a
 conversation in any template (`dora chat`, MT-Bench): the chat template with the earlier turns, or the
@@ -76,6 +80,8 @@ Alpaca / LLM-Adapters text with earlier turns as "### Instruction:" / "### Respo
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 from dora_cli.errors import UserError, did_you_mean, one_of
@@ -136,9 +142,8 @@ def require_chat_template(tokenizer: Any, where: str = "data.template: chat") ->
     """UserError unless the tokenizer has a chat template."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise UserError(
-            f"the tokenizer {name!r} has no chat template (expected llm_adapters for a base model)", where=where
-        )
+        other = "--template llm_adapters or alpaca" if where.startswith("--template") else "data.template: llm_adapters"
+        raise UserError(f"the tokenizer {name!r} has no chat template (for a base model use {other})", where=where)
 
 
 def chat_prompt(tokenizer: Any, instruction: str, input: str = "", output: str | None = None) -> str:
@@ -170,15 +175,93 @@ def conversation(tokenizer: Any, messages: list[dict], where: str = "data") -> t
             continue
         before = _render(tokenizer, messages[:i], True, where)
         through = _render(tokenizer, messages[: i + 1], False, where)
-        if not (text.startswith(through) and through.startswith(before)):
+        if not (text.startswith(before) and through.startswith(before)):
             raise UserError(
                 f"the tokenizer's chat template does not render this conversation turn by turn (the text up to "
                 f"message {i} is not a prefix of the whole), so its assistant turns cannot be found; "
                 "set data.train_on_inputs: true to train on the whole text",
                 where=where,
             )
-        spans.append((len(before), _end_of_turn(through, len(before), specials)))
+        # The turn ends where the text goes on with the next turn: what the template writes only after the
+        # last message of a conversation (an end-of-text token) is not the turn's.
+        after = text if i + 1 < len(messages) else _continued(tokenizer, messages[: i + 1], through)
+        limit = len(os.path.commonprefix([through, after]))
+        start, stop = _content_span(through, len(before), message["content"], specials, i, where)
+        if limit < stop:
+            raise UserError(
+                f"the tokenizer's chat template does not render this conversation turn by turn (assistant message "
+                f"{i} is written otherwise once more messages follow), so its assistant turns cannot be found; "
+                "set data.train_on_inputs: true to train on the whole text", where=where,
+            )
+        spans.append((start, _end_of_turn(through, stop, limit, specials)))
     return text, spans
+
+
+def _continued(tokenizer: Any, messages: list[dict], through: str) -> str:
+    """The conversation rendered with one more user turn (where its last turn's own text ends); `through`
+    itself when the template refuses that."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template([*messages, {"role": "user", "content": "."}], tokenize=False)
+    except TemplateError:
+        return through
+
+
+def _content_span(text: str, start: int, content: str, specials: list[str], index: int, where: str) -> tuple[int, int]:
+    """[start, end) of an assistant message's content in its turn `text[start:]`: what the template writes
+    before it (a role header a template without an add_generation_prompt branch writes inside the turn) is
+    framing, as `{% generation %}` blocks leave it out. The content, as given or trimmed (templates often
+    trim it), must be followed only by special tokens and whitespace."""
+    bare = _bare_end(text, start, len(text), specials)  # the turn without its closing specials and whitespace
+    for wanted in dict.fromkeys((content, content.strip())):
+        core = wanted.rstrip()  # the content's own trailing whitespace went with the turn's
+        found = bare - len(core)
+        if found >= start and text.startswith(wanted, found):
+            return found, found + len(wanted)
+    raise UserError(
+        f"the tokenizer's chat template does not write assistant message {index} as given (its content, then "
+        "end-of-turn tokens), so its trained tokens cannot be told from the template's own; mark them with "
+        "{% generation %} in the template, or set data.train_on_inputs: true", where=where,
+    )
+
+
+def _bare_end(text: str, start: int, stop: int, specials: list[str]) -> int:
+    """`stop` moved back over the whitespace and special tokens that end `text[start:stop]`."""
+    while True:
+        end = start + len(text[start:stop].rstrip())
+        token = next((t for t in specials if text.endswith(t, start, end)), None)
+        end -= len(token) if token else 0
+        if end == stop:
+            return end
+        stop = end
+
+
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def marks_generation(tokenizer: Any) -> bool:
+    """Whether the chat template marks the assistant's text with `{% generation %}` blocks (then transformers'
+    own assistant mask is the mask)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and GENERATION_BLOCK.search(template) is not None
+
+
+def assistant_mask(tokenizer: Any, messages: list[dict], max_length: int, where: str = "data") -> tuple[list[int], list[int]]:
+    """(input ids, mask) of a conversation, exactly as transformers computes them for a template with
+    `{% generation %}` blocks (`apply_chat_template(..., return_assistant_tokens_mask=True)`), cut to
+    `max_length` tokens."""
+    from jinja2 import TemplateError
+
+    require_chat_template(tokenizer)
+    try:
+        encoded = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, truncation=True,
+            max_length=max_length,
+        )
+    except TemplateError as err:
+        raise UserError(f"the tokenizer's chat template refuses this conversation: {err}", where=where) from None
+    return list(encoded["input_ids"]), list(encoded["assistant_masks"])
 
 
 def special_tokens(tokenizer: Any) -> list[str]:
@@ -190,12 +273,14 @@ def special_tokens(tokenizer: Any) -> list[str]:
     return sorted((t for t in found if t), key=len, reverse=True)
 
 
-def _end_of_turn(text: str, start: int, specials: list[str]) -> int:
-    """Where a turn's trained text ends: after its last special token when only whitespace follows it."""
-    end = max((text.rfind(t, start) + len(t) for t in specials if text.rfind(t, start) >= 0), default=-1)
-    if end >= 0 and not text[end:].strip():
+def _end_of_turn(text: str, start: int, limit: int, specials: list[str]) -> int:
+    """Where a turn's trained text ends, the turn being `text[start:limit]`: after its last special token
+    when only whitespace, or the start of the next turn's special token, follows it."""
+    end = max((text.rfind(t, start, limit) + len(t) for t in specials if text.rfind(t, start, limit) >= 0), default=-1)
+    rest = text[end:limit].lstrip() if end >= 0 else None
+    if rest is not None and (not rest or any(t.startswith(rest) for t in specials)):
         return end
-    return len(text)
+    return limit
 
 
 def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, where: str) -> str:

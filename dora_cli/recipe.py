@@ -45,10 +45,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dora_cli.adapters.config import AdapterConfig
-from dora_cli.errors import UserError, clip, did_you_mean, note_user_paths, one_of, problem_of
+from dora_cli.errors import UserError, absent, clip, did_you_mean, note_user_paths, one_of, problem_of
 
 MAX_VALUES = 10_000
 """Most values a recipe document may hold once its aliases (`*name`) are expanded: far above any real
@@ -440,15 +448,20 @@ class Recipe(_Section):
     output_dir: str = Field("runs/default", json_schema_extra=LOCAL_PATH)
     expected: dict[str, float] = Field(default_factory=dict)
     """The paper's numbers for this row (task name or `avg` -> value), carried into metric JSON."""
+    _written: dict[tuple, tuple[str, Any]] = PrivateAttr(default_factory=dict)
+    """(location -> (the text as written, with its `${env:...}`, the value it gave)) of every value a
+    recipe file took from the environment: what `dump_recipe` saves instead of the value."""
 
 
 # --------------------------------------------------------------------------------------------------
 # Loading
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, optional: Sequence[str] = ()) -> Recipe:
     """Read a recipe file, resolve `base:` and `${env:...}`, apply dotted overrides, validate.
 
+    `optional`: dotted keys the command has no use for (`eval.mt_bench`); a `${env:VAR}` under them whose
+    variable is not set stays as written (a saved recipe read without, say, the judge's key).
     Every problem the user can fix raises a one-line `UserError`.
     """
     path = Path(path)
@@ -456,8 +469,24 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     data: dict[str, Any] = {}
     for _, layer in layers:
         data = _deep_merge(data, layer)
-    data = _resolve_env(data, ())
-    return _validate(data, str(path), overrides, layers)
+    replaced = [_parse_override(text) for text in overrides]  # a value an override replaces is never looked up
+    written: dict[tuple, str] = {}
+    data = _resolve_env(data, (), written, lambda loc: any(_replaces(parts, value, loc) for parts, value in replaced),
+                        lambda loc: any(_format_loc(loc).startswith(key) for key in optional))
+    return _validate(data, str(path), overrides, layers, written)
+
+
+def _replaces(parts: tuple, value: Any, loc: tuple) -> bool:
+    """Whether an override of `parts` with `value` replaces the value at `loc` (a mapping merges: only its keys)."""
+    if loc[: len(parts)] != parts:
+        return False
+    for key in loc[len(parts):]:
+        if not isinstance(value, dict):
+            return True
+        if key not in value:
+            return False
+        value = value[key]
+    return True
 
 
 def recipe_from_dict(data: dict[str, Any], source: str, overrides: Sequence[str] = ()) -> Recipe:
@@ -470,9 +499,11 @@ def recipe_from_dict(data: dict[str, Any], source: str, overrides: Sequence[str]
 
 
 def _validate(
-    data: dict[str, Any], source: str, overrides: Sequence[str], layers: list[tuple[str, dict[str, Any]]]
+    data: dict[str, Any], source: str, overrides: Sequence[str], layers: list[tuple[str, dict[str, Any]]],
+    written: dict[tuple, str] | None = None,
 ) -> Recipe:
-    """Overrides, then pydantic; `layers` (file name, mapping) tell which file wrote a bad key."""
+    """Overrides, then pydantic; `layers` (file name, mapping) tell which file wrote a bad key; `written`:
+    the text of the values taken from the environment (dropped where an override replaces them)."""
     if not isinstance(data, dict):
         raise UserError(f"expected a mapping of sections, got {_show(data)}", where=source)
     applied: list[tuple[tuple[str, ...], str]] = []
@@ -485,7 +516,33 @@ def _validate(
     except ValidationError as err:
         raise _friendly(err, source, applied, layers) from None
     note_user_paths(*recipe_paths(recipe))
+    dumped = recipe.model_dump(mode="python")
+    parsed = [_parse_override(text) for _, text in applied]
+    for loc, text in (written or {}).items():
+        if any(_replaces(parts, value, loc) for parts, value in parsed):
+            continue  # an override replaced it
+        found, value = value_at(dumped, loc)
+        if found:
+            recipe._written[loc] = (text, value)
     return recipe
+
+
+def value_at(tree: Any, loc: tuple) -> tuple[bool, Any]:
+    """(whether `loc` exists in a recipe document or model dump, its value)."""
+    for part in loc:
+        if isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        elif isinstance(tree, (list, tuple)) and isinstance(part, int) and 0 <= part < len(tree):
+            tree = tree[part]
+        else:
+            return False, None
+    return True, tree
+
+
+def _set_at(tree: Any, loc: tuple, value: Any) -> None:
+    for part in loc[:-1]:
+        tree = tree[part]
+    tree[loc[-1]] = value
 
 
 def recipe_paths(recipe: Recipe) -> list[str]:
@@ -500,10 +557,49 @@ def recipe_paths(recipe: Recipe) -> list[str]:
     ]
 
 
-def dump_recipe(recipe: Recipe) -> str:
-    """The fully resolved recipe as YAML (no `base:`), keys in schema order; `load_recipe` reads it back."""
-    data = recipe.model_dump(mode="python", exclude={"base"})
-    return yaml.safe_dump(_plain(data), sort_keys=False, allow_unicode=True, default_flow_style=False)
+def dump_recipe(recipe: Recipe, *, resolved: bool = False) -> str:
+    """The recipe as YAML (no `base:`), keys in schema order; `load_recipe` reads it back.
+
+    Every value taken from the environment is written as it was written, `${env:...}` and all (the value
+    is used, never saved), unless `resolved` (the run's identity compares values). A path made absolute
+    (`absolute_paths`) keeps its reference behind the directory it was relative to, so the saved recipe
+    names the same file from any directory."""
+    raw = recipe.model_dump(mode="python", exclude={"base"})
+    data = _plain(raw)
+    if not resolved:
+        for loc, (text, value) in recipe._written.items():
+            found, current = value_at(raw, loc)
+            if not found:
+                continue
+            if current == value:
+                _set_at(data, loc, text)
+            elif _made_absolute(loc, value, current):
+                _set_at(data, loc, os.path.join(os.getcwd(), text))
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def _made_absolute(loc: tuple, value: Any, current: Any) -> bool:
+    """Whether `current` is `value`, a relative path of a path field, made absolute from this directory."""
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(loc[-1]) if model is not None and isinstance(loc[-1], str) else None
+    marked = field is not None and isinstance(field.json_schema_extra, dict) and "path" in field.json_schema_extra
+    return (marked and isinstance(value, str) and not value.startswith(("/", "~"))
+            and current == os.path.abspath(value))
+
+
+@dataclass(frozen=True)
+class EnvReference:
+    """A value a recipe took from the environment."""
+
+    loc: tuple  # where: ("eval", "mt_bench", "judge_url")
+    key: str  # the same, dotted: eval.mt_bench.judge_url
+    text: str  # as written: http://user:${env:KEY}@host/v1
+    value: Any  # what it gave (validated)
+
+
+def env_references(recipe: Recipe) -> list[EnvReference]:
+    return [EnvReference(loc, _format_loc(loc), text, value) for loc, (text, value) in recipe._written.items()]
+
 
 
 def absolute_paths(section: BaseModel) -> BaseModel:
@@ -560,6 +656,10 @@ def _read_layers(path: Path, chain: tuple[tuple[str, Path], ...]) -> list[tuple[
     if isinstance(base, _EnvText):
         base = _interpolate(base, ("base",))
     base_path = Path(os.path.normpath(path.parent / base))
+    problem = absent(base_path)
+    if problem is not None:
+        raise UserError(f"base: no such file {base_path}" if problem == "does not exist" else f"base: {base_path} {problem}",
+                        where=str(path))
     chain = (*chain, (str(path), path.resolve()))
     seen = [resolved for _, resolved in chain]
     if base_path.resolve() in seen:
@@ -573,8 +673,9 @@ def _read_layers(path: Path, chain: tuple[tuple[str, Path], ...]) -> list[tuple[
 def _read_mapping(path: Path) -> dict[str, Any]:
     """One YAML file as a fresh mapping, strings with `${env:` wrapped for later interpolation."""
     where = str(path)
-    if not path.exists():
-        raise UserError("no such file", where=where)
+    problem = absent(path)
+    if problem is not None:
+        raise UserError("no such file" if problem == "does not exist" else problem, where=where)
     if path.is_dir():
         raise UserError("is a directory, not a recipe file", where=where)
     try:
@@ -654,14 +755,25 @@ def _mark_env(source: str) -> Callable[[Any], Any]:
     return lambda value: _EnvText(value, source) if isinstance(value, str) and "${env:" in value else value
 
 
-def _resolve_env(node: Any, key: tuple) -> Any:
-    """The merged tree with every `_EnvText` interpolated."""
+def _resolve_env(node: Any, key: tuple, written: dict[tuple, str], replaced: Callable[[tuple], bool],
+                 unused: Callable[[tuple], bool]) -> Any:
+    """The merged tree with every `_EnvText` interpolated (but where an override will replace it: `replaced`;
+    where the command has no use for it, `unused`, an unset variable leaves the text as written); `written`
+    gets its text, by location."""
     if isinstance(node, dict):
-        return {k: _resolve_env(v, (*key, k)) for k, v in node.items()}
+        return {k: _resolve_env(v, (*key, k), written, replaced, unused) for k, v in node.items()}
     if isinstance(node, list):
-        return [_resolve_env(v, (*key, i)) for i, v in enumerate(node)]
+        return [_resolve_env(v, (*key, i), written, replaced, unused) for i, v in enumerate(node)]
     if isinstance(node, _EnvText):
-        return _interpolate(node, key)
+        if replaced(key):
+            return node.text
+        written[key] = node.text
+        try:
+            return _interpolate(node, key)
+        except UserError:
+            if unused(key):
+                return node.text
+            raise
     return node
 
 

@@ -1,9 +1,10 @@
 """The output directory of a run, and everything in it: nobody else spells these paths.
 
     output_dir/
-      .dora_run                marks a directory dora_cli made: the only kind --overwrite may clear
+      .dora_output             {"kind": "train"}: a run directory (files.check_output; earlier runs: .dora_run)
       .lock                    pid and host of the run using the directory (a dead owner's lock is taken over)
-      recipe.yaml              the resolved recipe of the run that owns the directory
+      recipe.yaml              the resolved recipe of the run that owns the directory (${env:...} as written)
+      inputs.json              what the run trains on (input_fingerprints), compared by --resume
       accelerate.yaml          the Accelerate setup it trained with, as set up (processes, machines, strategy and
                                its settings; `accelerate launch --config_file` reads it), rewritten at each start
       deepspeed.json           the DeepSpeed config it ran with (strategy deepspeed only)
@@ -17,11 +18,12 @@
         recipe.yaml
         trainer_state/         optimizer.pt (tensors only) and state.json (the step); the schedule, the data
                                order and the dropout masks are functions of the step
-        manifest.json          size and sha256 of every other file: written last, checked on resume and by
-                               every command that reads the checkpoint
+        manifest.json          size and sha256 of every other file, exactly the files present: written last,
+                               checked on resume and by every command that reads the checkpoint
       final/                   the same, without trainer_state/
+      eval-<checkpoint>/, <checkpoint>-merged/   dora eval's and dora merge's default outputs (their own kinds)
 
-`RunDir` is the run's handle on all of it: the identity check (is this the same recipe?), clearing,
+`RunDir` is the run's handle on all of it: the identity check (is this the same recipe, on the same inputs?), clearing,
 the recipe, the run log, metrics, checkpoints and the trainer state. Writes that fail (disk full,
 read-only) end the run with one line naming the file; complete checkpoints already written stay intact.
 """
@@ -39,11 +41,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dora_cli.console import say
-from dora_cli.errors import RunFailure, UserError, clip
-from dora_cli.files import TMP_PREFIX, atomic_directory, fsync_path, pid_alive, remove, write_json
+from dora_cli.errors import RunFailure, UserError, clip, reading
+from dora_cli.files import (
+    LOCK_NAME,
+    OUTPUT_MARKER,
+    TMP_PREFIX,
+    OutputKind,
+    atomic_directory,
+    check_output,
+    clear_output,
+    fsync_path,
+    output_kind,
+    pid_alive,
+    read_json_object,
+    register_output_kind,
+    remove,
+    write_json,
+    write_output_marker,
+)
 
-LOCK_NAME = ".lock"
-MARKER_NAME = ".dora_run"
+LEGACY_MARKER = ".dora_run"  # the marker of runs made before files.OUTPUT_MARKER, with this text:
+LEGACY_MARKER_TEXT = "a dora_cli run directory (dora train --overwrite may clear it)\n"
+INPUTS_NAME = "inputs.json"
 MANIFEST_NAME = "manifest.json"
 RECIPE_NAME = "recipe.yaml"
 ACCELERATE_NAME = "accelerate.yaml"
@@ -72,9 +91,9 @@ class RunLock:
     """An exclusive claim on a directory, released on exit; a crashed owner's lock is stale.
 
     The lock file (`name`, LOCK_NAME by default) is created with its content in one step (a hard link of a
-    complete temporary file), so a process never reads a half-written lock. A directory the lock had to
-    create is removed again on release when nothing was written into it, so a command refused after
-    taking the lock leaves the disk as it was."""
+    complete temporary file), so a process never reads a half-written lock. The directories the lock had to
+    create (parents included) are removed again on release when nothing was written into them, so a command
+    refused after taking the lock leaves the disk as it was."""
 
     def __init__(self, directory: Path, what: str = "dora run", noun: str = "output_dir", name: str = LOCK_NAME):
         self.path = Path(directory) / name
@@ -101,13 +120,16 @@ class RunLock:
         """Take the lock: None when taken, else its owner's record (pid, host) when a live process on this
         host, or any process on another host, holds it."""
         directory = self.path.parent
+        missing = directory
+        while not missing.parent.exists() and missing.parent != missing:
+            missing = missing.parent  # the topmost directory this lock makes (parents included)
         if not directory.exists():
-            self.created = directory
+            self.created = missing
         directory.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         for _ in range(3):
             # A held lock is seen before anything is written (a refused command leaves the disk as it was).
-            if not self.path.exists() and self._link(me):
+            if not os.path.lexists(self.path) and self._link(me):
                 self.held = True
                 return None
             owner = self._owner()
@@ -150,9 +172,12 @@ class RunLock:
             if owner and owner.get("pid") == os.getpid():
                 self.path.unlink(missing_ok=True)
             self.held = False
-            if self.created is not None:
-                with contextlib.suppress(OSError):
-                    self.created.rmdir()  # only when empty
+            if self.created is not None:  # what it made, when nothing was written into it (empty directories only)
+                for directory in [self.path.parent, *self.path.parent.parents]:
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
+                    if directory == self.created:
+                        break
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -182,19 +207,33 @@ def write_manifest(directory: Path) -> None:
 
 
 def verify(directory: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else what is wrong with it (one phrase)."""
+    """None if the checkpoint is intact: its manifest lists exactly the files present, each with the size
+    and sha256 it has; else what is wrong with it (one phrase). A file the manifest does not list, or a
+    listed one that is missing, is damage as much as a changed one."""
     manifest = directory / MANIFEST_NAME
     if not manifest.is_file():
         return "no manifest (incomplete write)"
     try:
         files = json.loads(manifest.read_text())["files"]
-        entries = [(str(name), int(meta["size"]), str(meta["sha256"])) for name, meta in files.items()]
+        entries = {str(name): (int(meta["size"]), str(meta["sha256"])) for name, meta in files.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return f"{MANIFEST_NAME} is damaged"
-    for name, size, digest in entries:
-        path = directory / name
-        if not path.is_file():
+    try:
+        present = sorted(
+            p.relative_to(directory).as_posix() for p in directory.rglob("*")
+            if (p.is_symlink() or not p.is_dir()) and p != manifest
+        )
+    except OSError as err:
+        return f"cannot be listed ({err.strerror or err})"
+    unlisted = [name for name in present if name not in entries]
+    if unlisted:
+        return f"{unlisted[0]} is not listed in {MANIFEST_NAME}"
+    for name, (size, digest) in sorted(entries.items()):
+        if name not in present:
             return f"{name} is missing"
+        path = directory / name
+        if path.is_symlink() or not path.is_file():
+            return f"{name} is not a regular file"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} were written"
         if _sha256(path) != digest:
@@ -258,8 +297,6 @@ def checkpoint_step(path: Path) -> int | None:
     """The training step a checkpoint holds: trainer_state/state.json's step, else its checkpoint-<step>
     name; for final/ the run's last step (metrics.json, else the recipe's max_steps, else the newest
     checkpoint); None when nothing tells."""
-    from dora_cli.files import read_json_object
-
     state = path / STATE_DIR / "state.json"
     if state.is_file():
         step = read_json_object(state).get("step")
@@ -296,7 +333,7 @@ def identity(recipe) -> dict:
     its paths absolute (a saved recipe's are; relative ones are taken from the current directory)."""
     from dora_cli.recipe import absolute_paths, dump_recipe, safe_load
 
-    data = safe_load(dump_recipe(absolute_paths(recipe)))
+    data = safe_load(dump_recipe(absolute_paths(recipe), resolved=True))
     for dotted in VOLATILE:
         *sections, key = dotted.split(".")
         section = data
@@ -316,19 +353,139 @@ def first_difference(a, b, prefix: str = "") -> str:
 
 
 def saved_recipe(directory: Path):
-    """The recipe a run directory holds (its recipe.yaml), None without one; UserError if it is not ours."""
-    import yaml
-    from pydantic import ValidationError
-
-    from dora_cli.recipe import Recipe, safe_load
+    """The recipe a run directory holds (its recipe.yaml, `${env:...}` resolved), None without one."""
+    from dora_cli.recipe import load_recipe
 
     path = directory / RECIPE_NAME
     if not path.is_file():
         return None
+    return load_recipe(path, optional=sorted(VOLATILE))  # a ${env:...} unset in a key that may change stays
+
+
+def _legacy_run(directory: Path) -> bool:
+    """A run directory of an earlier version: its marker, or a recipe it saved beside the log it wrote."""
+    marker = directory / LEGACY_MARKER
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if marker.is_file() and marker.read_text(encoding="utf-8") == LEGACY_MARKER_TEXT:
+            return True
+    if not ((directory / RECIPE_NAME).is_file() and (directory / LOG_NAME).is_file()):
+        return False
     try:
-        return Recipe.model_validate(safe_load(path.read_text()))
-    except (OSError, ValueError, ValidationError, yaml.YAMLError, RecursionError):
-        raise UserError(f"{directory}: holds {RECIPE_NAME} that is not a dora_cli recipe; choose another directory") from None
+        return saved_recipe(directory) is not None
+    except UserError:
+        return False
+
+
+CHECKPOINT_FILES = (
+    MANIFEST_NAME, RECIPE_NAME, "adapter_config.json", "adapter_model.safetensors", "dora_cli_adapter.json",
+    STATE_DIR, f"{STATE_DIR}/optimizer.pt", f"{STATE_DIR}/state.json",
+    # method full: a whole model and its tokenizer (save_pretrained)
+    "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer*",
+    "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", "*.model",
+)
+"""The paths a checkpoint holds (what its manifest lists and the manifest): anything else in it is the user's."""
+
+TRAIN_OUTPUT = register_output_kind(OutputKind(
+    "train", "dora train",
+    entries=(LEGACY_MARKER, RECIPE_NAME, ACCELERATE_NAME, DEEPSPEED_NAME, LOG_NAME, METRICS_LOG_NAME, METRICS_NAME,
+             TRACKERS_NAME, INPUTS_NAME, "checkpoint-*", FINAL_NAME),
+    nested=(("eval", "eval"), ("eval-*", "eval"), ("*-merged", "merge")),
+    legacy=_legacy_run,
+    contents=(("checkpoint-*", CHECKPOINT_FILES), (FINAL_NAME, CHECKPOINT_FILES)),
+))
+"""What `dora train` writes in output_dir; the default outputs of `dora eval` (eval-<checkpoint>) and
+`dora merge` (<checkpoint>-merged) of its checkpoints sit beside them."""
+
+
+# ---- the inputs of a run ------------------------------------------------------------------------------
+FULL_HASH_LIMIT = 1 << 30
+"""Files up to this size are hashed whole; larger ones (weights of big models) by their header and 64
+blocks spread over the file: any other weights of the same layout differ in them."""
+_BLOCK = 1 << 16
+
+
+def file_fingerprint(path: Path) -> dict:
+    """Size and sha256 of a file (sampled past FULL_HASH_LIMIT: the first MiB, 64 blocks, the last block)."""
+    size = path.stat().st_size
+    if size <= FULL_HASH_LIMIT:
+        return {"size": size, "sha256": _sha256(path)}
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        for i in range(65):
+            f.seek(min(size - _BLOCK, i * (size - _BLOCK) // 64))
+            h.update(f.read(_BLOCK))
+    return {"size": size, "sha256_sampled": h.hexdigest()}
+
+
+def _files_fingerprint(path: Path, recursive: bool) -> dict:
+    """{relative name: fingerprint} of a file (its own name) or of the files of a directory."""
+    if path.is_file():
+        return {path.name: file_fingerprint(path)}
+    found = path.rglob("*") if recursive else path.iterdir()
+    return {p.relative_to(path).as_posix(): file_fingerprint(p) for p in sorted(found)
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)}
+
+
+def input_fingerprints(recipe) -> dict:
+    """What a run trains on, by the recipe key that names it: each local data source (size and sha256 of
+    its files), the base model and tokenizer directories or .gguf file (config, tokenizer and weight files).
+    A hub name is recorded as such (the hub's revision is not pinned here)."""
+    named = [(f"data.sources[{i}].path", source.path, True) for i, source in enumerate(recipe.data.sources)]
+    named += [("model.name_or_path", recipe.model.name_or_path, False), ("model.tokenizer", recipe.model.tokenizer, False)]
+    found: dict = _environment_fingerprints(recipe)
+    for key, value, recursive in named:
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if path.exists():
+            with reading(path):
+                found[key] = {"path": str(path.resolve()), "files": _files_fingerprint(path, recursive)}
+        else:
+            found[key] = {"hub": value}
+    return found
+
+
+def _environment_fingerprints(recipe) -> dict:
+    """The values a recipe took from the environment that make the run what it is (not the volatile keys),
+    by their sha256 only: the saved recipe keeps the `${env:...}` reference, the resumed run compares."""
+    from dora_cli.recipe import env_references, value_at
+
+    same_run = identity(recipe)
+    found = {}
+    for ref in env_references(recipe):
+        present, value = value_at(same_run, ref.loc)
+        if present:
+            digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+            found[ref.key] = {"env": ref.text, "sha256": digest}
+    return found
+
+
+def input_change(before: dict, now: dict) -> str | None:
+    """The first input that differs between two `input_fingerprints`, in words; None when they agree."""
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if a == b:
+            continue
+        if "env" in (a or {}) or "env" in (b or {}):
+            return f"{key}: its value from the environment ({(a or b)['env']}) is not the one the run started with"
+        if a is None or b is None or "files" not in a or "files" not in b:
+            return f"{key}: {'added' if a is None else 'removed' if b is None else 'another source'} since the run started"
+        files_a, files_b = a["files"], b["files"]
+        for name in sorted(set(files_a) | set(files_b)):
+            fa, fb = files_a.get(name), files_b.get(name)
+            if fa == fb:
+                continue
+            where = Path(b["path"]) / name if Path(b["path"]).is_dir() else Path(b["path"])
+            if fa is None:
+                return f"{key}: {where} was added since the run started"
+            if fb is None:
+                return f"{key}: {where} was removed since the run started"
+            if fa.get("size") != fb.get("size"):
+                return f"{key}: {where} has changed since the run started ({fa.get('size')} bytes then, {fb.get('size')} now)"
+            return f"{key}: {where} has changed since the run started (same size, other content)"
+        return f"{key}: {b.get('path')} has changed since the run started"
+    return None
 
 
 def writing(path: Path):
@@ -352,6 +509,8 @@ class _Writing(contextlib.AbstractContextManager):
 class RunDir:
     """output_dir of one run: checked before anything is written, claimed under the lock, then written."""
 
+    kind = TRAIN_OUTPUT.name
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.recipe_file = self.path / RECIPE_NAME
@@ -366,26 +525,15 @@ class RunDir:
 
     # ---- before anything is written ----------------------------------------------------------
     def check(self, recipe, *, resume: bool, overwrite: bool) -> None:
-        """Refuse, before any work, an output_dir this run may not use: inside a checkpoint, not a
-        directory, not ours (for --overwrite), another recipe's run (unless --overwrite), or a finished
-        run of this recipe without --resume."""
-        from dora_cli.files import check_output_dir
-
+        """Refuse, before any work, an output_dir this run may not use (files.check_output: a folder holding
+        anything a run does not write, inside a checkpoint or another output, a link for --overwrite),
+        another recipe's run (unless --overwrite), a finished run of this recipe without --resume, and for
+        --resume inputs that changed since the run started."""
         label = f"output_dir {self.path}"
         if resume and overwrite:
             raise UserError("--resume and --overwrite exclude each other")
-        owner = inside_a_checkpoint(self.path.resolve()) if self.path.exists() or self.path.parent.exists() else None
-        if owner is not None:
-            raise UserError(f"{label}: lies inside the checkpoint {owner}; choose a directory outside it")
-        if self.path.is_symlink() and overwrite:
-            raise UserError(f"{label}: is a symbolic link; --overwrite never follows one (give the real directory)")
-        check_output_dir(self.path, label=label, exists_ok=True)
+        check_output(self.path, TRAIN_OUTPUT.name, label=label, replace=overwrite)
         if overwrite:
-            if self.path.is_dir() and any(self.path.iterdir()) and not self.is_a_run():
-                raise UserError(
-                    f"{label}: holds files that no dora_cli run wrote; --overwrite only replaces a run's own "
-                    "directory: choose another output_dir"
-                )
             return
         key = self.difference(recipe)
         if key is not None:
@@ -395,6 +543,23 @@ class RunDir:
             )
         if saved_recipe(self.path) is not None and not resume and (checkpoints(self.path) or self.final.exists()):
             raise UserError(f"{self.path}: holds a run of this recipe; pass --resume to continue it or --overwrite to start over")
+        if resume:
+            self.check_inputs(recipe)
+
+    def check_inputs(self, recipe) -> None:
+        """--resume: the inputs must be those the run started with (inputs.json; a run made before the
+        record has none to compare)."""
+        before = self.recorded_inputs()
+        if before is None:
+            return
+        change = input_change(before, input_fingerprints(recipe))
+        if change is not None:
+            raise UserError(f"{change}; --resume continues a run on the inputs it started with: restore them, "
+                            "or start over with --overwrite", where=f"output_dir {self.path}")
+
+    def recorded_inputs(self) -> dict | None:
+        path = self.path / INPUTS_NAME
+        return read_json_object(path) if path.is_file() else None
 
     def difference(self, recipe) -> str | None:
         """The first key in which the run this directory holds differs from `recipe` (None: no run, or the
@@ -406,25 +571,26 @@ class RunDir:
         return first_difference(mine, theirs) if mine != theirs else None
 
     def is_a_run(self) -> bool:
-        """A directory a run of ours made: the marker, or (runs older than the marker) a valid recipe.yaml."""
-        if (self.path / MARKER_NAME).is_file():
-            return True
-        try:
-            return saved_recipe(self.path) is not None
-        except UserError:
-            return False
+        """A directory a run of ours made (its marker, or the files of an earlier version's run)."""
+        return output_kind(self.path) == TRAIN_OUTPUT.name
 
     # ---- claiming ------------------------------------------------------------------------------------
-    def claim(self, *, overwrite: bool) -> None:
-        """Under the lock: clear a previous run (--overwrite: only what runs write, never through links),
-        remove interrupted writes, mark the directory as a run, and start the run log."""
+    def claim(self, recipe, *, overwrite: bool) -> None:
+        """Under the lock: check the directory again (a file may have appeared since), clear a previous
+        run (--overwrite: only what runs write, never through links), remove interrupted writes, mark the
+        directory as a run, record its inputs (a new run) and start the run log."""
+        label = f"output_dir {self.path}"
+        check_output(self.path, TRAIN_OUTPUT.name, label=label, replace=overwrite)
         if overwrite:
-            for child in self.path.iterdir():
-                if child.name != LOCK_NAME:
-                    remove(child)
+            clear_output(self.path, TRAIN_OUTPUT.name)
         clean_temporaries(self.path)
-        with writing(self.path / MARKER_NAME):
-            (self.path / MARKER_NAME).write_text("a dora_cli run directory (dora train --overwrite may clear it)\n")
+        with writing(self.path / OUTPUT_MARKER):
+            if not (self.path / OUTPUT_MARKER).is_file():
+                write_output_marker(self.path, TRAIN_OUTPUT.name)
+        inputs = self.path / INPUTS_NAME
+        if not inputs.is_file():
+            with writing(inputs):
+                write_json(inputs, input_fingerprints(recipe))
         self.log_file = self.path / LOG_NAME
 
     def log(self, message: str) -> None:
@@ -501,8 +667,6 @@ class RunDir:
     @staticmethod
     def read_state(directory: Path) -> tuple[dict, dict]:
         """(optimizer state, state.json) of a checkpoint; the optimizer file holds tensors only."""
-        from dora_cli.files import read_json_object
-
         path = directory / STATE_DIR
         return load_tensors_only(path / "optimizer.pt"), read_json_object(path / "state.json")
 

@@ -54,7 +54,16 @@ from dora_cli.adapters.variants import recipe_methods
 from dora_cli.console import say, stderr_is_terminal
 from dora_cli.errors import RunFailure, UserError, clip, did_you_mean, one_of
 from dora_cli.eval.suites import same_evaluation, suite_of
-from dora_cli.files import check_output_dir, write_json, write_text
+from dora_cli.files import (
+    OutputKind,
+    check_output,
+    json_with,
+    output_kind,
+    register_output_kind,
+    write_json,
+    write_output_marker,
+    write_text,
+)
 from dora_cli.recipe import Recipe, check_batch, load_recipe
 from dora_cli.rundir import LOG_NAME, RunDir, RunLock
 from dora_cli.sweep_report import chosen_at, document, plot, render_table
@@ -72,6 +81,12 @@ SEED_MAX = 2**32 - 1
 
 # Keys the sweep sets itself, and the option that sets them.
 SWEPT = {"adapter.method": "--methods", "adapter.r": "--ranks", "train.seed": "--seeds", "output_dir": "the recipe's output_dir"}
+REPORT_NAMES = ("sweep.json", "sweep.md", "sweep.png")
+SWEEP_OUTPUT = register_output_kind(OutputKind(
+    "sweep", "dora sweep-rank", entries=(*REPORT_NAMES, REPORTS_LOCK, "*" + CLAIM_SUFFIX), nested=(("*-r*", "train"),),
+    legacy=lambda directory: json_with(directory / REPORT_NAMES[0], "settings", "trials", "summary") is not None,
+))
+"""What `dora sweep-rank` writes in OUTPUT/sweep: its reports, the trials' claims and one run directory per trial."""
 
 # The paper's Table 15: average commonsense accuracy (%) of LLaMA-7B at each rank (alpha = 2r).
 # DoRA r=32 is 78.1, as in recipes/commonsense_7b.yaml (the final arXiv v6 version reports 78.4 at
@@ -108,6 +123,7 @@ def run_sweep(
     sweep = plan_sweep(recipe, overrides, ranks=ranks, methods=methods, alpha_rule=alpha_rule, seeds=seeds,
                        grid=grid or [], select_at=select_at, shard=shard)
     if report:
+        _own_sweep_dir(sweep)
         doc = write_reports(sweep, {})
         print(render_table(doc), end="")
         say(f"sweep: {_counts(doc)}; results in {sweep.dir / 'sweep.md'}")
@@ -485,13 +501,14 @@ def _check_inputs(sweep: Sweep) -> None:
     from dora_cli.models import resolve_source
 
     base = sweep.base
-    check_output_dir(sweep.dir, label=f"output_dir {base.output_dir}", exists_ok=True)
+    check_output(sweep.dir, SWEEP_OUTPUT.name, label=f"output_dir {base.output_dir}: {SWEEP_DIR}")
     for trial in sweep.trials.values():
         check_batch(trial.recipe, trial.recipe.launch.num_processes)
     resolve_source(base.model.name_or_path)
     load_records(base.data)
     suite_of(base).check_inputs(base)  # every task `dora eval` accepts, custom ones included
     for trial in sweep.trials.values():
+        check_output(trial.dir, RunDir.kind, label=f"trial directory {trial.dir}")
         key = RunDir(trial.dir).difference(trial.recipe)
         if key is not None:
             raise UserError(
@@ -566,6 +583,14 @@ class Runner:
         return "done"
 
 
+def _own_sweep_dir(sweep: Sweep) -> None:
+    """OUTPUT/sweep made, with the marker of the sweep's outputs, before anything is written into it."""
+    check_output(sweep.dir, SWEEP_OUTPUT.name, label=f"output_dir {sweep.base.output_dir}: {SWEEP_DIR}")
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    if output_kind(sweep.dir) is None:
+        write_output_marker(sweep.dir, SWEEP_OUTPUT.name)
+
+
 def execute(sweep: Sweep) -> dict:
     """Run this process's trials in order, rewriting the combined reports after each; returns the document."""
     runner = Runner(sweep)
@@ -573,6 +598,7 @@ def execute(sweep: Sweep) -> dict:
     shard = f"; shard {sweep.shard[0]}/{sweep.shard[1]}" if sweep.shard else ""
     say(f"sweep: {len(sweep.slots)} trials ({', '.join(sweep.methods)} x r = {', '.join(map(str, sweep.ranks))} x "
         f"seeds {', '.join(map(str, sweep.seeds))}{grid}{shard}) in {sweep.dir}")
+    _own_sweep_dir(sweep)
     for trial in sweep.trials.values():
         if trial.legacy:
             say(f"sweep: {trial.dir} (a sweep made before seeds) holds the trial {trial.name}: used where it is")
@@ -785,9 +811,10 @@ def write_reports(sweep: Sweep, failed: dict[str, dict]) -> dict:
     temporary name and renamed; under a lock, so the newest of several processes' reports is written last."""
     with _reports_lock(sweep.dir):
         doc = document(sweep_settings(sweep), _records(sweep, failed)[0])
-        write_json(sweep.dir / "sweep.json", doc)
-        write_text(sweep.dir / "sweep.md", render_table(doc))
-        plot(doc, sweep.dir / "sweep.png")
+        json_name, md_name, png_name = REPORT_NAMES
+        write_json(sweep.dir / json_name, doc)
+        write_text(sweep.dir / md_name, render_table(doc))
+        plot(doc, sweep.dir / png_name)
     return doc
 
 

@@ -39,6 +39,7 @@ from dora_cli.console import duration
 from dora_cli.errors import RunFailure, Terminated, UserError
 from dora_cli.launch import (
     check_launch,
+    check_started,
     checks_output_dir,
     cpu_cores,
     effective_config,
@@ -73,52 +74,66 @@ def run_train(
     """`dora train`: the recipe file with its overrides; returns output_dir/final (None for a dry run)."""
     recipe = load_recipe(recipe_path, overrides)
     if dry_run:
-        return print_dry_run(recipe, process_count(recipe, nproc))
+        return print_dry_run(recipe, nproc, resume=resume, overwrite=overwrite)
     return train(recipe, resume=resume, overwrite=overwrite, nproc=nproc)
 
 
-def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, nproc: int | None = None) -> Path:
-    """Train `recipe` into its output_dir (in `nproc` processes); returns output_dir/final."""
+def check_run(recipe: Recipe, nproc: int | None, *, resume: bool, overwrite: bool) -> tuple[RunDir, int]:
+    """(the run directory, the processes): what refuses a run before anything is loaded or written, for the
+    run and its dry run alike (trackers, the launch, output_dir and, for --resume, the run's inputs)."""
     if nproc is not None and nproc < 1:
         raise UserError(f"--nproc: expected a number of processes >= 1, got {nproc}")
-    recipe = absolute_paths(recipe)  # as saved with the run: its checkpoints work from any directory
     trackers.check(recipe.train.report_to)
     processes = process_count(recipe, nproc)
     check_launch(recipe, processes)
     run_dir = RunDir(recipe.output_dir)
     if checks_output_dir(recipe):  # the other machines never write to output_dir
         run_dir.check(recipe, resume=resume, overwrite=overwrite)  # before anything is written
+    return run_dir, processes
+
+
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, nproc: int | None = None) -> Path:
+    """Train `recipe` into its output_dir (in `nproc` processes); returns output_dir/final."""
+    recipe = absolute_paths(recipe)  # as saved with the run: its checkpoints work from any directory
+    run_dir, processes = check_run(recipe, nproc, resume=resume, overwrite=overwrite)
     if not inside_launch() and needs_launch(recipe, processes):
         relaunch(recipe, processes, ["--resume"] * resume + ["--overwrite"] * overwrite)
         return run_dir.final
     return Trainer(recipe, run_dir, resume=resume, overwrite=overwrite).run()
 
 
-def print_dry_run(recipe: Recipe, processes: int) -> None:
-    """The resolved recipe and the trainable share, from the architecture alone (no weights); then the data,
-    read and validated: example counts, token statistics and one training example with its masked text marked."""
+def print_dry_run(recipe: Recipe, nproc: int | None, *, resume: bool = False, overwrite: bool = False) -> None:
+    """What the run would do, checked as the run checks it (check_run, the data and its trained tokens, the
+    plan), from the architecture alone (no weights), then printed: the resolved recipe, the trainable share,
+    the data (example counts, token statistics, one training example with its masked text marked)."""
     from dora_cli.adapters import apply_adapters, parameter_report
     from dora_cli.datasets import load_records, split_train_val
     from dora_cli.models import meta_model
 
-    accumulation = check_batch(recipe, processes)
-    model = meta_model(recipe.model)
-    apply_adapters(model, recipe.adapter)
-    print(dump_recipe(recipe), end="")
-    print(f"# processes: {processes}, gradient accumulation: {accumulation}")
-    print(f"# {parameter_report(model)}")
-    data = recipe.data
+    run = absolute_paths(recipe)  # what the run checks and reads
+    _, processes = check_run(run, nproc, resume=resume, overwrite=overwrite)
+    accumulation = check_batch(run, processes)
+    model = meta_model(run.model)
+    apply_adapters(model, run.adapter)
+    data = run.data
     records = load_records(data)
     train_records, val_records = split_train_val(records, data.val_set_size, data.seed)
-    print(f"# data: {len(records)} {data.format} records: {len(train_records)} for training, "
-          f"{len(val_records)} for validation")
-    _print_tokens(recipe, train_records)
+    lines = [
+        f"# processes: {processes}, gradient accumulation: {accumulation}",
+        f"# {parameter_report(model)}",
+        f"# data: {len(records)} {data.format} records: {len(train_records)} for training, "
+        f"{len(val_records)} for validation",
+        *_token_lines(run, train_records, processes),
+    ]
+    print(dump_recipe(recipe), end="")
+    print("\n".join(lines))
     return None
 
 
-def _print_tokens(recipe: Recipe, records: list[dict]) -> None:
-    """Token statistics of the training records and the first of them as trained (the tokenizer is loaded;
-    a hub tokenizer that cannot be reached skips this part, as the architecture falls back to a known one)."""
+def _token_lines(recipe: Recipe, records: list[dict], processes: int) -> list[str]:
+    """Token statistics of the training records and the first of them as trained, after the checks of the
+    run (`trained_examples`, `make_plan`); the tokenizer is loaded (a hub tokenizer that cannot be reached
+    skips this part, as the architecture falls back to a known one)."""
     from dora_cli.datasets import marked_text, token_stats, tokenize_records
     from dora_cli.models import load_tokenizer, resolve_source
 
@@ -128,16 +143,41 @@ def _print_tokens(recipe: Recipe, records: list[dict]) -> None:
     except UserError as err:
         if resolve_source(recipe.model.tokenizer or recipe.model.name_or_path).kind != "hub":
             raise
-        print(f"# tokens: not counted, the tokenizer cannot be loaded ({err})")
-        return
+        return [f"# tokens: not counted, the tokenizer cannot be loaded ({err})"]
+    notes: list[str] = []
+    kept, _ = trained_examples(recipe, tokenizer, lambda line: notes.append(f"# {line}"))
+    plan = make_plan(recipe, len(kept), processes, lambda seed, epoch: list(range(len(kept))))
     examples = tokenize_records(records, tokenizer, data)
     st = token_stats(records, examples, tokenizer, data)
-    print(f"# tokens per training example (before data.cutoff_len): min {st.shortest}, median {st.median:g}, "
-          f"max {st.longest}; {st.cut} of {st.examples} are longer than cutoff_len {data.cutoff_len} and cut")
-    print(f"# trained tokens (with a loss): {st.trained:,} of {st.tokens:,} ({st.trained / max(1, st.tokens):.1%})"
-          + (f"; {st.untrained_examples} examples have none and are left out" if st.untrained_examples else ""))
-    print("# the first training example as trained: [[masked text]] has no loss, the rest is trained")
-    print(marked_text(examples[0], tokenizer))
+    return [
+        *notes,
+        f"# tokens per training example (before data.cutoff_len): min {st.shortest}, median {st.median:g}, "
+        f"max {st.longest}; {st.cut} of {st.examples} are longer than cutoff_len {data.cutoff_len} and cut",
+        f"# trained tokens (with a loss): {st.trained:,} of {st.tokens:,} ({st.trained / max(1, st.tokens):.1%})"
+        + (f"; {st.untrained_examples} examples have none and are left out" if st.untrained_examples else ""),
+        f"# {plan.total_steps} steps of {plan.batch} examples",
+        "# the first training example as trained: [[masked text]] has no loss, the rest is trained",
+        marked_text(kept[0], tokenizer),
+    ]
+
+
+def trained_examples(recipe: Recipe, tokenizer, log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+    """(training examples with a token to learn from, validation examples): the data read, validated and
+    tokenised; the run and its dry run refuse the same data. An example whose response is cut off entirely
+    by cutoff_len (train_on_inputs false) has no token to learn from (its loss would be 0 / 0): left out,
+    and said through `log`."""
+    from dora_cli.datasets import build_datasets, trained_labels
+
+    data = recipe.data
+    train_set, val_set = build_datasets(data, tokenizer)
+    kept = [e for e in train_set if trained_labels(e)]
+    if not kept:
+        raise UserError("data: no training examples with a response token left (after the validation split and "
+                        f"data.cutoff_len={data.cutoff_len}); raise data.cutoff_len or set data.train_on_inputs: true")
+    if len(kept) < len(train_set):
+        log(f"{len(train_set) - len(kept)} training examples have no response token within "
+            f"data.cutoff_len={data.cutoff_len} and are left out")
+    return kept, val_set
 
 
 # ==================================================================================================
@@ -225,7 +265,7 @@ def make_setup(recipe: Recipe, acc, log) -> Setup:
     from dora_cli.adapters import apply_adapters, parameter_report
     from dora_cli.adapters.change import layer_tensors
     from dora_cli.batching import check_packing, make_collate, make_order
-    from dora_cli.datasets import build_datasets, make_collator, trained_labels
+    from dora_cli.datasets import make_collator
     from dora_cli.models import load_model
 
     r = recipe
@@ -236,15 +276,7 @@ def make_setup(recipe: Recipe, acc, log) -> Setup:
     start = layer_tensors(model)
     check_packing(model, r.data)
     report = parameter_report(model)
-    train_set, val_set = build_datasets(r.data, tokenizer)
-    # An example whose response is cut off entirely by cutoff_len (train_on_inputs false) has no
-    # token to learn from: its loss would be 0 / 0.
-    kept = [e for e in train_set if trained_labels(e)]
-    if len(kept) < len(train_set):
-        log(f"{len(train_set) - len(kept)} training examples have no response token within "
-            f"data.cutoff_len={r.data.cutoff_len} and are left out")
-    if not kept:
-        raise UserError("data: no training examples with a response token left (after the validation split and data.cutoff_len)")
+    kept, val_set = trained_examples(r, tokenizer, log)
     order = make_order(r.data, [len(e["input_ids"]) for e in kept], r.train.batch_size)
     plan = make_plan(r, len(kept), acc.num_processes, order)
     selective = keeps_selected_logits(model)  # asked before wrappers hide the forward's signature
@@ -321,6 +353,7 @@ class Trainer:
 
         r = self.recipe
         self.acc = make_accelerator(r, **trackers.accelerator_options(r, self.dir))
+        check_started(self.acc, r)  # the processes and strategy asked for, before anything is set up
         # One process stops at once when signalled during setup; several note the signal, finish setting up
         # and stop together (one alone would leave the others waiting in a collective).
         self.signals.immediate = self.acc.num_processes == 1
@@ -362,7 +395,7 @@ class Trainer:
     def _claim(self) -> None:
         """Under the lock: clear / mark the directory, resume, write the recipe, say what will happen."""
         if self.main:
-            self.dir.claim(overwrite=self.overwrite)
+            self.dir.claim(self.recipe, overwrite=self.overwrite)
             if self.recipe.model.trust_remote_code:
                 self.log("model.trust_remote_code is on: the model's own Python code runs")
         self.acc.wait_for_everyone()

@@ -52,6 +52,20 @@ def tiny_qwen2(seed: int = 0, **overrides):
     return Qwen2ForCausalLM(Qwen2Config(**kwargs)).eval()
 
 
+def minimal_gguf(path: Path) -> Path:
+    """A GGUF file that names an architecture and holds one tensor: what passes the checks before a conversion."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("t", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()
@@ -100,15 +114,15 @@ def real_recipe_env(smollm2_dir, shared_data, monkeypatch) -> tuple[Path, Path]:
     return smollm2_dir, shared_data
 
 
-def dora_in_process(argv, monkeypatch, capture, stdin: str | None = None) -> tuple[int, str, str]:
-    """`dora ARGV` in this process from the repository root: (exit status, stdout, stderr). `capture`:
+def dora_in_process(argv, monkeypatch, capture, stdin: str | None = None, cwd: Path = ROOT) -> tuple[int, str, str]:
+    """`dora ARGV` in this process from `cwd` (the repository root): (exit status, stdout, stderr). `capture`:
     pytest's capsys or capfd (cleared first); `stdin`: the text the command reads."""
     import io
     import sys
 
     from dora_cli import cli
 
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["dora", *map(str, argv)])
     if stdin is not None:
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))

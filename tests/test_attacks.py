@@ -18,7 +18,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -73,6 +73,8 @@ class Kit:
     monkeypatch: pytest.MonkeyPatch
     run_source: Path
     model_source: Path
+    restore: list = field(default_factory=list)  # what a case changed outside the snapshot's view (permissions)
+    deny: list = field(default_factory=list)  # paths made unreadable to the command (simulate_unreadable)
 
     def write(self, name: str, data: str | bytes | list | dict) -> Path:
         path = self.tmp / name
@@ -93,8 +95,9 @@ class Kit:
         return [f"data.sources=[{{path: '{path}'}}]", "data.val_set_size=0"]
 
     def run(self) -> Path:
-        """A copy of the tiny run under tmp; its final checkpoint."""
-        shutil.copytree(self.run_source, self.tmp / "run")
+        """A copy of the tiny run under tmp (made once per case); its final checkpoint."""
+        if not (self.tmp / "run").exists():
+            shutil.copytree(self.run_source, self.tmp / "run")
         return self.tmp / "run" / "final"
 
     def model(self, mutate: Callable[[Path], object] = lambda d: None) -> str:
@@ -142,9 +145,9 @@ def gguf(k: Kit, data: bytes) -> str:
     return str(k.write("model.gguf", data))
 
 
-def judge_files(k: Kit, prompts: list[dict] | str, refs: list[dict] | None = None) -> list[str]:
-    """An MT-Bench directory (one writing question), the given judge prompts, and a judge URL nobody serves."""
-    k.write("bench/question.jsonl", json.dumps(QUESTION) + "\n")
+def judge_files(k: Kit, prompts: list[dict] | str, refs: list[dict] | None = None, question: dict = QUESTION) -> list[str]:
+    """An MT-Bench directory (one question), the given judge prompts, and a judge URL nobody serves."""
+    k.write("bench/question.jsonl", json.dumps(question) + "\n")
     text = prompts if isinstance(prompts, str) else "".join(json.dumps(p) + "\n" for p in prompts)
     k.write("bench/judge_prompts.jsonl", text)
     if refs is not None:
@@ -153,9 +156,9 @@ def judge_files(k: Kit, prompts: list[dict] | str, refs: list[dict] | None = Non
             "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "j", "--limit", "1", *k.eval_out()]
 
 
-def prompts_with(template: str) -> list[dict]:
+def prompts_with(template: str, per_name: dict[str, str] | None = None) -> list[dict]:
     names = ["single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn"]
-    return [{"name": n, "system_prompt": "s", "prompt_template": template} for n in names]
+    return [{"name": n, "system_prompt": "s", "prompt_template": (per_name or {}).get(n, template)} for n in names]
 
 
 DUPLICATE_LAUNCH = "launch: {num_processes: 1}\nlaunch: {strategy: ddp}\n"
@@ -356,7 +359,65 @@ CASES: dict[str, Build] = {
     "sweep-ranks-unicode-digit": lambda k: ["sweep-rank", k.recipe(), "--ranks", "\u00b2"],
     "analyze-modules-match-no-adapter": lambda k: [
         "analyze", str(k.run()), "--modules", "lm_head", "--out", str(k.tmp / "analysis")],
+    # --- issue 23: nothing of the user's is written over; every boundary wrapped ---
+    "train-into-a-folder-of-the-user-s": lambda k: ["train", k.recipe(), f"output_dir={k.write('mine/notes.txt', 'x').parent}"],
+    "train-into-the-data-s-folder": lambda k: ["train", k.recipe(), *k.data("mine/d.json", [GOOD_RECORD] * 20),
+                                               f"output_dir={k.tmp / 'mine'}"],
+    "train-resume-into-a-run-with-a-user-file": lambda k: [
+        "train", k.recipe(), f"output_dir={user_file_in(k.run().parent)}", "--resume"],
+    "train-overwrite-a-run-with-a-user-file": lambda k: [
+        "train", k.recipe(), f"output_dir={user_file_in(k.run().parent)}", "--overwrite"],
+    "train-inside-another-run": lambda k: ["train", k.recipe(), f"output_dir={k.run().parent / 'sub'}"],
+    "train-into-an-eval-output": lambda k: ["train", k.recipe(), f"output_dir={eval_output(k)}"],
+    "eval-out-inside-a-checkpoint": lambda k: ["eval", str(k.run()), "--tasks", "boolq", "--out", str(k.run() / "ev")],
+    "eval-out-inside-another-run": lambda k: ["eval", str(k.run()), "--tasks", "boolq", "--out", str(k.run().parent / "ev")],
+    "eval-out-a-folder-of-the-user-s": lambda k: [
+        "eval", str(k.run()), "--tasks", "boolq", "--out", str(k.write("mine/notes.txt", "x").parent)],
+    "merge-force-a-folder-of-the-user-s": lambda k: [
+        "merge", str(k.run()), "--force", "--out", str(k.write("mine/notes.txt", "x").parent)],
+    "merge-force-into-the-run": lambda k: ["merge", str(k.run()), "--force", "--out", str(k.run().parent)],
+    "merge-out-inside-the-checkpoint": lambda k: ["merge", str(k.run()), "--out", str(k.run() / "m")],
+    "analyze-out-a-folder-of-the-user-s": lambda k: [
+        "analyze", str(k.run()), "--out", str(k.write("mine/analysis.json", "{}").parent)],
+    "analyze-out-inside-the-run": lambda k: ["analyze", str(k.run()), "--out", str(k.run().parent / "an")],
+    "sweep-into-a-folder-of-the-user-s": lambda k: [
+        "sweep-rank", k.recipe(), "--ranks", "2", f"output_dir={k.write('mine/sweep/notes.txt', 'x').parents[1]}"],
+    "chat-stdin-closed": lambda k: ["chat", str(close_stdin(k, k.run()))],
+    "dry-run-every-response-cut-off": lambda k: ["train", k.recipe(), "--dry-run", "data.cutoff_len=8",
+                                                 "data.train_on_inputs=false"],
+    "dry-run-batch-larger-than-the-data": lambda k: ["train", k.recipe(), "--dry-run", "train.batch_size=512"],
+    "dry-run-into-a-folder-of-the-user-s": lambda k: [
+        "train", k.recipe(), "--dry-run", f"output_dir={k.write('mine/notes.txt', 'x').parent}"],
+    "peft-adapter-whose-base-is-missing": lambda k: ["generate", str(peft_copy(k, base=k.tmp / "gone")), "q"],
+    "eval-peft-adapter-whose-base-is-missing": lambda k: ["eval", str(peft_copy(k, base=k.tmp / "gone")), *eval_flags(k)],
+    "generate-chat-template-of-a-conversation-run-without-one": lambda k: ["generate", str(conversation_run(k)), "q"],
+    "judge-template-single-turn-uses-a-second-answer": lambda k: ["eval", str(k.run()), *judge_files(
+        k, prompts_with("{question}{answer}", {"single-v1": "{question} {answer} {answer_2}"}))],
+    "judge-template-second-reference-of-a-one-turn-reference": lambda k: ["eval", str(k.run()), *judge_files(
+        k, prompts_with("{question_1}{answer_1}{question_2}{answer_2}", {
+            "single-v1": "{question}{answer}", "single-math-v1": "{question}{answer}{ref_answer_1}",
+            "single-math-v1-multi-turn": "{question_1}{answer_1}{ref_answer_1}{ref_answer_2}"}),
+        refs=[{"question_id": 2, "choices": [{"turns": ["4"]}]}], question={**QUESTION, "question_id": 2, "category": "math"})],
+    "judge-model-missing": lambda k: ["eval", str(k.run()), *judge_files(k, prompts_with("{question}{answer}", {
+        "single-v1-multi-turn": "{question_1}", "single-math-v1-multi-turn": "{question_1}"})), "eval.mt_bench.judge_model=null"],
 }
+
+
+def user_file_in(directory: Path) -> Path:
+    (directory / "notes.txt").write_text("mine")
+    return directory
+
+
+def eval_output(k: Kit) -> Path:
+    out = k.tmp / "ev" / "commonsense"
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps({"suite": "commonsense", "settings": {}}))
+    return out.parent
+
+
+def close_stdin(k: Kit, target: Path) -> Path:
+    k.monkeypatch.setattr("sys.stdin", None)  # `dora chat ... 0<&-`: Python has no stdin at all
+    return target
 
 
 def unreadable_data(k: Kit) -> list[str]:
@@ -374,14 +435,29 @@ def alter_adapter(final: Path) -> Path:
     return final
 
 
-def peft_copy(k: Kit) -> Path:
-    """The run's adapter as a bare PEFT directory: adapter_config.json (no base model named) and the weights."""
+def peft_copy(k: Kit, base: Path | None = None) -> Path:
+    """The run's adapter as a bare PEFT directory: adapter_config.json (no base model named, or `base`) and
+    the weights."""
     final = k.run()
     peft_dir = k.tmp / "peft"
     peft_dir.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(final / name, peft_dir / name)
+    if base is not None:
+        edit_json(peft_dir / "adapter_config.json", base_model_name_or_path=str(base))
     return peft_dir
+
+
+def conversation_run(k: Kit) -> Path:
+    """The tiny run's final checkpoint as if trained on conversations (its recipe's data.format: messages)."""
+    from dora_cli import rundir
+
+    final = k.run()
+    recipe = final / rundir.RECIPE_NAME
+    recipe.write_text(recipe.read_text().replace("format: commonsense", "format: messages").replace(
+        "template: llm_adapters", "template: chat"))
+    rundir.write_manifest(final)
+    return final
 
 
 def truncate_adapter(final: Path) -> Path:
@@ -412,7 +488,10 @@ def snapshot(root: Path) -> dict[str, tuple]:
         for name in dirnames + filenames:
             path = Path(dirpath) / name
             st = path.lstat()
-            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and not path.is_symlink() else ""
+            try:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and not path.is_symlink() else ""
+            except PermissionError:  # made unreadable by the case (not as root)
+                digest = "unreadable"
             found[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
     return found
 
@@ -433,8 +512,11 @@ def kit(tmp_path, monkeypatch, tiny_run, tiny_model_dir, tmp_path_factory) -> Ki
 
 def assert_refused(build: Build, kit: Kit, monkeypatch, capfd) -> str:
     argv = build(kit)
+    denied, kit.deny = kit.deny, []  # the snapshot reads what the case makes unreadable to the command
     before = snapshot(kit.tmp)
+    kit.deny = denied
     code, err = dora(argv, monkeypatch, capfd)
+    kit.deny = []
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err, err
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
@@ -462,6 +544,222 @@ def test_a_missing_deepspeed_is_refused_before_the_launch(strategy, kit, monkeyp
     line = assert_refused(lambda k: ["train", k.recipe(), "launch.strategy=deepspeed", *extra, "--nproc", "2"],
                           kit, monkeypatch, capfd)
     assert "DeepSpeed is not installed" in line and "dora_cli[deepspeed]" in line
+
+
+# --------------------------------------------------------------------------------------------------
+# Every command x each of its path arguments x {missing, truncated file, directory, symlink loop, unreadable}
+# (issue 23). An input that should be a directory gets a file in its place for "directory"; its main file
+# is the one truncated. Output directories get a file, a loop, an unwritable parent (missing is created).
+
+
+@dataclass(frozen=True)
+class PathArg:
+    kind: str  # "file", "dir" or "out"
+    good: Callable[[Kit], Path]  # the valid input, built under the case's directory
+    argv: Callable[[Kit, Path], list[str]]
+    main: str = ""  # a directory's file that "truncated" cuts
+
+
+CONFIG = "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\nmixed_precision: 'no'\n"
+
+
+def copy_of(source: Path, name: str) -> Callable[[Kit], Path]:
+    def build(k: Kit) -> Path:
+        shutil.copytree(source, k.tmp / name)
+        return k.tmp / name
+    return build
+
+
+def eval_flags(k: Kit) -> list[str]:
+    return ["--tasks", "boolq", "--limit", "1", "--data-dir", "data/smoke/commonsense", *k.eval_out()]
+
+
+PATH_ARGS: dict[str, PathArg] = {
+    "train-RECIPE": PathArg("file", lambda k: Path(k.recipe()), lambda k, p: ["train", str(p)]),
+    "train-data-source": PathArg("file", lambda k: k.write("d.json", [GOOD_RECORD] * 20), lambda k, p: [
+        "train", k.recipe(), f"data.sources=[{{path: '{p}'}}]", "data.val_set_size=0"]),
+    "train-model": PathArg("dir", lambda k: Path(k.model()), lambda k, p: ["train", k.recipe(), *k.local_model(str(p))],
+                           "model.safetensors"),
+    "train-tokenizer": PathArg("dir", copy_of(TINY_TOKENIZER, "tok"), lambda k, p: ["train", k.recipe(), f"model.tokenizer={p}"],
+                               "tokenizer.json"),
+    "train-launch-config-file": PathArg("file", lambda k: k.write("acc.yaml", CONFIG), lambda k, p: [
+        "train", k.recipe(), f"launch.config_file={p}"]),
+    "train-output-dir": PathArg("out", lambda k: k.tmp / "out", lambda k, p: ["train", k.recipe(), f"output_dir={p}"]),
+    "train-dry-run-RECIPE": PathArg("file", lambda k: Path(k.recipe()), lambda k, p: ["train", str(p), "--dry-run"]),
+    "eval-TARGET": PathArg("dir", lambda k: k.run(), lambda k, p: ["eval", str(p), *eval_flags(k)], "adapter_model.safetensors"),
+    "eval-base": PathArg("dir", lambda k: Path(k.model()), lambda k, p: [
+        "eval", str(peft_copy(k)), "--base", str(p), *eval_flags(k)], "model.safetensors"),
+    "eval-data-dir": PathArg("dir", lambda k: k.write("cs/boolq/test.json", [GOOD_RECORD]).parents[1], lambda k, p: [
+        "eval", str(k.run()), "--tasks", "boolq", "--data-dir", str(p), *k.eval_out()], "boolq/test.json"),
+    "eval-questions": PathArg("file", lambda k: k.write("q.jsonl", json.dumps(QUESTION) + "\n"), lambda k, p: [
+        "eval", str(k.run()), "--suite", "mt_bench", "--questions", str(p), *k.eval_out()]),
+    "eval-out": PathArg("out", lambda k: k.tmp / "out", lambda k, p: [
+        "eval", str(k.run()), "--tasks", "boolq", "--limit", "1", "--data-dir", "data/smoke/commonsense", "--out", str(p)]),
+    "generate-TARGET": PathArg("dir", lambda k: k.run(), lambda k, p: ["generate", str(p), "q"], "adapter_model.safetensors"),
+    "generate-base": PathArg("dir", lambda k: Path(k.model()), lambda k, p: ["generate", str(peft_copy(k)), "q", "--base", str(p)],
+                             "model.safetensors"),
+    "chat-TARGET": PathArg("dir", lambda k: k.run(), lambda k, p: ["chat", str(p)], "adapter_model.safetensors"),
+    "chat-base": PathArg("dir", lambda k: Path(k.model()), lambda k, p: ["chat", str(peft_copy(k)), "--base", str(p)],
+                         "model.safetensors"),
+    "merge-CHECKPOINT": PathArg("dir", lambda k: k.run(), lambda k, p: ["merge", str(p), "--out", str(k.tmp / "m")],
+                                "adapter_model.safetensors"),
+    "merge-base": PathArg("dir", lambda k: Path(k.model()), lambda k, p: [
+        "merge", str(peft_copy(k)), "--base", str(p), "--out", str(k.tmp / "m")], "model.safetensors"),
+    "merge-out": PathArg("out", lambda k: k.tmp / "m", lambda k, p: ["merge", str(k.run()), "--out", str(p)]),
+    "analyze-CHECKPOINT": PathArg("dir", lambda k: k.run(), lambda k, p: ["analyze", str(p), "--out", str(k.tmp / "an")],
+                                  "adapter_model.safetensors"),
+    "analyze-base": PathArg("dir", lambda k: Path(k.model()), lambda k, p: [
+        "analyze", str(k.run()), "--base", str(p), "--out", str(k.tmp / "an")], "model.safetensors"),
+    "analyze-out": PathArg("out", lambda k: k.tmp / "an", lambda k, p: ["analyze", str(k.run()), "--out", str(p)]),
+    "sweep-RECIPE": PathArg("file", lambda k: Path(k.recipe()), lambda k, p: ["sweep-rank", str(p), "--ranks", "2"]),
+    "sweep-data-source": PathArg("file", lambda k: k.write("d.json", [GOOD_RECORD] * 20), lambda k, p: [
+        "sweep-rank", k.recipe(), "--ranks", "2", f"data.sources=[{{path: '{p}'}}]", "data.val_set_size=0"]),
+    "sweep-output-dir": PathArg("out", lambda k: k.tmp / "sw", lambda k, p: ["sweep-rank", k.recipe(), "--ranks", "2", f"output_dir={p}"]),
+}
+INPUT_FAULTS = ["missing", "truncated", "directory", "symlink-loop", "unreadable"]
+OUTPUT_FAULTS = ["a-file", "symlink-loop", "unwritable", "dangling-link"]
+
+
+def simulate_unreadable(k: Kit, path: Path) -> None:
+    """Opening or listing `path` (or anything under it) fails with EACCES, as chmod 000 does for anyone
+    but root; the tests run as root here, for whom permissions do not deny reading."""
+    import builtins
+    import io
+
+    k.deny.append(os.path.abspath(path))
+    if len(k.deny) > 1:
+        return  # the guards are in place
+
+    def denied(name) -> bool:
+        try:
+            name = os.path.abspath(os.fsdecode(name))
+        except TypeError:  # a file descriptor
+            return False
+        return any(name == root or name.startswith(root + os.sep) for root in k.deny)
+
+    def guard(real, *, fail=None):
+        def wrapper(name, *args, **kwargs):
+            if denied(name):
+                if fail is not None:
+                    return fail
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(name))
+            return real(name, *args, **kwargs)
+        return wrapper
+
+    mp = k.monkeypatch
+    mp.setattr(builtins, "open", guard(builtins.open))
+    mp.setattr(io, "open", guard(io.open))
+    mp.setattr(os, "open", guard(os.open))
+    mp.setattr(os, "listdir", guard(os.listdir))
+    mp.setattr(os, "scandir", guard(os.scandir))
+    real_access = os.access
+    mp.setattr(os, "access", lambda name, mode, *a, **kw: False if denied(name) and mode & os.R_OK else real_access(name, mode, *a, **kw))
+
+
+def unreadable(k: Kit, path: Path) -> None:
+    if os.geteuid() == 0:
+        simulate_unreadable(k, path)
+    else:
+        mode = path.stat().st_mode
+        path.chmod(0)
+        k.restore.append(lambda: path.chmod(mode))
+
+
+def fault_input(k: Kit, arg: PathArg, fault: str) -> Path:
+    good = arg.good(k)
+    if fault == "missing":
+        return k.tmp / "nowhere" / good.name
+    if fault == "symlink-loop":
+        loop = k.tmp / f"loop-{good.name}"
+        loop.symlink_to(loop)
+        return loop
+    if fault == "directory":
+        if arg.kind == "dir":  # a file where a directory is expected
+            return k.write(f"a-file-{good.name}", "x")
+        (k.tmp / f"a-dir-{good.name}").mkdir()
+        return k.tmp / f"a-dir-{good.name}"
+    if fault == "truncated":
+        truncate(good / arg.main if arg.kind == "dir" else good)
+        return good
+    unreadable(k, good)
+    return good
+
+
+def fault_output(k: Kit, arg: PathArg, fault: str) -> Path:
+    place = arg.good(k)
+    if fault == "a-file":
+        return k.write(place.name, "mine")
+    if fault == "symlink-loop":
+        place.symlink_to(place)
+        return place
+    if fault == "dangling-link":
+        place.symlink_to(k.tmp / "nowhere" / place.name)
+        return place
+    parent = k.tmp / "read-only"
+    parent.mkdir()
+    real_access = os.access
+    k.monkeypatch.setattr(os, "access", lambda name, mode, *a, **kw: False if os.path.abspath(name) == str(parent)
+                          and mode & os.W_OK else real_access(name, mode, *a, **kw))
+    return parent / place.name
+
+
+MATRIX = [(name, fault) for name, arg in PATH_ARGS.items() for fault in (OUTPUT_FAULTS if arg.kind == "out" else INPUT_FAULTS)]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name,fault", MATRIX, ids=[f"{n}-{f}" for n, f in MATRIX])
+def test_every_path_argument_refuses_every_fault_in_one_line(name, fault, kit, monkeypatch, capfd):
+    arg = PATH_ARGS[name]
+
+    def build(k: Kit) -> list[str]:
+        argv = arg.argv(k, Path("PLACEHOLDER"))  # builds the other inputs first (a run, a PEFT copy)
+        path = fault_output(k, arg, fault) if arg.kind == "out" else fault_input(k, arg, fault)
+        return [str(path) if a == "PLACEHOLDER" else a.replace("PLACEHOLDER", str(path)) for a in argv]
+
+    try:
+        line = assert_refused(build, kit, monkeypatch, capfd)
+    finally:
+        for restore in kit.restore:
+            restore()
+    assert "Traceback" not in line
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("target", ["gguf", "mt-bench-without-judge-model"])
+def test_a_refusal_with_the_default_output_writes_not_even_a_directory(target, kit, monkeypatch, capfd):
+    """`dora eval` on a garbage .gguf (default output runs/eval-<name> under the current directory), an MT-Bench
+    refusal (default output eval-final in the run directory): nothing written, no directory made."""
+    if target == "gguf":
+        argv = ["eval", gguf(kit, b"GGUF\x03\x00\x00\x00" + bytes(64)), "--tasks", "boolq",
+                "--data-dir", str(ROOT / "data" / "smoke" / "commonsense")]
+    else:
+        argv = ["eval", str(kit.run()), *judge_files(kit, prompts_with("{question}{answer}", {
+            "single-v1-multi-turn": "{question_1}", "single-math-v1-multi-turn": "{question_1}"}))[:-2],
+            "eval.mt_bench.judge_model=null"]
+    before = snapshot(kit.tmp)
+    code, _, err = dora_in_process(argv, monkeypatch, capfd, cwd=kit.tmp)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert snapshot(kit.tmp) == before
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_error_names_what_the_user_gave(kit, monkeypatch, capfd):
+    """A PEFT adapter's missing base is named where it is written (adapter_config.json), not a recipe.yaml that
+    does not exist; `--template` is this command's option, never the recipe's data.template."""
+    line = assert_refused(lambda k: ["generate", str(peft_copy(k, base=k.tmp / "gone")), "q"], kit, monkeypatch, capfd)
+    assert "peft/adapter_config.json: base_model_name_or_path:" in line and "recipe.yaml" not in line
+    final = conversation_run(kit)
+    code, err = dora(["generate", str(final), "q", "--template", "alpaca", "--max-new-tokens", "2"], monkeypatch, capfd)
+    assert code == 0, err
+    code, err = dora(["generate", str(final), "q"], monkeypatch, capfd)
+    assert code == 2 and "data.template: chat: the tokenizer" in err and "use data.template: llm_adapters" in err
+    code, err = dora(["generate", str(final), "q", "--template", "chat"], monkeypatch, capfd)
+    assert code == 2 and "--template chat:" in err and "--template llm_adapters or alpaca" in err
+
+
+def test_the_path_matrix_covers_every_command():
+    assert {name.split("-")[0] for name in PATH_ARGS} == {"train", "eval", "generate", "chat", "merge", "analyze", "sweep"}
+    assert len(MATRIX) >= 100
 
 
 def test_the_battery_is_large_enough():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -248,8 +249,30 @@ def test_a_damaged_parquet_file_and_a_missing_split_are_one_line(tmp_path):
 # dora train --dry-run reads the data
 
 
+NEVER = Path(tempfile.gettempdir()) / "dora-dry-run-never-written"
+
+
 def dry_run(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    return dora_in_process(["train", "recipes/smoke.yaml", "--dry-run", *argv], monkeypatch, capsys)
+    return dora_in_process(["train", "recipes/smoke.yaml", "--dry-run", f"output_dir={NEVER}", *argv], monkeypatch, capsys)
+
+
+ONE_VALIDATION = {  # data or settings the run refuses: the dry run refuses them with the same line
+    "every response cut off": ["data.cutoff_len=8", "data.train_on_inputs=false"],
+    "batch larger than the examples": ["train.batch_size=256", "train.micro_batch_size=4"],
+    "a record of the wrong type": ["data.sources=[{path: data/smoke/commonsense/boolq/test.json}]", "data.format=orca_math"],
+    "output_dir of the user's": ["output_dir=data/smoke"],
+    "batch not divisible": ["train.batch_size=6"],
+}
+
+
+@pytest.mark.parametrize("case", list(ONE_VALIDATION))
+def test_the_dry_run_refuses_what_the_run_refuses_with_the_same_line(case, tmp_path, monkeypatch, capsys):
+    argv = ["train", "recipes/smoke.yaml", f"output_dir={tmp_path / 'out'}", *ONE_VALIDATION[case]]
+    code, out, dry_err = dora_in_process([*argv, "--dry-run"], monkeypatch, capsys)
+    assert code == 2 and out == "" and len(dry_err.strip().splitlines()) == 1, (out, dry_err)
+    code, _, run_err = dora_in_process(argv, monkeypatch, capsys)
+    assert code == 2 and run_err.strip().splitlines()[-1] == dry_err.strip(), (dry_err, run_err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_dry_run_prints_counts_token_statistics_and_a_marked_example(smol, tmp_path, monkeypatch, capsys):
@@ -257,7 +280,7 @@ def test_dry_run_prints_counts_token_statistics_and_a_marked_example(smol, tmp_p
     path.write_text("".join(json.dumps({"messages": CHAT}) + "\n" for _ in range(9)))
     code, out, err = dry_run([f"model.tokenizer={SMOLLM2_DIR}", "data.format=messages", "data.val_set_size=2",
                               f"data.sources=[{{path: '{path}'}}]", "data.train_on_inputs=false",
-                              f"output_dir={tmp_path / 'never'}"], monkeypatch, capsys)
+                              f"output_dir={tmp_path / 'never'}", "train.batch_size=4"], monkeypatch, capsys)
     assert code == 0, err
     n = len(smol.apply_chat_template(CHAT, tokenize=True)["input_ids"])
     assert "# data: 9 messages records: 7 for training, 2 for validation" in out

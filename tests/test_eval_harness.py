@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA, TINY_TOKENIZER, dora_in_process, tiny_llama
+from conftest import ROOT, SHARED_DATA, TINY_TOKENIZER, dora_in_process, minimal_gguf, tiny_llama
 from test_eval_commonsense import make_root
 from test_sweep import FAST
 
@@ -262,8 +262,7 @@ def test_every_kind_of_target_answers_alike(synth, tokenizer, model_dir, tmp_pat
 
     # a .gguf base: converted once (a stand-in conversion: the real one is the slow test of models.py)
     monkeypatch.setenv("DORA_CACHE", str(tmp_path / "cache"))
-    gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16))
+    gguf = minimal_gguf(tmp_path / "tiny.gguf")
 
     def convert(path, out_dir, **_):
         AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(out_dir)

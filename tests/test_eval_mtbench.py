@@ -382,3 +382,37 @@ def test_real_fastchat_files_fill_every_template(shared_data):
             if q["category"] in ("math", "reasoning", "coding"):
                 assert refs[q["question_id"]]["choices"][0]["turns"][0] in user
     assert used == {"single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn"}
+
+
+@pytest.mark.parametrize("body,content_type", [(b"<html>a proxy's page</html>", "text/html"), (b"not json", "application/json"),
+                                               (b"", "application/json"), (b"[1, 2]", "application/json"),
+                                               (b'{"choices": []}', "application/json")])
+def test_a_judge_answering_200_with_what_is_not_a_chat_completion_is_one_line(body, content_type):
+    """HTTP 200 whose body is not a JSON chat completion (a proxy's page, an empty body, another JSON): the
+    client's error, never a traceback (issue 23)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from dora_cli.eval.judge import JudgeClient, JudgeUnavailable
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = JudgeClient(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", "key", max_retries=0, timeout=5)
+        with pytest.raises(JudgeUnavailable, match="HTTP 200 with a body that is not JSON|unexpected response"):
+            client.complete("s", "u")
+    finally:
+        server.shutdown()
+        server.server_close()

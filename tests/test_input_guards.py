@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_llama
+from conftest import ROOT, minimal_gguf, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -184,7 +184,7 @@ def test_a_real_gguf_header_is_accepted(tmp_path):
 def test_concurrent_gguf_loads_convert_once_and_leave_no_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("DORA_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "m.gguf"
-    source.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16))
+    minimal_gguf(source)
     calls = []
 
     def fake_convert(path, out_dir, **_):
@@ -207,7 +207,7 @@ def test_concurrent_gguf_loads_convert_once_and_leave_no_lock(tmp_path, monkeypa
 def test_a_failed_conversion_leaves_no_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("DORA_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "m.gguf"
-    source.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16))
+    minimal_gguf(source)
     monkeypatch.setattr(models, "convert_gguf", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad tensor")))
     with pytest.raises(UserError, match=r"m.gguf: the .gguf file cannot be converted \(ValueError: bad tensor\)"):
         models.cached_gguf_dir(source)

@@ -280,3 +280,57 @@ def test_dora_train_runs_unchanged_under_torchrun(smoke_run, tmp_path):
     for key in ref:
         assert (ours[key] - ref[key]).abs().max().item() <= 1e-5, key
     assert yaml.safe_load((out / "accelerate.yaml").read_text())["distributed_type"] == "FSDP"
+
+
+# ---- launch honesty: what started is what was asked (issue 23) --------------------------------------------
+def started(kind: str, processes: int, main: bool = True):
+    """An Accelerator as check_started sees it: its distributed type, its processes, whether it is the main one."""
+    return SimpleNamespace(distributed_type=SimpleNamespace(name=kind), num_processes=processes, is_main_process=main)
+
+
+HONESTY = [  # (asked processes, asked strategy, started type, started processes, refused?)
+    (2, "ddp", "MULTI_CPU", 2, False), (2, "ddp", "MULTI_GPU", 2, False), (1, "ddp", "NO", 1, False),
+    (2, "fsdp", "FSDP", 2, False), (2, "deepspeed", "DEEPSPEED", 2, False), (1, "deepspeed", "DEEPSPEED", 1, False),
+    (2, "ddp", "NO", 1, True), (4, "ddp", "MULTI_CPU", 2, True), (2, "fsdp", "MULTI_CPU", 2, True),
+    (2, "deepspeed", "MULTI_GPU", 2, True), (2, "ddp", "FSDP", 2, True), (2, "fsdp", "NO", 1, True),
+]
+
+
+@pytest.mark.parametrize("asked,strategy,kind,count,refused", HONESTY)
+def test_the_processes_and_strategy_that_started_are_those_asked_for(asked, strategy, kind, count, refused, monkeypatch):
+    monkeypatch.setenv(launch.ASKED_PROCESSES, str(asked))
+    monkeypatch.setenv(launch.ASKED_STRATEGY, strategy)
+    monkeypatch.delenv("DORA_LAUNCHED", raising=False)
+    if not refused:
+        launch.check_started(started(kind, count), recipe())
+        return
+    with pytest.raises(UserError, match=f"launch: {asked} process(es)? with {strategy} were asked for .* but {count} started"):
+        launch.check_started(started(kind, count), recipe())
+    with pytest.raises(SystemExit) as other:  # another process ends quietly: the main one says why, once
+        launch.check_started(started(kind, count, main=False), recipe())
+    assert other.value.code == 2
+
+
+def test_under_our_launch_every_process_ends_quietly_and_the_command_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv(launch.ASKED_PROCESSES, "2")
+    monkeypatch.setenv(launch.ASKED_STRATEGY, "ddp")
+    monkeypatch.setenv("DORA_LAUNCHED", "1")
+    monkeypatch.setenv(launch.REFUSAL_FILE, str(tmp_path / "refused"))
+    with pytest.raises(SystemExit) as end:  # torch's launcher reports any other status as a crash
+        launch.check_started(started("NO", 1), recipe())
+    assert end.value.code == 0 and "1 started with ddp" in (tmp_path / "refused").read_text()
+
+
+def test_a_config_file_whose_processes_do_not_start_is_refused_before_training(tmp_path, monkeypatch, capfd):
+    """The issue's case: distributed_type MULTI_CPU with 2 processes, which accelerate launch runs as one process."""
+    config = tmp_path / "acc.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n"
+                      "mixed_precision: 'no'\n")
+    out = tmp_path / "out"
+    code, _, err = dora_in_process(["train", SMOKE, f"output_dir={out}", f"launch.config_file={config}",
+                                    "train.max_steps=2"], monkeypatch, capfd)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "launch: 2 processes with ddp were asked for (launch.config_file" in errors[0]
+    assert "but 1 started with ddp (Accelerate set up NO)" in errors[0]
+    assert not out.exists()

@@ -265,9 +265,16 @@ def test_an_existing_out_is_refused_unless_force_and_never_half_written(base_dir
     out = tmp_path / "merged"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="already exists; pass --force"):
+    for force in (False, True):  # a folder of the user's is never written into, --force or not
+        with pytest.raises(UserError, match="holds files that dora_cli did not write \\(keep.txt\\)"):
+            run_merge(tmp_path / "ckpt", out=out, force=force)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    run_merge(tmp_path / "ckpt", out=out)  # an empty directory is written into
+    first = (out / "dora_merge.json").read_text()
+    with pytest.raises(UserError, match="already holds a merged model; pass --force"):
         run_merge(tmp_path / "ckpt", out=out)
-    with pytest.raises(UserError, match="is \\(or contains\\)"):
+    with pytest.raises(UserError, match="holds files that dora_cli did not write"):  # the checkpoint itself
         run_merge(tmp_path / "ckpt", out=tmp_path / "ckpt", force=True)
     with pytest.raises(UserError, match="--dtype"):
         run_merge(tmp_path / "ckpt", out=out, dtype="fp8", force=True)
@@ -278,7 +285,7 @@ def test_an_existing_out_is_refused_unless_force_and_never_half_written(base_dir
     monkeypatch.setattr(merge_mod, "fold", boom)  # fails in the middle of the shards
     with pytest.raises(RuntimeError, match="disk full"):
         run_merge(tmp_path / "ckpt", out=out, force=True)
-    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    assert (out / "dora_merge.json").read_text() == first
     monkeypatch.undo()
 
     def wrong(*args, **kwargs):
@@ -287,11 +294,15 @@ def test_an_existing_out_is_refused_unless_force_and_never_half_written(base_dir
     monkeypatch.setattr(merge_mod, "verify_merge", wrong)
     with pytest.raises(RunFailure):
         run_merge(tmp_path / "ckpt", out=out, force=True, verify=True)
-    assert (out / "keep.txt").is_file()
+    assert (out / "dora_merge.json").read_text() == first
     monkeypatch.undo()
 
+    (out / "notes.txt").write_text("mine")  # the user's file in a merged model: --force refuses to clear it
+    with pytest.raises(UserError, match="holds notes.txt, which dora merge did not write"):
+        run_merge(tmp_path / "ckpt", out=out, force=True)
+    (out / "notes.txt").unlink()
     run_merge(tmp_path / "ckpt", out=out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "dora_merge.json").is_file()
+    assert (out / "dora_merge.json").read_text() != first
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -303,15 +314,15 @@ def test_cli_reports_a_user_error_on_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: does not exist"]
 
 
-def test_force_onto_a_symlinked_out_replaces_the_link_not_its_target(base_dir, tmp_path):
+def test_force_onto_a_symlinked_out_is_refused_and_touches_neither_link_nor_target(base_dir, tmp_path):
     make_adapter(base_dir, tmp_path / "ckpt", CASES["dora"])
     target = tmp_path / "elsewhere"
     target.mkdir()
     (target / "mine.txt").write_text("mine")
     (tmp_path / "merged").symlink_to(target)
-    run_merge(tmp_path / "ckpt", out=tmp_path / "merged", force=True)
-    assert (tmp_path / "merged").is_dir() and not (tmp_path / "merged").is_symlink()
-    assert (target / "mine.txt").read_text() == "mine"  # what the link pointed to is untouched
+    with pytest.raises(UserError, match="is a symbolic link; dora merge never clears through one"):
+        run_merge(tmp_path / "ckpt", out=tmp_path / "merged", force=True)
+    assert (tmp_path / "merged").is_symlink() and (target / "mine.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no .old / .tmp left behind
 
 

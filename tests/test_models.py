@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_llama
+from conftest import ROOT, minimal_gguf, tiny_llama
 
 from dora_cli import models
 from dora_cli.errors import UserError
@@ -310,7 +310,7 @@ def test_gguf_cache_converts_once_and_rekeys_on_change(tmp_path, tok_dir, monkey
 
     monkeypatch.setenv("DORA_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16))  # a header of version 3, no tensors
+    minimal_gguf(gguf)
     calls = []
 
     def fake_convert(path, out_dir, **_):

@@ -211,12 +211,48 @@ def test_dump_round_trip(monkeypatch):
     text = dump_recipe(recipe)
     assert "base" not in yaml.safe_load(text)
     assert list(yaml.safe_load(text)) == [name for name in Recipe.model_fields if name != "base"]
-    monkeypatch.delenv("DORA_TEST_DIR")
+    assert yaml.safe_load(text)["output_dir"] == "${env:DORA_TEST_DIR}"  # the reference, as written
     again = load_recipe(write("dumped.yaml", text))
     assert again == recipe
     assert again.eval.mt_bench.judge_api_key_env == "${env:NOT_EXPANDED}"
     assert again.eval.tasks == ["yes", "007", "null"]
     assert dump_recipe(again) == text
+    resolved = dump_recipe(recipe, resolved=True)  # the values (what the identity of a run compares)
+    assert yaml.safe_load(resolved)["output_dir"] == "runs/env"
+    monkeypatch.delenv("DORA_TEST_DIR")
+    with pytest.raises(UserError, match="dumped.yaml: output_dir: environment variable DORA_TEST_DIR is not set"):
+        load_recipe("dumped.yaml")
+    assert load_recipe(write("resolved.yaml", resolved)).model_dump() == recipe.model_dump()
+
+
+def test_values_from_the_environment_are_saved_as_written_in_every_kind_of_place(monkeypatch):
+    """A value is used, never saved: every field (strings, numbers, lists, free-form mappings, a base file) that
+    took a value from the environment is dumped as written; an override replaces the reference."""
+    secret = "sk-planted-0123456789"
+    monkeypatch.setenv("DORA_TEST_SECRET", secret)
+    monkeypatch.setenv("DORA_TEST_RANK", "8")
+    write("base.yaml", MINIMAL + "eval: {mt_bench: {judge_model: 'm-${env:DORA_TEST_SECRET}'}}\n")
+    write(
+        "x.yaml",
+        "base: base.yaml\n"
+        "model: {config: {note: '${env:DORA_TEST_SECRET}'}}\n"
+        "adapter: {r: '${env:DORA_TEST_RANK}', target_modules: ['${env:DORA_TEST_UNSET,q_proj}']}\n"
+        "data: {sources: [{path: 'hub/${env:DORA_TEST_SECRET}', split: '${env:DORA_TEST_SECRET}'}]}\n"
+        "launch: {main_process_ip: '${env:DORA_TEST_SECRET}'}\n"
+        "eval: {tasks: ['${env:DORA_TEST_SECRET}'], mt_bench: {judge_url: 'http://u:${env:DORA_TEST_SECRET}@h/v1',"
+        " judge_api_key_env: '${env:DORA_TEST_UNSET,KEY}'}}\n"
+        "expected: {avg: '${env:DORA_TEST_RANK}'}\n",
+    )
+    recipe = load_recipe("x.yaml", ["eval.mt_bench.judge_model=plain"])
+    assert recipe.eval.mt_bench.judge_url == f"http://u:{secret}@h/v1" and recipe.adapter.r == 8
+    text = dump_recipe(recipe)
+    assert secret not in text and "${env:DORA_TEST_SECRET}" in text
+    saved = yaml.safe_load(text)
+    assert saved["adapter"]["r"] == "${env:DORA_TEST_RANK}" and saved["expected"]["avg"] == "${env:DORA_TEST_RANK}"
+    assert saved["eval"]["mt_bench"]["judge_model"] == "plain"  # the override's value
+    assert load_recipe(write("again.yaml", text)) == load_recipe(write("again.yaml", text))
+    assert load_recipe("again.yaml").model_dump() == recipe.model_dump()
+    assert secret in dump_recipe(recipe, resolved=True)
 
 
 def test_dump_of_defaults_round_trips():
@@ -507,3 +543,16 @@ def test_dora_train_bad_recipe_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines == ['error: bad.yaml: adapter.rr: unknown key (did you mean "r"?)']
+
+
+def test_a_value_an_override_replaces_is_never_looked_up_in_the_environment():
+    """`dora eval CKPT eval.mt_bench.judge_url=null` works without the judge's key its recipe names."""
+    write("x.yaml", MINIMAL + "eval: {mt_bench: {judge_url: 'http://u:${env:DORA_TEST_UNSET}@h/v1', "
+                              "judge_model: '${env:DORA_TEST_UNSET}'}}\n")
+    with pytest.raises(UserError, match="environment variable DORA_TEST_UNSET is not set"):
+        load_recipe("x.yaml")
+    with pytest.raises(UserError, match="judge_model: environment variable DORA_TEST_UNSET is not set"):
+        load_recipe("x.yaml", ["eval.mt_bench.judge_url=null"])  # the other reference is still needed
+    recipe = load_recipe("x.yaml", ["eval.mt_bench.judge_url=null", "eval.mt_bench={judge_model: m}"])
+    assert recipe.eval.mt_bench.judge_url is None and recipe.eval.mt_bench.judge_model == "m"
+    assert "${env:" not in dump_recipe(recipe)

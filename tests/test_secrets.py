@@ -209,8 +209,96 @@ def test_text_without_the_key_is_left_alone():
 def test_credentials_in_the_judge_url_are_not_shown():
     assert public_url("https://u:p@host:8/v1") == "https://host:8/v1"
     assert public_url("http://host/v1") == "http://host/v1"
+    assert public_url("http://host/v1?key=abc#frag") == "http://host/v1"
     judge = JudgeClient("http://user:hunter2secret@127.0.0.1:9/v1", "m", KEY, max_retries=0, timeout=2)
     assert judge.public_endpoint == "http://127.0.0.1:9/v1/chat/completions"
     with pytest.raises(JudgeUnavailable) as info:
         judge.complete("s", "u")
     assert "hunter2secret" not in str(info.value) and KEY not in repr(judge)
+
+
+# --------------------------------------------------------------------------------------------------
+# ${env:...}: a value taken from the environment is used, never saved or printed (issue 23)
+
+PLANTED_ENV = "DORA_PLANTED_KEY"
+# Every kind of place a recipe file can name an environment variable and still train: strings of every
+# section (eval's judge settings, launch, a data source's split), a whole value and part of one, in the
+# recipe and in the base file it inherits from.
+PLANTED_BASE = f"""
+eval:
+  mt_bench:
+    judge_model: judge-${{env:{PLANTED_ENV}}}
+launch:
+  main_process_ip: ${{env:{PLANTED_ENV}}}
+"""
+PLANTED = f"""
+data:
+  sources:
+    - path: data/smoke/train.json
+      split: ${{env:{PLANTED_ENV}}}
+eval:
+  mt_bench:
+    judge_url: http://user:${{env:{PLANTED_ENV}}}@judge.example/v1?key=${{env:{PLANTED_ENV}}}
+    judge_api_key_env: ${{env:DORA_PLANTED_UNSET,OPENAI_API_KEY}}
+    questions: ${{env:DORA_PLANTED_UNSET,bench}}/${{env:{PLANTED_ENV}}}.jsonl
+"""
+
+
+def planted_recipe(tmp: Path) -> Path:
+    text = (ROOT / "recipes" / "smoke.yaml").read_text()
+    base = tmp / "base.yaml"
+    base.write_text(text.replace("output_dir: runs/smoke", f"output_dir: {tmp / 'run'}")
+                    .replace("eval:\n", "eval:" + PLANTED_BASE.split("eval:", 1)[1].split("launch:")[0], 1)
+                    + "launch:" + PLANTED_BASE.split("launch:", 1)[1])
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(f"base: {base}\n" + PLANTED)
+    return recipe
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_key_planted_through_env_references_is_never_written_or_printed(tmp_path, monkeypatch, capfd):
+    from conftest import dora_in_process
+
+    secret = "sk-planted" + "Q7x9Zr2LmN4vB8cD1eF3gH5jK"
+    monkeypatch.setenv(PLANTED_ENV, secret)
+    recipe = planted_recipe(tmp_path)
+    run = tmp_path / "run"
+    fast = ["train.max_steps=3", "train.save_every=1", "train.log_every=1", "data.val_set_size=4", "train.eval_every=2"]
+    commands = [
+        ["train", recipe, "--dry-run", *fast],
+        ["train", recipe, *fast, "train.report_to=[tensorboard]"],
+        ["eval", run / "final", "--out", tmp_path / "ev", "--limit", "2", "--tasks", "boolq", "--mode", "loglik",
+         "--data-dir", ROOT / "data" / "smoke" / "commonsense"],
+        ["merge", run / "final", "--out", tmp_path / "merged"],
+        ["analyze", run / "final", "--out", tmp_path / "an"],
+        ["sweep-rank", recipe, "--ranks", "2", "--methods", "lora", f"output_dir={tmp_path / 'sw'}", *fast,
+         "eval.limit=1", "eval.tasks=[boolq]", f"eval.data_dir={ROOT / 'data' / 'smoke' / 'commonsense'}"],
+    ]
+    printed = []
+    for argv in commands:
+        code, out, err = dora_in_process(argv, monkeypatch, capfd)
+        assert code == 0, (argv, err)
+        printed += [out, err]
+    shutil.rmtree(run / "final")  # resumed: the checkpoint's recipe is read back with its references
+    code, out, err = dora_in_process(["train", recipe, *fast, "--resume"], monkeypatch, capfd)
+    assert code == 0, err
+    printed += [out, err]
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.parent != tmp_path]  # not the user's recipe
+    assert len(files) > 30 and any("events.out.tfevents" in p.name for p in files)
+    forms = [secret, urllib.parse.quote(secret), secret[5:17], base64.b64encode(secret.encode()).decode()[4:16]]
+    found = {str(p): f for p in files for f in forms if f.encode() in p.read_bytes()}
+    assert found == {}
+    assert [f for text in printed for f in forms if f in text] == []
+    saved = (run / "recipe.yaml").read_text()  # the references are there, as written
+    assert f"http://user:${{env:{PLANTED_ENV}}}@judge.example/v1?key=${{env:{PLANTED_ENV}}}" in saved
+    assert f"judge-${{env:{PLANTED_ENV}}}" in saved and f"split: ${{env:{PLANTED_ENV}}}" in saved
+    # Without the key: what does not use it works (a commonsense eval, analyze, generate); what does is refused.
+    monkeypatch.delenv(PLANTED_ENV)
+    for argv in (["eval", run / "final", "--out", tmp_path / "ev2", "--limit", "1", "--tasks", "boolq", "--mode", "loglik",
+                  "--data-dir", ROOT / "data" / "smoke" / "commonsense"],
+                 ["analyze", run / "final", "--out", tmp_path / "an2"], ["generate", run / "final", "q", "--max-new-tokens", "2"]):
+        code, _, err = dora_in_process(argv, monkeypatch, capfd)
+        assert code == 0, (argv, err)
+    code, _, err = dora_in_process(["eval", run / "final", "--suite", "mt_bench", "--questions", tmp_path / "q.jsonl"],
+                                   monkeypatch, capfd)
+    assert code == 2 and f"environment variable {PLANTED_ENV} is not set" in err

@@ -328,6 +328,7 @@ def test_a_sweep_directory_made_before_seeds_serves_as_its_seeds_trial(swept, tm
     out = tmp_path / "out"
     (out / "sweep").mkdir(parents=True)
     shutil.copytree(swept[0] / "sweep" / "lora-r2-s1", out / "sweep" / "lora-r2")
+    shutil.copyfile(swept[0] / "sweep" / "sweep.json", out / "sweep" / "sweep.json")  # its reports: ours, unmarked
     args = ["sweep-rank", "recipes/smoke.yaml", "--ranks", "2", "--methods", "lora", f"output_dir={out}", *FAST]
     code, _, err = dora_in_process([*args, "--seeds", "1,"], monkeypatch, capsys)
     assert code == 0, err

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,7 +33,7 @@ from dora_cli.adapters.config import AdapterConfig
 from dora_cli.adapters.inject import VERA_ATTR, adapted_modules, apply_adapters
 from dora_cli.adapters.variants import METHODS, PEFT_DIRECTIONS, Vera, compose
 from dora_cli.errors import UserError
-from dora_cli.files import atomic_file, read_json_object
+from dora_cli.files import atomic_file, read_json_object, safetensors_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -206,9 +207,10 @@ def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
         if (directory / "adapter_model.bin").is_file():
             raise UserError(f"{directory}: only safetensors are loaded; adapter_model.bin (pickle) is refused")
         raise UserError(f"{directory}: no {WEIGHTS_NAME}")
+    safetensors_header(weights)
     try:
         return load_file(str(weights))
-    except Exception as err:  # safetensors raises several types for a damaged file
+    except SafetensorError as err:  # a header that passed the check but that safetensors refuses
         raise UserError(f"{weights}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
 
 

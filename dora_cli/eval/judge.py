@@ -56,7 +56,12 @@ RETRY_STATUS = {408, 409, 429}
 """With every 5xx: the statuses the `openai` client retries."""
 NETWORK_LOGGERS = ("openai", "httpx", "httpx2")
 """Loggers that may write text from the network (with OPENAI_LOG=debug, or a logging set up by a caller)."""
-TEMPLATE_FIELDS = ("question", "answer", "question_1", "question_2", "answer_1", "answer_2", "ref_answer_1", "ref_answer_2")
+TEMPLATE_FIELDS = {  # what each template is filled with (ref_answer_2: when the reference answer has two turns)
+    "single-v1": ("question", "answer"),
+    "single-math-v1": ("question", "answer", "ref_answer_1", "ref_answer_2"),
+    "single-v1-multi-turn": ("question_1", "question_2", "answer_1", "answer_2"),
+    "single-math-v1-multi-turn": ("question_1", "question_2", "answer_1", "answer_2", "ref_answer_1", "ref_answer_2"),
+}
 
 
 def parse_rating(judgment: str) -> float:
@@ -149,6 +154,8 @@ class JudgeClient:
             return self._content(response)
         except openai.APIStatusError as err:
             raise JudgeUnavailable(self._status_problem(err)) from None
+        except json.JSONDecodeError as err:  # a 200 whose body is not JSON (a proxy's page, an empty body)
+            raise JudgeUnavailable(f"HTTP 200 with a body that is not JSON ({clip(self.redact(str(err)), 120)})") from None
         except openai.APIConnectionError as err:
             cause = err.__cause__ or err
             problem = f"timed out after {self.timeout:g} s" if isinstance(err, openai.APITimeoutError) else (
@@ -160,6 +167,9 @@ class JudgeClient:
 
     def _content(self, response) -> str:
         """The message content of a chat completion, redacted; JudgeUnavailable when it is not one."""
+        if isinstance(response, (str, bytes)):  # the client hands over a body that is not JSON as it came
+            text = response.decode("utf-8", "replace") if isinstance(response, bytes) else response
+            raise JudgeUnavailable(f"HTTP 200 with a body that is not JSON ({clip(self.redact(text), 120)})")
         try:
             content = response.choices[0].message.content
         except (AttributeError, IndexError, KeyError, TypeError) as err:
@@ -197,16 +207,18 @@ def load_judge_prompts(path: str | Path) -> dict[str, dict]:
 
 
 def _check_template(template: dict, path: str | Path) -> None:
-    """A judge template has a string system_prompt and a prompt_template that str.format can fill."""
+    """A judge template has a string system_prompt and a prompt_template that str.format can fill with
+    the fields its kind of judgment gets (TEMPLATE_FIELDS: a single-turn template has no answer_2)."""
     where = f"{path}: template {template['name']}"
     if not isinstance(template.get("system_prompt"), str) or not isinstance(template.get("prompt_template"), str):
         raise UserError("needs string fields system_prompt and prompt_template", where=where)
+    fields = TEMPLATE_FIELDS[template["name"]]
     try:
-        template["prompt_template"].format(**dict.fromkeys(TEMPLATE_FIELDS, ""))
+        template["prompt_template"].format(**dict.fromkeys(fields, ""))
     except (KeyError, IndexError, ValueError, AttributeError) as err:
         raise UserError(
-            f"prompt_template cannot be filled ({type(err).__name__}: {clip(str(err), 80)}); its fields are "
-            f"{', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}", where=where,
+            f"prompt_template cannot be filled ({type(err).__name__}: {clip(str(err), 80)}); a {template['name']} "
+            f"judgment has the fields {', '.join('{' + f + '}' for f in fields)}", where=where,
         ) from None
 
 
@@ -247,14 +259,28 @@ def judge_request(question: dict, answer: dict, turn: int, prompts: dict, refs: 
     return template["name"], template["system_prompt"], user
 
 
-def check_judge_inputs(questions: list[dict], answers: dict[int, dict], prompts: dict, refs: dict) -> None:
-    """Everything judging needs is there, before the first request."""
+def check_judge_inputs(questions: list[dict], answers: dict[int, dict] | None, prompts: dict, refs: dict,
+                       prompts_file: str | Path = "judge_prompts.jsonl") -> None:
+    """Everything judging needs is there, before the first request: a reference answer where the category
+    needs one, an answer to every question (None: not answered yet), and every template filled with the
+    fields each of its judgments will get (a reference answer of one turn has no ref_answer_2)."""
     for q in questions:
         qid = q["question_id"]
         if q["category"] in NEED_REF_CATS and qid not in refs:
             raise UserError(f"question {qid} ({q['category']}) has no reference answer; the judge needs one")
-        if qid not in answers:
+        if answers is not None and qid not in answers:
             raise UserError(f"question {qid} has no answer to judge")
+        placeholder = {"choices": [{"turns": [""] * len(q["turns"])}]}
+        for turn in (1, 2)[: min(2, len(q["turns"]))]:
+            try:
+                judge_request(q, placeholder, turn, prompts, refs)
+            except (KeyError, IndexError) as err:
+                name = TEMPLATES[(turn == 2, q["category"] in NEED_REF_CATS)]
+                raise UserError(
+                    f"{prompts_file}: template {name}: uses {{{clip(str(err).strip(chr(39)), 40)}}}, which the judgment of question "
+                    f"{qid} turn {turn} does not have (its reference answer has "
+                    f"{len(refs.get(qid, {}).get('choices', [{}])[0].get('turns', []))} turn(s))"
+                ) from None
 
 
 def judge_answers(

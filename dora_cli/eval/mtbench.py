@@ -82,6 +82,26 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
     return questions[:limit] if limit else questions
 
 
+def mt_bench_inputs(cfg, limit: int | None = None) -> tuple[list[dict], tuple[dict, dict] | None]:
+    """(questions, (judge prompts, reference answers) when a judge is set), every file read and checked:
+    what `dora eval` checks before it loads the model, and what the run then uses."""
+    if not cfg.questions:
+        raise UserError("eval.mt_bench.questions is not set (FastChat question.jsonl)")
+    qpath = Path(cfg.questions)
+    questions = load_questions(qpath, limit)
+    if cfg.judge_url is None:
+        return questions, None
+    if not cfg.judge_model:
+        raise UserError("eval.mt_bench.judge_model: not set; the judge at judge_url needs the name of its model")
+    prompts_file = cfg.judge_prompts or qpath.parent / "judge_prompts.jsonl"
+    prompts = load_judge_prompts(prompts_file)
+    refs = {}
+    if any(q["category"] in NEED_REF_CATS for q in questions):
+        refs = load_reference_answers(cfg.reference_answers or qpath.parent / "reference_answer" / "gpt-4.jsonl")
+    check_judge_inputs(questions, None, prompts, refs, prompts_file)
+    return questions, (prompts, refs)
+
+
 def conversation_prompt(tokenizer, questions: list[str], answers: list[str]) -> tuple[str, bool]:
     """The prompt for the last of `questions`, after earlier questions and their `answers`: the tokenizer's
     chat template when it has one, else the LLM-Adapters text (`prompts.dialogue_prompt`).
@@ -165,20 +185,10 @@ def evaluate_mt_bench(
     out_dir/model_judgment/<judge_model>_single.jsonl FastChat judgments, one line per turn
     out_dir/metrics.json                              scores overall / per turn / per category
     """
-    if not cfg.questions:
-        raise UserError("eval.mt_bench.questions is not set (FastChat question.jsonl)")
-    qpath = Path(cfg.questions)
-    questions = load_questions(qpath, limit)
-    judging = cfg.judge_url is not None
-    if judging:  # everything the judge needs is checked before the first answer is generated
-        if not cfg.judge_model:
-            raise UserError("set eval.mt_bench.judge_model (the judge's model name) with judge_url")
-        prompts = load_judge_prompts(cfg.judge_prompts or qpath.parent / "judge_prompts.jsonl")
-        refs = {}
-        if any(q["category"] in NEED_REF_CATS for q in questions):
-            refs = load_reference_answers(cfg.reference_answers or qpath.parent / "reference_answer" / "gpt-4.jsonl")
-        placeholder = {q["question_id"]: {} for q in questions}
-        check_judge_inputs(questions, placeholder, prompts, refs)
+    questions, judge_inputs = mt_bench_inputs(cfg, limit)
+    judging = judge_inputs is not None
+    if judging:
+        prompts, refs = judge_inputs
         api_key = os.environ.get(cfg.judge_api_key_env) or None
 
     out = Path(out_dir)

@@ -40,9 +40,9 @@ def _base64_cores(raw: bytes) -> list[str]:
 
 
 def public_url(url: str) -> str:
-    """The URL without user:password@ (for messages and files)."""
+    """The URL without user:password@, query and fragment (where keys also travel), for messages and files."""
     parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query="", fragment=""))
 
 
 class Redactor:

@@ -125,12 +125,9 @@ def _run_math(run: SuiteRun) -> dict:
 
 # ---- MT-Bench ---------------------------------------------------------------------------------------------
 def _check_mt_bench(recipe: Recipe) -> None:
-    from dora_cli.eval.mtbench import load_questions
+    from dora_cli.eval.mtbench import mt_bench_inputs
 
-    cfg = recipe.eval
-    if not cfg.mt_bench.questions:
-        raise UserError("eval.mt_bench.questions is not set (FastChat question.jsonl)")
-    load_questions(cfg.mt_bench.questions, cfg.limit)
+    mt_bench_inputs(recipe.eval.mt_bench, recipe.eval.limit)
 
 
 def _run_mt_bench(run: SuiteRun) -> dict:

@@ -36,7 +36,7 @@ import dora_cli
 from dora_cli.console import progress_bar, say, stderr_is_terminal
 from dora_cli.errors import UserError, did_you_mean
 from dora_cli.export import ollama, vocab, weights
-from dora_cli.files import atomic_file, check_output_dir, clean_stale, write_text
+from dora_cli.files import atomic_file, check_output_file_place, clean_stale, write_text
 
 MARKER_KEY = "dora_cli.export"
 MARKER_POSITION = 1  # its index among the file's keys (general.architecture comes first)
@@ -157,7 +157,7 @@ def check_outputs(out: Path, modelfile: Path | None, *, overwrite: bool, protect
             if path.is_symlink() or not ours(path):
                 raise UserError(f"{label} {path}: exists and was not written by dora export; --overwrite "
                                 "replaces only files dora export wrote")
-        check_output_dir(path.parent, label=f"{label} {path}: its directory", exists_ok=True)
+        check_output_file_place(path, label=f"{label} {path}")
 
 
 def is_our_gguf(path: Path) -> bool:
