@@ -18,6 +18,7 @@ from dora_cli.errors import UserError
 from dora_cli.export import MARKER_KEY, is_our_gguf, run_export
 from dora_cli.export import ollama as ollama_mod
 from dora_cli.export.vocab import LLAMA3_SPLIT, QWEN2_SPLIT
+from dora_cli.files import write_output_marker
 from dora_cli.merge import run_merge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -477,6 +478,10 @@ def _refusal_cases(tmp: Path, checkpoints: dict[str, Path]) -> dict[str, tuple[l
     (tmp / "a-dir.gguf").mkdir()
     _gguf_not_ours(tmp / "theirs.gguf")
     (tmp / "x.Modelfile").write_text("FROM their.gguf\n")
+    (tmp / "run" / "checkpoint-5").mkdir(parents=True)  # another run's checkpoint (its manifest)
+    (tmp / "run" / "checkpoint-5" / "manifest.json").write_text("{}")
+    (tmp / "merged").mkdir()
+    write_output_marker(tmp / "merged", "merge")  # an output of dora merge
     return {
         "gpt2 architecture": ([tmp / "gpt2", "--gguf", tmp / "o.gguf"], "model_type 'gpt2'"),
         "llama3 rope": ([tmp / "llama3-rope", "--gguf", tmp / "o.gguf"], "RoPE scaling 'llama3'"),
@@ -490,6 +495,8 @@ def _refusal_cases(tmp: Path, checkpoints: dict[str, Path]) -> dict[str, tuple[l
         "a directory": ([ckpt, "--gguf", tmp / "a-dir.gguf"], "is a directory"),
         "inside the checkpoint": ([ckpt, "--gguf", ckpt / "m.gguf"], "inside"),
         "inside the base": ([ckpt, "--gguf", ckpt.parent / "base" / "m.gguf"], "inside"),
+        "inside another checkpoint": ([ckpt, "--gguf", tmp / "run" / "checkpoint-5" / "m.gguf"], "inside the checkpoint"),
+        "inside an output of ours": ([ckpt, "--gguf", tmp / "merged" / "sub" / "m.gguf"], "an output of dora merge"),
         "unknown type": ([ckpt, "--gguf", tmp / "o.gguf", "--type", "q8"], "--type: expected one of f32, f16, bf16, q8_0, got 'q8' (did you mean \"q8_0\"?)"),
         "missing target": ([tmp / "nothing", "--gguf", tmp / "o.gguf"], "does not exist"),
         "no --gguf": ([ckpt], "missing option '--gguf'"),
