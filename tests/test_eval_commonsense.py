@@ -138,6 +138,43 @@ def test_prompt_prefilled_once_gives_what_generate_gives_alone(model, tok, data_
     assert shared == plain
 
 
+@pytest.mark.parametrize("room", [0, 3, 40])  # 0 and 3: more tokens than planned for (it grows)
+def test_beam_layer_holds_what_a_concatenating_cache_holds(room):
+    """Updates and beam reorders (within each example, as beam search does) on a BeamLayer and on
+    transformers' DynamicLayer: the same keys and values bit for bit at every step."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from dora_cli.eval.predict import BeamLayer
+
+    gen = torch.Generator().manual_seed(0)
+    examples, beams, heads, prompt, dim = 3, 4, 2, 5, 8
+    plain = DynamicLayer()
+    k = torch.randn(examples, heads, prompt, dim, generator=gen).repeat_interleave(beams, dim=0)
+    plain.update(k, k + 1)
+    ours = BeamLayer.of(plain, room)
+    for step in range(12):
+        new = torch.randn(examples * beams, heads, 1, dim, generator=gen)
+        a, b = plain.update(new, -new), ours.update(new, -new)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        parents = torch.randint(0, beams, (examples, beams), generator=gen) + beams * torch.arange(examples)[:, None]
+        plain.reorder_cache(parents.flatten())
+        ours.reorder_cache(parents.flatten())
+        assert torch.equal(plain.keys, ours.keys) and torch.equal(plain.values, ours.values), step
+    assert ours.get_seq_length() == plain.get_seq_length() == prompt + 12
+
+
+def test_generation_uses_the_beam_cache(model, tok, monkeypatch):
+    """The shared prefill hands generate BeamLayers (and generate reorders them)."""
+    from dora_cli.eval import predict
+
+    reorders = []
+    real = predict.BeamLayer.reorder_cache
+    monkeypatch.setattr(predict.BeamLayer, "reorder_cache", lambda self, idx: reorders.append(1) or real(self, idx))
+    generate_batch(model, tok, ["a question", "another, longer question"], num_beams=4, max_new_tokens=5)
+    assert reorders
+
+
 def test_loglik_prefix_sharing_matches_the_reference(model, tok, data_root):
     examples = [e for t in TASKS for e in load_task(t, data_root)]
     prompts = [eval_prompt(e.instruction) for e in examples]
