@@ -190,6 +190,42 @@ def test_loglik_prefix_sharing_matches_the_reference(model, tok, data_root):
     assert alone == pytest.approx(fast[0], abs=1e-4)
 
 
+def test_both_modes_on_one_prefill_give_what_each_gives_alone(model, tok, data_root, monkeypatch):
+    """generate_and_loglik: generate_batch's texts exactly, the reference's scores to float rounding, without
+    falling back to a second pass over the prompts (loglik_batch is never called)."""
+    from dora_cli.eval import predict
+
+    examples = [e for t in TASKS for e in load_task(t, data_root)]
+    prompts = [eval_prompt(e.instruction) for e in examples]
+    cands = [e.candidates for e in examples]
+    texts = generate_batch(model, tok, prompts, num_beams=4, max_new_tokens=10)
+    ref = loglik_batch_reference(model, tok, prompts, cands)
+    monkeypatch.setattr(predict, "loglik_batch", lambda *a, **k: pytest.fail("a second pass over the prompts"))
+    both_texts, scores = predict.generate_and_loglik(model, tok, prompts, cands, num_beams=4, max_new_tokens=10)
+    assert both_texts == texts
+    for got, want, c in zip(scores, ref, cands):
+        assert list(got) == list(c)
+        for label in c:
+            assert got[label] == pytest.approx(want[label], abs=1e-4)
+
+
+def test_evaluating_both_modes_writes_what_two_runs_write(model, tok, data_root, tmp_path):
+    kwargs = dict(data_dir=data_root, tasks=["boolq", "ARC-Easy"], batch_size=3, limit=4, **FAST)
+    both = commonsense.evaluate_commonsense_modes(
+        model, tok, {"generate": tmp_path / "g", "loglik": tmp_path / "l"}, **kwargs)
+    for mode, sub in (("generate", "g"), ("loglik", "l")):
+        alone = evaluate_commonsense(model, tok, tmp_path / f"alone-{sub}", mode=mode, **kwargs)
+        assert both[mode]["tasks"] == alone["tasks"] and both[mode]["settings"]["mode"] == mode
+        for task in kwargs["tasks"]:
+            ours, theirs = ([json.loads(x) for x in (tmp_path / d / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+                            for d in (sub, f"alone-{sub}"))
+            assert [(r["id"], r["output"], r["prediction"]) for r in ours] == [(r["id"], r["output"], r["prediction"]) for r in theirs]
+    # A rerun resumes each mode from its own predictions: nothing left to predict.
+    again = commonsense.evaluate_commonsense_modes(
+        model, tok, {"generate": tmp_path / "g", "loglik": tmp_path / "l"}, **kwargs)
+    assert all(v is None for m in again.values() for v in m["examples_per_s"].values())
+
+
 def test_loglik_scores_the_continuation_tokens_only(model, tok):
     import torch
 
