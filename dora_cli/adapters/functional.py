@@ -118,25 +118,35 @@ def _column_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mul(_rows(a), _rows(b)).sum(dim=0)
 
 
+def scaled_up(b: torch.Tensor, g: torch.Tensor, scale: float) -> torch.Tensor:
+    """diag(g)·scale·B [out, r]: the up-projection of the rescaled low-rank term."""
+    return b * (g * scale)[:, None]
+
+
+def _rescaled(base_out, w0x, u, up, g, bias) -> torch.Tensor:
+    """The rescale's value (the forward of _Rescale, and the whole of it without gradients); up = scaled_up(...).
+
+    Mixed-dtype products and sums promote a 16-bit operand to fp32 as they read it: the numbers of an fp32
+    copy, without the copy's pass over [tokens, out]."""
+    wide = torch.promote_types(base_out.dtype, g.dtype)
+    if w0x is not None:  # delta mode: out + (g − 1)·w0x + ...
+        acc = torch.mul(w0x, g - 1)
+    else:  # out + (g − 1)·(out − bias) + ... = g·out + (1 − g)·bias + ...: one pass less
+        acc = torch.mul(base_out, g)
+        if bias is not None:
+            acc += bias.to(wide) * (1 - g)
+    acc = acc.to(wide).contiguous()  # our own temporary, returned as the output: no view
+    if u is not None:  # g ⊙ s·u·Bᵀ = u·(diag(g)·s·B)ᵀ
+        add_low_rank(acc, u, up, inplace=True)
+    if w0x is not None:
+        acc += base_out
+    return acc.to(base_out.dtype)
+
+
 class _Rescale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out, w0x, u, b, g, bias, scale: float, keep_output: bool):
-        # Mixed-dtype products and sums promote a 16-bit operand to fp32 as they read it: the numbers of
-        # an fp32 copy, without the copy's pass over [tokens, out].
-        wide = torch.promote_types(base_out.dtype, g.dtype)
-        if w0x is not None:  # delta mode: out + (g − 1)·w0x + ...
-            acc = torch.mul(w0x, g - 1)
-        else:  # out + (g − 1)·(out − bias) + ... = g·out + (1 − g)·bias + ...: one pass less
-            acc = torch.mul(base_out, g)
-            if bias is not None:
-                acc += bias.to(wide) * (1 - g)
-        acc = acc.to(wide).contiguous()  # our own temporary, returned as the output: no view
-        if u is not None:  # g ⊙ s·u·Bᵀ = u·(diag(g)·s·B)ᵀ
-            add_low_rank(acc, u, b * (g * scale)[:, None], inplace=True)
-        if w0x is not None:
-            acc += base_out
-        y = acc.to(base_out.dtype)
-
+        y = _rescaled(base_out, w0x, u, None if u is None else scaled_up(b, g, scale), g, bias)
         ctx.autocast = _autocast_state(base_out)
         ctx.scale, ctx.keep_output, ctx.delta_mode = scale, keep_output, w0x is not None
         kept = torch._lazy_clone(y) if keep_output else (w0x if w0x is not None else base_out)
@@ -192,9 +202,15 @@ def rescale(
     scale: float = 1.0,
     bias: torch.Tensor | None = None,
     keep_output: bool = False,
+    up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """base_out + (g − 1) ⊙ w0x + g ⊙ scale·u·bᵀ, with w0x = base_out − bias unless given (see the module).
 
     keep_output: the backward recovers z from the output (only valid without bias and w0x, |g| >= G_MIN).
+    up: scaled_up(b, g, scale) when the caller has it (inference, cached with g).
     """
+    if not torch.is_grad_enabled():  # inference: the same arithmetic without the autograd node
+        if up is None and u is not None:
+            up = scaled_up(b, g, scale)
+        return _rescaled(base_out, w0x, u, up, g, bias)
     return _Rescale.apply(base_out, w0x, u, b, g, bias, scale, keep_output)

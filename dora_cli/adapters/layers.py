@@ -31,6 +31,11 @@ per token:
   dtype: one [tokens, out] tensor, the gradient exact for every g. The |g| test is redone only when an
   adapter parameter changed (once per optimizer step), and under torch.compile the layer always keeps
   the base output (no data-dependent branch in the graph).
+
+Inference (gradients off: eval, `torch.no_grad`, `inference_mode`): g is computed once and reused until the
+layer's state changes (an optimizer step, an in-place edit or a replacement of any of its tensors, a merge /
+unmerge, a switch between train and eval), so a DoRA forward costs LoRA's plus one [out] multiply; no
+weight is cached, only g [out] and the g-scaled B [out, r] of the low-rank term. With gradients on, n follows every step as before.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from dora_cli.adapters.base_ops import (
     prepare_base,
     weight_row_norm_sq,
 )
-from dora_cli.adapters.functional import G_MIN, rescale, widen_linear
+from dora_cli.adapters.functional import G_MIN, rescale, scaled_up, widen_linear
 from dora_cli.adapters.norm import EPS, factored_row_norm
 from dora_cli.adapters.variants import METHODS, LayerOptions, Magnitude, VeraProjections
 
@@ -116,7 +121,9 @@ class AdaptedLinear(nn.Module):
                 norm_sq = weight_row_norm_sq(base_layer).float()
             # m = ‖W0‖ from the weight the forward sees (dequantized for 4-bit): g = 1 exactly at step 0.
             Magnitude.init(self, norm_sq)
-        self._g_checked: tuple = ()  # (adapter parameter versions, every |g| >= G_MIN) of the last check
+        self._g_checked: tuple = ()  # (state key, every |g| >= G_MIN) of the last check
+        self._g_cache: tuple = ()  # (state key, g, scaled_up) of the last forward without gradients
+        self._generation = 0
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """PEFT key suffix -> this layer's live adapter tensor."""
@@ -148,15 +155,44 @@ class AdaptedLinear(nn.Module):
         """g = m / n, fp32 [out]."""
         return self.magnitude / self.weight_norm()
 
+    def _cached_scale(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(g, scaled_up(B, g, scale)) without gradients: computed once, reused until the layer's state changes."""
+        key = self._state_key()
+        if not self._g_cache or self._g_cache[0] != key:
+            g = self.magnitude_scale()
+            up = None
+            if self.direction:
+                b, _, scale = self.factors()
+                up = scaled_up(b, g, scale)
+            self._g_cache = (key, g, up)
+        return self._g_cache[1], self._g_cache[2]
+
+    def _state_key(self) -> tuple:
+        """Changes whenever g might: an optimizer step (fused AdamW bumps no version), an in-place edit of an
+        adapter parameter or of the base weight (their versions), a replaced tensor (its storage), a merge /
+        unmerge / train() (the generation)."""
+        tensors = [*self._parameters.values(), *self._buffers.values(), self.base_layer.weight]
+        if hasattr(self, "vera"):  # the model-wide projections
+            tensors += [self.vera.A, self.vera.B]
+        return (_optimizer_steps, self._generation, *[(t.data_ptr(), t._version) for t in tensors])
+
+    def _forget_g(self) -> None:
+        self._generation += 1
+        self._g_cache = ()
+
+    def train(self, mode: bool = True):
+        self._forget_g()
+        return super().train(mode)
+
     def _output_recovers_z(self, g: torch.Tensor) -> bool:
         """May the backward recover z = y / g from the output? (bias-free, every |g| >= G_MIN; see the module)"""
-        if not self.recover_z_from_output or self.base_layer.bias is not None or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or not self.recover_z_from_output or self.base_layer.bias is not None:
             return False
         if torch.compiler.is_compiling():
             return False
-        versions = (_optimizer_steps, *(p._version for p in self.parameters(recurse=False)))
-        if not self._g_checked or self._g_checked[0] != versions:
-            self._g_checked = (versions, bool((g.detach().abs() >= G_MIN).all()))
+        key = self._state_key()
+        if not self._g_checked or self._g_checked[0] != key:
+            self._g_checked = (key, bool((g.detach().abs() >= G_MIN).all()))
         return self._g_checked[1]
 
     # ---- forward ----------------------------------------------------------------------------------
@@ -164,16 +200,22 @@ class AdaptedLinear(nn.Module):
         if self.merged:
             return self._merged_forward(x)
         base_out = self.base_layer(x)  # the base's own GEMM, bias and dtype
-        xd = self.dropout(x)
+        xd = self.dropout(x) if self.training else x  # (dropout is the identity in eval mode)
         if not self.method.magnitude:  # lora, vera
             return self.direction.add_delta(self, base_out, xd)
+        delta_dropout = self.dropout_mode == "delta" and self.training and isinstance(self.dropout, nn.Dropout)
+        if not delta_dropout and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            g, up = self._cached_scale()  # inference
+            u = widen_linear(xd, self.factors()[1]) if self.direction else None
+            return rescale(base_out, g, u=u, up=up, bias=self.base_layer.bias)
+        self._g_cache = ()
         g = self.magnitude_scale()
         u = b = None
         scale = 1.0
         if self.direction:
             b, a, scale = self.factors()
             u = widen_linear(xd, a)  # ΔW·xd = scale · u·Bᵀ, left to the rescale
-        if self.dropout_mode == "delta" and self.training and isinstance(self.dropout, nn.Dropout):
+        if delta_dropout:
             w0x = base_matmul(self.base_layer, xd)
             return rescale(base_out, g, w0x=w0x, u=u, b=b, scale=scale)
         keep_output = self._output_recovers_z(g)
@@ -218,6 +260,7 @@ class AdaptedLinear(nn.Module):
         else:
             self._merge_state["dense"] = dense_linear(base, w, dtype or natural_dtype(base) or torch.float32)
         self.merged = True
+        self._forget_g()
 
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         dense = self._merge_state.get("dense")
@@ -238,6 +281,7 @@ class AdaptedLinear(nn.Module):
             w = w - self.delta_weight()
             base.weight.data.copy_(w.to(base.weight.dtype))
         self.merged = False
+        self._forget_g()
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}" + (f", {self.direction.describe(self)}" if self.direction else "")
