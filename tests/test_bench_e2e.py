@@ -153,7 +153,7 @@ def test_the_floor_computes_input_gradients_only(e2e):
     model = e2e.freeze_to_floor(tiny_llama()).train()
     seen = {}
     model.model.layers[0].self_attn.q_proj.register_full_backward_hook(
-        lambda _m, grad_in, _grad_out: seen.setdefault("q0", grad_in[0]))
+        lambda _m, grad_in, _grad_out: seen.update(q0=grad_in[0]))
     ids = torch.randint(0, 256, (2, 12))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(not p.requires_grad and p.grad is None for p in model.parameters())
