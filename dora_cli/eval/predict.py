@@ -177,10 +177,19 @@ def _beam_cache(cache, num_beams: int, room: int):
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
     cache.batch_repeat_interleave(num_beams)  # rows b*num_beams .. b*num_beams+beams-1 are example b
-    layers = getattr(cache, "layers", None)
-    if layers and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
+    layers = _dynamic_layers(cache)
+    if layers:
         cache.layers = [BeamLayer.of(layer, room) for layer in layers]
     return cache
+
+
+def _dynamic_layers(cache) -> list | None:
+    """The cache's layers when every one is a filled transformers DynamicLayer (what BeamLayer and the
+    candidates' copy are made from), else None."""
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
+        return layers
+    return None
 
 
 class BeamLayer(DynamicLayer):
@@ -265,8 +274,8 @@ def generate_and_loglik(
     ids, mask = left_pad(prompt_ids, pad)
     ids, mask = ids.to(device), mask.to(device)
     cache, last_logits = _prefill(model, ids, mask)
-    layers = getattr(cache, "layers", None)
-    if not layers or not all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
+    layers = _dynamic_layers(cache)
+    if not layers:
         return (_generate(model, tokenizer, ids, mask, config, eos, _beam_cache(cache, num_beams, max_new_tokens + 1)),
                 loglik_batch(model, tokenizer, prompts, candidates))
     prompt_kv = [(layer.keys, layer.values) for layer in layers]  # the repeat for the beams makes new tensors
