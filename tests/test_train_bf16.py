@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, dora_in_process
+from conftest import dora_in_process, train_killed_at_checkpoint
 from conftest import run_dora as dora
 from safetensors.torch import load_file
 
@@ -67,17 +62,7 @@ def test_bf16_trains_close_to_fp32_but_not_equal(bf16_run, smoke_run):
 
 def test_bf16_sigkill_then_resume_is_bitwise_identical(bf16_run, tmp_path):
     out = tmp_path / "killed"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    args = [sys.executable, "-m", "dora_cli.cli", "train", SMOKE, BF16, "train.save_every=5", f"output_dir={out}"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / "checkpoint-10").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "final").exists()
+    train_killed_at_checkpoint([SMOKE, BF16, "train.save_every=5"], out, 10)
     resumed = dora("train", SMOKE, BF16, "train.save_every=5", f"output_dir={out}", "--resume")
     assert "resuming from checkpoint-" in resumed.stderr
     ours, ref = weights(out), weights(bf16_run)
