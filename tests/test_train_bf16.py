@@ -38,6 +38,10 @@ def test_every_loss_is_computed_under_bf16_autocast(tmp_path, monkeypatch, capfd
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), model.training))
         return real(model, batch, keep)
 
+    # an fp32 run first in the same process: Accelerate keeps a process's mixed precision unless reset
+    code, _, err = dora_in_process(["train", SMOKE, "train.max_steps=1", f"output_dir={tmp_path / 'fp32'}"],
+                                   monkeypatch, capfd)
+    assert code == 0, err
     monkeypatch.setattr(train, "loss_terms", spy)
     code, _, err = dora_in_process(["train", SMOKE, BF16, "train.max_steps=4", "train.eval_every=2",
                                     f"output_dir={tmp_path / 'run'}"], monkeypatch, capfd)
