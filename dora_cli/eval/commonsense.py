@@ -100,31 +100,13 @@ def _fingerprint(mode: str, num_beams: int, max_new_tokens: int, model: str) -> 
     return fp
 
 
-def evaluate_commonsense(
-    model,
-    tokenizer,
-    out_dir: str | Path,
-    *,
-    tasks: list[str] | tuple[str, ...] = tuple(TASKS),
-    data_dir: str | Path | None = None,
-    mode: str = "generate",
-    batch_size: int = 8,
-    limit: int | None = None,
-    num_beams: int = 4,
-    max_new_tokens: int = 32,
-    expected: dict[str, float] | None = None,
-    model_name: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Evaluate on the commonsense tasks; writes predictions, metrics.json, results.md; returns the metrics."""
+def evaluate_commonsense(model, tokenizer, out_dir: str | Path, *, mode: str = "generate", **options) -> dict:
+    """Evaluate on the commonsense tasks in one mode; writes predictions, metrics.json, results.md; returns the
+    metrics. `options`: those of evaluate_commonsense_modes (tasks, data_dir, batch_size, limit, num_beams,
+    max_new_tokens, expected, model_name, overwrite, progress)."""
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}, expected {one_of(MODES)}", where="eval.mode")
-    return evaluate_commonsense_modes(
-        model, tokenizer, {mode: out_dir}, tasks=tasks, data_dir=data_dir, batch_size=batch_size, limit=limit,
-        num_beams=num_beams, max_new_tokens=max_new_tokens, expected=expected, model_name=model_name,
-        overwrite=overwrite, progress=progress,
-    )[mode]
+    return evaluate_commonsense_modes(model, tokenizer, {mode: out_dir}, **options)[mode]
 
 
 def evaluate_commonsense_modes(
