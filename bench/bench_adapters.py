@@ -1,4 +1,4 @@
-"""Training-step speed and peak memory of our LoRA / DoRA against PEFT's, fp32 and 4-bit nf4 bases.
+"""Training-step speed and peak memory of our LoRA / DoRA against PEFT's and against the floor, fp32 and 4-bit nf4 bases.
 
 Every configuration runs in a fresh process (this script with --worker), so the peak RSS is the
 configuration's own; rounds alternate the configurations (A B C D ... A B C D ...) so that the noise
@@ -10,6 +10,14 @@ first proves that our DoRA and PEFT's compute the same loss (dropout off, non-tr
 
 PEFT and bitsandbytes are optional: configurations that need a missing one are skipped, with the
 reason in the JSON. See bench/README.md for what each number means.
+
+The floor (`--configs floor,...`): the frozen base alone, forward + the backward of input gradients only
+(every parameter frozen, the embedding output requiring grad), on the same batch, loss and precision: no
+adapter method can train faster. `--precisions fp32,bf16` runs every configuration in both (bf16 = autocast
+around forward + loss, as `train.mixed_precision: bf16`), and the ratios ours / floor per precision.
+
+    .venv/bin/python bench/bench_adapters.py --configs floor,ours_lora,ours_dora --precisions fp32,bf16 \
+        --batch 8 --seq 128 --trained 8 --fused --rounds 3 --no-sanity --out bench/results/floor.json
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ DEFAULT_MODEL = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 DEFAULT_OUT = REPO / "bench" / "results" / "adapters.json"
 
 # name -> (implementation, method, 4-bit base)
-CONFIGS: dict[str, tuple[str, str, bool]] = {
+CONFIGS: dict[str, tuple[str, str | None, bool]] = {
+    "floor": ("floor", None, False),
     "ours_lora": ("ours", "lora", False),
     "ours_dora": ("ours", "dora", False),
     "peft_lora": ("peft", "lora", False),
@@ -66,6 +75,8 @@ RATIOS = [
 ]
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+PRECISIONS = {"fp32": "float32 weights and compute",
+              "bf16": "float32 weights, torch.autocast('cpu', bfloat16) around forward + loss (train.mixed_precision bf16)"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,8 +158,18 @@ def _load_base(model_dir: str, quantized: bool):
     return model
 
 
-def _inject(model, impl: str, method: str, args, dropout: float):
-    """Wrap the targets; returns the model to train (PEFT wraps it in a PeftModel)."""
+def freeze_to_floor(model):
+    """The floor: every parameter frozen and the embedding output requiring grad, so the backward computes the
+    input gradients of every layer (the activations' gradients an adapter anywhere needs) and no weight gradient."""
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda _module, _inputs, out: out.requires_grad_(True))
+    return model
+
+
+def _inject(model, impl: str, method: str | None, args, dropout: float):
+    """Wrap the targets; returns the model to train (PEFT wraps it in a PeftModel; the floor: frozen)."""
+    if impl == "floor":
+        return freeze_to_floor(model)
     if impl == "ours":
         from dora_cli.adapters import AdapterConfig, apply_adapters
 
@@ -177,11 +198,37 @@ def _touch(model) -> None:
 
 
 def _batch(args, vocab_size: int):
+    """Random token ids; labels = input_ids everywhere, or (--trained N) on the last N positions of each row only
+    (the rest -100, as a prompt under `train_on_inputs: false`)."""
     import torch
 
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, vocab_size, (args.batch, args.seq), generator=gen)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    labels = ids.clone()
+    if args.trained:
+        labels[:, : args.seq - args.trained] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _loss_fn(model, batch, precision: str):
+    """loss() of one batch: dora_cli.lm_loss's loss (logits only at the trained positions where the base model
+    takes logits_to_keep), under bf16 autocast for precision bf16, as `dora train` computes it."""
+    import contextlib
+
+    import torch
+
+    from dora_cli.lm_loss import keeps_selected_logits, loss_terms, trained_positions
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes logits_to_keep on
+    keep = trained_positions(batch["labels"]) if keeps_selected_logits(base) else None
+
+    def loss():
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        with ctx:
+            total, count = loss_terms(model, batch, keep)
+            return total / count
+
+    return loss, (None if keep is None else len(keep))
 
 
 def _trainable(model) -> tuple[int, int]:
@@ -194,6 +241,7 @@ def _trainable(model) -> tuple[int, int]:
 def run_worker(args) -> dict:
     torch = _setup_torch(args.threads)
     impl, method, quantized = CONFIGS[args.worker]
+    floor = impl == "floor"
     rss_start = _rss_mb()
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -202,8 +250,9 @@ def run_worker(args) -> dict:
     model = _inject(model, impl, method, args, args.dropout)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr)
+    opt = None if floor else torch.optim.AdamW(params, lr=args.lr, fused=args.fused or None)
     batch = _batch(args, model.config.vocab_size)
+    loss_of, head_positions = _loss_fn(model, batch, args.precision)
     setup_s = time.perf_counter() - t0
     import gc
 
@@ -215,27 +264,36 @@ def run_worker(args) -> dict:
     peak_reset = _reset_peak_rss()
 
     steps, losses = [], []
-    for i in range(args.warmup + args.steps):
+    def step():
         c_a, t_a = time.process_time(), time.perf_counter()
-        loss = model(**batch).loss
+        loss = loss_of()
         t_b = time.perf_counter()
         loss.backward()
         t_c = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         t_d, c_d = time.perf_counter(), time.process_time()
         losses.append(float(loss.detach()))
-        del loss
+        return {"step": t_d - t_a, "forward": t_b - t_a, "backward": t_c - t_b, "optimizer": t_d - t_c, "cpu": c_d - c_a}
+
+    for i in range(args.warmup + args.steps):
+        timing = step()
         if i >= args.warmup:
-            steps.append({"step": t_d - t_a, "forward": t_b - t_a, "backward": t_c - t_b, "optimizer": t_d - t_c,
-                          "cpu": c_d - c_a})
+            steps.append(timing)
     peak_train = _maxrss_mb()
+    if args.profile:  # after the timed steps: their figures are the profiler's overhead-free ones
+        _profile(step, Path(args.profile) / f"{args.worker}@{args.precision}.txt")
     trainable, total = _trainable(model)
     return {
         "config": args.worker,
         "implementation": impl,
         "method": method,
         "base": "nf4" if quantized else "fp32",
+        "precision": args.precision,
+        "head_positions": head_positions,
+        "optimizer": None if opt is None else {"class": type(opt).__name__, "fused": bool(opt.defaults.get("fused"))},
+        "grad_tensors": sum(p.requires_grad for p in model.parameters()),
         "threads": torch.get_num_threads(),
         "trainable_params": trainable,
         "total_params": total,
@@ -252,6 +310,20 @@ def run_worker(args) -> dict:
         "phase_times_s": steps,
         "losses": losses,
     }
+
+
+def _profile(step, path: Path) -> None:
+    """Two steps under torch.profiler: the operator table by self CPU time, and by total CPU time, to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # nothing of the profiler's first steps' set-up in the table
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        for _ in range(2):
+            step()
+    table = prof.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("two steps, by self CPU time\n" + table.table(sort_by="self_cpu_time_total", row_limit=45)
+                    + "\n\ntwo steps, by CPU time (with children)\n" + table.table(sort_by="cpu_time_total", row_limit=45))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -383,14 +455,24 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _spawn(args, worker: str, log) -> dict:
+def run_key(config: str, precision: str) -> str:
+    """The name of a configuration's results: `ours_dora` in fp32, `ours_dora@bf16` under bf16 autocast."""
+    return config if precision == "fp32" else f"{config}@{precision}"
+
+
+def _spawn(args, worker: str, log, precision: str = "fp32") -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-adapters-") as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--result", str(result)]
-        for opt in ("model", "steps", "warmup", "seq", "batch", "threads", "r", "alpha", "dropout", "lr", "seed"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--result", str(result),
+               "--precision", precision]
+        for opt in ("model", "steps", "warmup", "seq", "batch", "threads", "r", "alpha", "dropout", "lr", "seed", "trained"):
             cmd += [f"--{opt}", str(getattr(args, opt))]
         if not args.sanity_4bit:
             cmd.append("--no-sanity-4bit")
+        if args.fused:
+            cmd.append("--fused")
+        if args.profile:
+            cmd += ["--profile", str(args.profile)]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                    **({"OMP_WAIT_POLICY": args.omp_wait_policy} if args.omp_wait_policy else {}),
@@ -409,7 +491,7 @@ def _spawn(args, worker: str, log) -> dict:
             data = {"error": f"worker exited with status {code} and no result" if code is not None
                     else f"worker timed out after {args.timeout}s", "stderr_tail": tail}
         data["wall_s"] = wall
-        log(f"  {worker}: {'error: ' + data['error'] if 'error' in data else 'ok'} ({wall:.0f}s)")
+        log(f"  {run_key(worker, precision)}: {'error: ' + data['error'] if 'error' in data else 'ok'} ({wall:.0f}s)")
         return data
 
 
@@ -431,6 +513,10 @@ def _aggregate(name: str, runs: list[dict]) -> dict:
         "implementation": first["implementation"],
         "method": first["method"],
         "base": first["base"],
+        "precision": first["precision"],
+        "head_positions": first["head_positions"],
+        "optimizer": first["optimizer"],
+        "grad_tensors": first["grad_tensors"],
         "trainable_params": first["trainable_params"],
         "total_params": first["total_params"],
         "median_step_s": _median(all_steps),
@@ -476,9 +562,27 @@ def _ratio(results: dict, num: str, den: str, metric: str):
     return value, rounds, None
 
 
-def compute_ratios(results: dict) -> list[dict]:
+FLOOR_TARGETS = {"ours_lora": 1.05, "ours_dora": 1.10}
+"""ours / floor step time, per precision (issue 22)."""
+
+
+def ratio_list(precisions: list[str]) -> list[tuple]:
+    """RATIOS (fp32 names) and, per precision, every configuration over the floor of that precision."""
+    out = list(RATIOS)
+    for precision in precisions:
+        floor = run_key("floor", precision)
+        for config in ("ours_lora", "ours_dora", "peft_lora", "peft_dora"):
+            num = run_key(config, precision)
+            out.append((f"{num}/{floor} step time", num, floor, "step", FLOOR_TARGETS.get(config),
+                        "" if config in FLOOR_TARGETS else "reference"))
+    return out
+
+
+def compute_ratios(results: dict, precisions: list[str] = ("fp32",)) -> list[dict]:
     out = []
-    for key, num, den, metric, target, note in RATIOS:
+    for key, num, den, metric, target, note in ratio_list(list(precisions)):
+        if num not in results or den not in results:  # a configuration not asked for (skipped ones are there)
+            continue
         value, rounds, why = _ratio(results, num, den, metric)
         entry = {"name": key, "numerator": num, "denominator": den,
                  "metric": {"step": "median step time", "peak": "whole-process peak RSS",
@@ -552,7 +656,11 @@ def parent_main(args) -> int:
             skipped[n] = "peft is not importable (optional benchmark dependency)"
         elif quantized and not has_bnb:
             skipped[n] = "bitsandbytes is not importable"
-    run_names = [n for n in names if n not in skipped]
+    precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+    if not precisions or any(x not in PRECISIONS for x in precisions):
+        print(f"error: --precisions: expected a comma-separated subset of {', '.join(PRECISIONS)}", file=sys.stderr)
+        return 2
+    run_names = [(n, pr) for pr in precisions for n in names if n not in skipped]
 
     out = Path(args.out)
     report = {
@@ -563,10 +671,17 @@ def parent_main(args) -> int:
         "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "settings": {
             "model": str(args.model), "dtype": "float32", "device": "cpu", "batch": args.batch, "seq": args.seq,
-            "data": f"random token ids, torch.Generator seed {args.seed}, labels = input_ids",
+            "precisions": {pr: PRECISIONS[pr] for pr in precisions},
+            "data": f"random token ids, torch.Generator seed {args.seed}, labels = input_ids"
+                    + (f" on the last {args.trained} positions of each row, -100 elsewhere" if args.trained else ""),
+            "loss": "dora_cli.lm_loss.loss_terms: logits only at the trained positions (logits_to_keep), summed "
+                    "cross-entropy in fp32 / trained tokens",
             "r": args.r, "alpha": args.alpha, "dropout": args.dropout, "target_modules": TARGET_MODULES,
-            "optimizer": f"AdamW(lr={args.lr})", "mode": "model.train()",
+            "optimizer": f"AdamW(lr={args.lr}{', fused=True' if args.fused else ''})", "mode": "model.train()",
             "step": "forward + loss + backward + optimizer.step + zero_grad",
+            "floor": "the base model alone: every parameter frozen (requires_grad False), the input embeddings' "
+                     "output requiring grad (a forward hook), the same batch, loss and precision; its step = "
+                     "forward + loss + backward (input gradients of every layer, no weight gradient), no optimizer",
             "omp_wait_policy": args.omp_wait_policy or "unset",
             "timing": "wall clock (time.perf_counter) per step, median over all timed steps of all rounds; targets "
                       "use it. cpu-time = time.process_time() per step (all threads of the worker), reported "
@@ -582,7 +697,7 @@ def parent_main(args) -> int:
         },
         "skipped": skipped,
     }
-    log(f"configs: {', '.join(run_names)}" + (f"; skipped: {skipped}" if skipped else ""))
+    log(f"configs: {', '.join(run_key(n, pr) for n, pr in run_names)}" + (f"; skipped: {skipped}" if skipped else ""))
 
     if not args.no_sanity and has_peft:
         log("sanity check: ours vs PEFT DoRA loss, dropout off")
@@ -600,26 +715,27 @@ def parent_main(args) -> int:
     elif not has_peft:
         report["sanity"] = {"skipped": "peft is not importable"}
 
-    runs: dict[str, list[dict]] = {n: [] for n in run_names}
+    runs: dict[str, list[dict]] = {run_key(n, pr): [] for n, pr in run_names}
     failed: set[str] = set()
     for rnd in range(args.rounds):
         log(f"round {rnd + 1}/{args.rounds}")
-        for n in run_names:
-            if n in failed:
+        for n, precision in run_names:
+            key = run_key(n, precision)
+            if key in failed:
                 continue
-            data = _spawn(args, n, log)
+            data = _spawn(args, n, log, precision)
             data["round"] = rnd + 1
-            runs[n].append(data)
+            runs[key].append(data)
             if "error" in data:
-                failed.add(n)  # recorded once; a configuration that cannot run is not retried
+                failed.add(key)  # recorded once; a configuration that cannot run is not retried
             report["runs"] = runs
             _write_json_atomic(out, report)
 
-    results = {n: _aggregate(n, runs[n]) for n in run_names}
+    results = {key: _aggregate(key, rounds) for key, rounds in runs.items()}
     for n, why in skipped.items():
         results[n] = {"status": "skipped", "error": why}
     report["results"] = results
-    report["ratios"] = compute_ratios(results)
+    report["ratios"] = compute_ratios(results, precisions)
     report["targets_pass"] = {e["name"]: e["pass"] for e in report["ratios"] if e["target"] is not None}
     report["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -654,8 +770,16 @@ def parse_args(argv=None):
     p.add_argument("--omp-wait-policy", default="PASSIVE",
                    help="OMP_WAIT_POLICY of the workers ('' = leave unset). PASSIVE: OpenMP threads sleep instead of "
                         "spinning, 3-4x faster steps when other jobs oversubscribe the cores")
+    p.add_argument("--precisions", default="fp32",
+                   help=f"comma-separated of {','.join(PRECISIONS)}: every configuration runs in each")
+    p.add_argument("--trained", type=int, default=0,
+                   help="labels on the last N positions of each row only (0: every position, labels = input_ids)")
+    p.add_argument("--fused", action="store_true", help="fused AdamW (dora train's default) instead of the for-loop")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="also run two steps under torch.profiler in every worker; operator tables to DIR/<config>@<precision>.txt")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 

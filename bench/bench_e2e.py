@@ -1,10 +1,13 @@
-"""End-to-end training speed: `dora train` against HF Trainer + PEFT on the very same tokenised examples.
+"""End-to-end training speed: `dora train` against HF Trainer + PEFT on the very same tokenised examples,
+and against the floor.
 
 For every workload (a recipe) x method (LoRA, DoRA) x configuration, each side runs in a fresh process
 (this script with --worker): ours is the real `dora train` command, with recipe overrides; HF's is
 `transformers.Trainer` on `peft.get_peft_model`, fed the examples our pipeline tokenises
-(`dora_cli.datasets.build_datasets`), in our micro-batches and our order, padded by our collator.
-Rounds alternate the sides (ours, HF, ours, HF, ...) so that load from other jobs hits both.
+(`dora_cli.datasets.build_datasets`), in our micro-batches and our order, padded by our collator; the
+floor is the frozen base model alone on the same micro-batches, loss and precision (forward + the backward
+of input gradients only: what no adapter method can undercut). Rounds alternate the sides (ours, HF,
+floor, ours, HF, floor, ...) so that load from other jobs hits all of them.
 
     .venv/bin/python bench/bench_e2e.py                                   # full run, see bench/README.md
     .venv/bin/python bench/bench_e2e.py --quick --out /tmp/e2e.json       # the harness on a tiny random model
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import _write_json_atomic, machine_info  # noqa: E402  (a sibling script)
+from bench_adapters import _write_json_atomic, freeze_to_floor, machine_info  # noqa: E402  (a sibling script)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -78,6 +81,7 @@ LEVERS = {
     "group_by_length": Lever(("data.group_by_length=true",), {"group_by_length": True}),
     "packing": Lever(("data.packing=true",), None),
     "compile": Lever(("train.compile=true",), None),
+    "bf16": Lever(("train.mixed_precision=bf16",), {"bf16": True}),
 }
 DEFAULT_CONFIGS = "baseline,group_by_length,packing,compile,threads1"
 METHODS = ("lora", "dora")
@@ -122,11 +126,15 @@ class Probe:
         register_optimizer_step_post_hook(self._on_step)
 
     def _on_step(self, optimizer, _args, _kwargs) -> None:
-        self.step_ends.append((time.perf_counter(), time.process_time()))
+        self.stamp()
         self.lrs.append(float(optimizer.param_groups[0]["lr"]))
         if self.optimizer is None:
             d = optimizer.defaults
             self.optimizer = {"class": type(optimizer).__name__, "fused": d.get("fused"), "foreach": d.get("foreach")}
+
+    def stamp(self) -> None:
+        """The end of a step (the floor, which has no optimizer, calls it itself)."""
+        self.step_ends.append((time.perf_counter(), time.process_time()))
 
     def counting(self, collate):
         """`collate` that also records its micro-batch: real tokens = the examples' lengths, padded = the batch's
@@ -288,11 +296,62 @@ def run_hf(spec: dict, probe: Probe) -> tuple[int, dict]:
                            hf_sampling=getattr(args, "train_sampling_strategy", None))
 
 
+def run_floor(spec: dict, probe: Probe) -> tuple[int, dict]:
+    """The floor of the recipe: `dora train`'s micro-batches (order, collate, dropout seeds, logits at the trained
+    positions, autocast of train.mixed_precision, threads) through the frozen base model, forward + backward of
+    the input gradients only (bench_adapters.freeze_to_floor); no adapter, no optimizer, no gradient norm."""
+    import contextlib
+
+    import torch
+
+    from dora_cli.batching import make_collate, make_order
+    from dora_cli.datasets import build_datasets, trained_labels
+    from dora_cli.launch import set_threads
+    from dora_cli.lm_loss import keeps_selected_logits, loss_terms, trained_positions
+    from dora_cli.models import load_model
+    from dora_cli.recipe import load_recipe
+    from dora_cli.train import make_plan, micro_batch_seed
+
+    recipe = load_recipe(spec["recipe"], spec["overrides"])
+    t = recipe.train
+    set_threads(t.threads, "cpu")
+    torch.manual_seed(t.seed)
+    model, tokenizer = load_model(recipe.model, for_training=True)
+    freeze_to_floor(model).train()
+    selective = keeps_selected_logits(model)
+    if t.compile:
+        model.compile()
+    train_set, _ = build_datasets(recipe.data, tokenizer)
+    train_set = [e for e in train_set if trained_labels(e)]
+    plan = make_plan(recipe, len(train_set), 1, make_order(recipe.data, [len(e["input_ids"]) for e in train_set],
+                                                          t.batch_size))
+    collate = probe.counting(make_collate(recipe.data, tokenizer))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
+    for step in range(plan.total_steps):
+        chunks = plan.micro_batches(step, 0, t.seed)
+        for j, chunk in enumerate(chunks):
+            torch.manual_seed(micro_batch_seed(t.seed, step, j))
+            batch = collate([train_set[i] for i in chunk])
+            keep = trained_positions(batch["labels"]) if selective else None
+            with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+                total, count = loss_terms(model, batch, keep)
+                loss = total / count
+            (loss / len(chunks)).backward()
+        probe.stamp()
+    return 0, probe.record(micro_per_step=None, losses={})
+
+
 def worker_main(spec_json: str) -> int:
+    from dora_cli import errors
+
     spec = json.loads(spec_json)
     probe = Probe()
     probe.install()
-    code, record = (run_ours if spec["side"] == "ours" else run_hf)(spec, probe)
+    try:
+        code, record = {"ours": run_ours, "hf": run_hf, "floor": run_floor}[spec["side"]](spec, probe)
+    except errors.UserError as err:  # the floor's recipe refused (ours prints the same line itself)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     record["finished"] = time.perf_counter()
     _write_json_atomic(Path(spec["result"]), record)
     return code
@@ -307,7 +366,7 @@ class Job:
     workload: str
     method: str
     config: str
-    side: str  # "ours" or "hf"
+    side: str  # "ours", "hf" or "floor"
 
     @property
     def key(self) -> str:
@@ -315,12 +374,12 @@ class Job:
 
 
 def plan_jobs(args) -> list[list[Job]]:
-    """One list per round, ours and HF alternating: workload > method > configuration > side."""
+    """One list per round, ours, HF and the floor alternating: workload > method > configuration > side."""
     one = []
     for wl in args.workloads:
         for method in args.methods:
             for config in args.configs:
-                sides = ["ours"] + (["hf"] if parse_config(config).hf is not None else [])
+                sides = ["ours"] + (["hf"] if parse_config(config).hf is not None else []) + (["floor"] * args.floor)
                 one += [Job(wl, method, config, side) for side in sides]
     return [one for _ in range(args.rounds)]
 
@@ -331,7 +390,7 @@ def worker_spec(job: Job, args, recipe: str, tmp: Path) -> dict:
     if not args.tiny:
         common.append(f"model.name_or_path={args.model}")
     return {"side": job.side, "recipe": recipe, "result": str(tmp / "result.json"),
-            "output_dir": str(tmp / "run"), "overrides": common + (list(lever.ours) if job.side == "ours" else []),
+            "output_dir": str(tmp / "run"), "overrides": common + (list(lever.ours) if job.side != "hf" else []),
             "hf": lever.hf or {}}
 
 
@@ -378,7 +437,7 @@ def run_job(job: Job, args, recipe: str, env: dict) -> dict:
             return {"status": "ok", **figures(json.loads(result.read_text()), args.warmup),
                     "peak_rss_mb": peak_mb, "wall_s": wall, "load_average_at_start": load}
         why = f"timed out after {args.timeout:.0f} s" if code is None else error_line((tmp / "stderr.txt").read_text())
-        lever = job.side == "ours" and job.config != "baseline"
+        lever = job.side != "hf" and job.config != "baseline"
         return {"status": f"{'unsupported' if lever and code == 2 else 'error'}: {why}", "exit_code": code,
                 "wall_s": wall}
 
@@ -464,9 +523,22 @@ class RatioSpec:
     mixed_only: bool = False
 
 
+FLOOR_TARGETS = {"lora": 1.05, "dora": 1.10}
+"""ours / floor step time, fp32 and bf16 autocast (issue 22)."""
+
+
 def ratio_specs() -> list[RatioSpec]:
     out = []
-    for method, goal in (("dora", 2.0), ("lora", 1.3)):
+    for config, tag in (("baseline", ""), ("bf16", " (bf16)")):
+        for method in METHODS:
+            out.append(RatioSpec(f"{method}: ours / floor step time{tag}", "step_time_s", (method, f"ours/{config}"),
+                                 (method, f"floor/{config}"), ("<=", FLOOR_TARGETS[method])))
+            out.append(RatioSpec(f"{method}: ours / floor step time{tag} (CPU time)", "cpu_step_time_s",
+                                 (method, f"ours/{config}"), (method, f"floor/{config}"), None))
+            if config != "baseline":
+                out.append(RatioSpec(f"{method}: HF step time / ours{tag}", "step_time_s", (method, f"hf/{config}"),
+                                     (method, f"ours/{config}"), None))
+    for method, goal in (("dora", 1.6), ("lora", 1.0)):
         for figure in ("step_time_s", "cpu_step_time_s"):
             out.append(RatioSpec(f"{method}: HF step time / ours" + (" (CPU time)" if figure.startswith("cpu") else ""),
                                  figure, (method, "hf/baseline"), (method, "ours/baseline"),
@@ -575,6 +647,11 @@ def settings(args) -> dict:
                    "every step (max_grad_norm inf when the recipe sets none), HF's default optimizer",
         "ours_side": "dora train RECIPE adapter.method=M train.max_steps=N train.save_every=null [levers], "
                      "in-process through dora_cli.cli.main (the collator wrapped to count tokens)",
+        "floor_side": "the recipe's frozen base model (every parameter requires_grad False, the input embeddings' "
+                      "output requiring grad): dora train's micro-batches, order, collate, dropout seeds, logits "
+                      "at the trained positions (lm_loss.py), autocast of train.mixed_precision and threads; "
+                      "forward + backward of the input gradients only, no optimizer, no gradient norm; step time "
+                      "between the ends of consecutive steps as the others" if args.floor else None,
     }
 
 
@@ -624,8 +701,10 @@ def parent_main(args) -> int:
                 _write_json_atomic(out, report)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    configs = set(args.configs)
     report["ratios"] = {wl: [compute_ratio(runs[wl], s) for s in ratio_specs()
-                             if WORKLOADS[wl].mixed_lengths or not s.mixed_only]
+                             if (WORKLOADS[wl].mixed_lengths or not s.mixed_only)
+                             and {s.numerator[1].split("/")[1], s.denominator[1].split("/")[1]} <= configs]
                         for wl in args.workloads if wl not in skipped}
     report["tokens_match"] = {wl: {m: tokens_match(runs[wl][m]) for m in args.methods}
                               for wl in args.workloads if wl not in skipped}
@@ -700,6 +779,8 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
     p.add_argument("--omp-wait-policy", default="PASSIVE",
                    help="OMP_WAIT_POLICY of the workers ('' leaves it unset, as a user's shell would)")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the floor (the frozen base's forward + input-gradient backward on the same batches)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:

@@ -10,7 +10,8 @@ Phases, top to bottom (each prints a line when it starts and one when it ends):
     merge    `run_merge` of OUT/train/final                               -> OUT/merged
     merged   the merged model, same protocols (same numbers as after, up to float rounding)
 
-Every evaluation runs two protocols on the same questions, each a `dora eval` of its own:
+Every evaluation runs two protocols on the same questions, as `dora eval` would in each mode (each batch's
+prompts run once for both: eval.commonsense.evaluate_commonsense_modes):
 
     generate  the recipe's `eval:` section (the LLM-Adapters protocol: generate, take the first
               answer of the task's format in the response; a response without one is a "no answer"
@@ -18,7 +19,7 @@ Every evaluation runs two protocols on the same questions, each a `dora eval` of
     loglik    the same with `eval.mode=loglik`: the answer X whose `the correct answer is X` is most
               likely (never "no answer": it shows what the model knows, whatever it writes)
 
-The evaluation code is `dora eval`'s (`load_for_eval` / `load_model`, the commonsense suite of `eval.suites`);
+The evaluation code is `dora eval`'s (`load_for_eval` / `load_model`, the commonsense suite's settings);
 predictions and metrics go to OUT/eval-<phase>/<protocol>/. At the end: a table (phase, accuracy,
 no-answer rate, wall time) printed and written to OUT/demo.md and OUT/demo.json.
 
@@ -120,18 +121,23 @@ def _previous_phases(out: Path, fingerprint: str, recipe_path, overwrite: bool) 
 # Phases
 # ==================================================================================================
 def _evaluate(model, tokenizer, recipe, out_dir: Path, label: str, overwrite: bool) -> dict:
-    """Both protocols on a loaded model; per protocol the demo task's accuracy, no-answer rate, n."""
-    from dora_cli.eval.suites import SuiteRun, suite_of
+    """Both protocols on a loaded model, each batch's prompts run once for both; per protocol the demo task's
+    accuracy, no-answer rate, n."""
+    from dora_cli.eval.commonsense import evaluate_commonsense_modes
+    from dora_cli.eval.suites import settings
 
+    cfg = settings(recipe)  # the commonsense suite's defaults where the recipe leaves them unset
+    every = evaluate_commonsense_modes(
+        model, tokenizer, {protocol: out_dir / protocol for protocol in PROTOCOLS}, tasks=cfg.tasks,
+        data_dir=cfg.data_dir, batch_size=cfg.batch_size, limit=cfg.limit, num_beams=cfg.num_beams,
+        max_new_tokens=cfg.max_new_tokens, expected=recipe.expected, model_name=label, overwrite=overwrite,
+        progress=stderr_is_terminal(),
+    )
     results = {}
     for protocol in PROTOCOLS:
-        graded = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"mode": protocol})})
-        run = SuiteRun(graded, model, tokenizer, out_dir / protocol, model_name=label, model_id=label,
-                       overwrite=overwrite, progress=stderr_is_terminal())
-        metrics = suite_of(graded).run(run)
-        tasks = metrics["tasks"]
+        tasks = every[protocol]["tasks"]
         results[protocol] = {
-            "accuracy": metrics["average"],
+            "accuracy": every[protocol]["average"],
             "no_answer_rate": round(sum(m["no_answer_rate"] * m["n"] for m in tasks.values()) / sum(m["n"] for m in tasks.values()), 4),
             "n": sum(m["n"] for m in tasks.values()),
         }

@@ -292,8 +292,12 @@ def make_accelerator(recipe: Recipe, **options):
     """The Accelerator of this process, set up for the recipe's strategy (or the launcher's config);
     `options`: further Accelerator arguments (the trackers')."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+    # Accelerate keeps one mixed precision per process and refuses another; a process that trains again
+    # (the library API, sweep-rank's trials) starts from the recipe's. The process group (PartialState) stays.
+    AcceleratorState._reset_state()
     strategy, from_file = strategy_here(recipe)
     cuda = torch.cuda.is_available()
     kwargs: dict = {"mixed_precision": recipe.train.mixed_precision, **options}

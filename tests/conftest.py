@@ -136,6 +136,28 @@ def dora_in_process(argv, monkeypatch, capture, stdin: str | None = None, cwd: P
     return code, out.out, out.err
 
 
+def train_killed_at_checkpoint(args: list[str], out: Path, step: int, timeout: float = 240) -> None:
+    """`python -m dora_cli.cli train ARGS output_dir=OUT`, SIGKILLed once OUT/checkpoint-<step> exists
+    (its final/ never written)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "dora_cli.cli", "train", *args, f"output_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (out / f"checkpoint-{step}").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists()
+
+
 def run_dora(*args, timeout=600, check=True, **kw):
     """`python -m dora_cli.cli ARGS` from the repository root, as a user would run it."""
     import subprocess

@@ -138,6 +138,43 @@ def test_prompt_prefilled_once_gives_what_generate_gives_alone(model, tok, data_
     assert shared == plain
 
 
+@pytest.mark.parametrize("room", [0, 3, 40])  # 0 and 3: more tokens than planned for (it grows)
+def test_beam_layer_holds_what_a_concatenating_cache_holds(room):
+    """Updates and beam reorders (within each example, as beam search does) on a BeamLayer and on
+    transformers' DynamicLayer: the same keys and values bit for bit at every step."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from dora_cli.eval.predict import BeamLayer
+
+    gen = torch.Generator().manual_seed(0)
+    examples, beams, heads, prompt, dim = 3, 4, 2, 5, 8
+    plain = DynamicLayer()
+    k = torch.randn(examples, heads, prompt, dim, generator=gen).repeat_interleave(beams, dim=0)
+    plain.update(k, k + 1)
+    ours = BeamLayer.of(plain, room)
+    for step in range(12):
+        new = torch.randn(examples * beams, heads, 1, dim, generator=gen)
+        a, b = plain.update(new, -new), ours.update(new, -new)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        parents = torch.randint(0, beams, (examples, beams), generator=gen) + beams * torch.arange(examples)[:, None]
+        plain.reorder_cache(parents.flatten())
+        ours.reorder_cache(parents.flatten())
+        assert torch.equal(plain.keys, ours.keys) and torch.equal(plain.values, ours.values), step
+    assert ours.get_seq_length() == plain.get_seq_length() == prompt + 12
+
+
+def test_generation_uses_the_beam_cache(model, tok, monkeypatch):
+    """The shared prefill hands generate BeamLayers (and generate reorders them)."""
+    from dora_cli.eval import predict
+
+    reorders = []
+    real = predict.BeamLayer.reorder_cache
+    monkeypatch.setattr(predict.BeamLayer, "reorder_cache", lambda self, idx: reorders.append(1) or real(self, idx))
+    generate_batch(model, tok, ["a question", "another, longer question"], num_beams=4, max_new_tokens=5)
+    assert reorders
+
+
 def test_loglik_prefix_sharing_matches_the_reference(model, tok, data_root):
     examples = [e for t in TASKS for e in load_task(t, data_root)]
     prompts = [eval_prompt(e.instruction) for e in examples]
@@ -151,6 +188,42 @@ def test_loglik_prefix_sharing_matches_the_reference(model, tok, data_root):
     # Batch composition does not change a score.
     alone = loglik_batch(model, tok, prompts[:1], cands[:1])[0]
     assert alone == pytest.approx(fast[0], abs=1e-4)
+
+
+def test_both_modes_on_one_prefill_give_what_each_gives_alone(model, tok, data_root, monkeypatch):
+    """generate_and_loglik: generate_batch's texts exactly, the reference's scores to float rounding, without
+    falling back to a second pass over the prompts (loglik_batch is never called)."""
+    from dora_cli.eval import predict
+
+    examples = [e for t in TASKS for e in load_task(t, data_root)]
+    prompts = [eval_prompt(e.instruction) for e in examples]
+    cands = [e.candidates for e in examples]
+    texts = generate_batch(model, tok, prompts, num_beams=4, max_new_tokens=10)
+    ref = loglik_batch_reference(model, tok, prompts, cands)
+    monkeypatch.setattr(predict, "loglik_batch", lambda *a, **k: pytest.fail("a second pass over the prompts"))
+    both_texts, scores = predict.generate_and_loglik(model, tok, prompts, cands, num_beams=4, max_new_tokens=10)
+    assert both_texts == texts
+    for got, want, c in zip(scores, ref, cands):
+        assert list(got) == list(c)
+        for label in c:
+            assert got[label] == pytest.approx(want[label], abs=1e-4)
+
+
+def test_evaluating_both_modes_writes_what_two_runs_write(model, tok, data_root, tmp_path):
+    kwargs = dict(data_dir=data_root, tasks=["boolq", "ARC-Easy"], batch_size=3, limit=4, **FAST)
+    both = commonsense.evaluate_commonsense_modes(
+        model, tok, {"generate": tmp_path / "g", "loglik": tmp_path / "l"}, **kwargs)
+    for mode, sub in (("generate", "g"), ("loglik", "l")):
+        alone = evaluate_commonsense(model, tok, tmp_path / f"alone-{sub}", mode=mode, **kwargs)
+        assert both[mode]["tasks"] == alone["tasks"] and both[mode]["settings"]["mode"] == mode
+        for task in kwargs["tasks"]:
+            ours, theirs = ([json.loads(x) for x in (tmp_path / d / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+                            for d in (sub, f"alone-{sub}"))
+            assert [(r["id"], r["output"], r["prediction"]) for r in ours] == [(r["id"], r["output"], r["prediction"]) for r in theirs]
+    # A rerun resumes each mode from its own predictions: nothing left to predict.
+    again = commonsense.evaluate_commonsense_modes(
+        model, tok, {"generate": tmp_path / "g", "loglik": tmp_path / "l"}, **kwargs)
+    assert all(v is None for m in again.values() for v in m["examples_per_s"].values())
 
 
 def test_loglik_scores_the_continuation_tokens_only(model, tok):

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from conftest import ROOT
 from conftest import run_dora as dora
+from conftest import train_killed_at_checkpoint
 from safetensors.torch import load_file
 
 SMOKE = "recipes/smoke.yaml"
@@ -48,17 +43,7 @@ def test_dry_run_prints_the_share_and_writes_nothing(tmp_path):
 
 def test_sigkill_then_resume_is_bitwise_identical(smoke_run, tmp_path):
     out = tmp_path / "killed"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    args = [sys.executable, "-m", "dora_cli.cli", "train", SMOKE, f"output_dir={out}", "train.save_every=5"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / "checkpoint-10").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "final").exists()
+    train_killed_at_checkpoint([SMOKE, "train.save_every=5"], out, 10)
     resumed = dora("train", SMOKE, f"output_dir={out}", "train.save_every=5", "--resume")
     assert "resuming from checkpoint-" in resumed.stderr
     ours, ref = weights(out), weights(smoke_run)

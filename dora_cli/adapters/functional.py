@@ -96,7 +96,8 @@ def widen_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # ---- the up-projection ------------------------------------------------------------------------------------
 def add_low_rank(acc: torch.Tensor, u: torch.Tensor, up: torch.Tensor, alpha: float = 1.0, *, inplace: bool = False):
     """acc + alpha · u·upᵀ ([..., out]) in acc's dtype: one fused addmm, or under autocast a GEMM in
-    autocast's dtype whose result is added in acc's dtype (autocast would round acc and the sum too).
+    autocast's dtype whose result is added in acc's dtype (autocast would round acc and the sum too; a
+    16-bit acc is summed in fp32 and rounded once, as every 16-bit add on the CPU and GPU is).
 
     inplace: into `acc` (a contiguous temporary of the caller), which is returned.
     """
@@ -113,8 +114,8 @@ def add_low_rank(acc: torch.Tensor, u: torch.Tensor, up: torch.Tensor, alpha: fl
 
 # ---- the magnitude -----------------------------------------------------------------------------------------
 def _column_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_t a ⊙ b over tokens, [out], the products formed in fp32."""
-    return (_wide(_rows(a)) * _wide(_rows(b))).sum(dim=0)
+    """Σ_t a ⊙ b over tokens, [out], the products formed in fp32 (`a` is fp32 or wider; `b` is promoted as it is read)."""
+    return torch.mul(_rows(a), _rows(b)).sum(dim=0)
 
 
 def scaled_up(b: torch.Tensor, g: torch.Tensor, scale: float) -> torch.Tensor:
@@ -123,19 +124,22 @@ def scaled_up(b: torch.Tensor, g: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def _rescaled(base_out, w0x, u, up, g, bias) -> torch.Tensor:
-    """The rescale's value (the forward of _Rescale, and the whole of it without gradients); up = scaled_up(...)."""
-    out = _wide(base_out)
+    """The rescale's value (the forward of _Rescale, and the whole of it without gradients); up = scaled_up(...).
+
+    Mixed-dtype products and sums promote a 16-bit operand to fp32 as they read it: the numbers of an fp32
+    copy, without the copy's pass over [tokens, out]."""
+    wide = torch.promote_types(base_out.dtype, g.dtype)
     if w0x is not None:  # delta mode: out + (g − 1)·w0x + ...
-        acc = _wide(w0x) * (g - 1)
+        acc = torch.mul(w0x, g - 1)
     else:  # out + (g − 1)·(out − bias) + ... = g·out + (1 − g)·bias + ...: one pass less
-        acc = out * g
+        acc = torch.mul(base_out, g)
         if bias is not None:
-            acc += _wide(bias) * (1 - g)
-    acc = acc.contiguous()  # our own temporary, returned as the output: no view
+            acc += bias.to(wide) * (1 - g)
+    acc = acc.to(wide).contiguous()  # our own temporary, returned as the output: no view
     if u is not None:  # g ⊙ s·u·Bᵀ = u·(diag(g)·s·B)ᵀ
         add_low_rank(acc, u, up, inplace=True)
     if w0x is not None:
-        acc += out
+        acc += base_out
     return acc.to(base_out.dtype)
 
 
@@ -154,30 +158,34 @@ class _Rescale(torch.autograd.Function):
         kept, u, b, g, bias = ctx.saved_tensors
         need_base, need_w0x, need_u, need_b, need_g, need_bias = ctx.needs_input_grad[:6]
         s = ctx.scale
-        gy = _wide(grad_y)
-        gy_g = gy * g
+        # fp32 (wider) products of the 16-bit grad_y, promoted as they are read; grad_y itself feeds the
+        # GEMMs that run in its dtype (its fp32 copy would be rounded back to the same numbers).
+        gy = _wide(grad_y) if need_g or need_bias else grad_y
+        gy_g = torch.mul(grad_y, g)
         grad_base = grad_w0x = grad_u = grad_b = grad_g = grad_bias = None
         if need_base:
             grad_base = grad_y if ctx.delta_mode else gy_g.to(grad_y.dtype)
         if need_w0x:
-            grad_w0x = (gy * (g - 1)).to(kept.dtype)
+            grad_w0x = torch.mul(grad_y, g - 1).to(kept.dtype)
         if need_bias:  # y = g·(base_out − bias + ...) + bias: the bias itself is not scaled
             grad_bias = (_rows(gy).sum(dim=0) * (1 - g)).to(bias.dtype)
 
         gy_u = None  # grad_yᵀ·u [out, r], fp32
         if u is not None and (need_b or (need_g and not ctx.keep_output)):
             with _autocast(ctx.autocast):
-                gy_u = _wide(_rows(gy).T.to(u.dtype) @ _rows(u))
+                gy_u = _wide(_rows(grad_y).T.to(u.dtype) @ _rows(u))
         if need_u:
             with _autocast(ctx.autocast):
-                grad_u = (gy_g.to(u.dtype) @ (b * s).to(u.dtype)).to(u.dtype)
+                # grad_y ⊙ g in u's dtype: grad_base when it is that already (the same rounding)
+                same = grad_base is not None and not ctx.delta_mode and grad_base.dtype == u.dtype
+                grad_u = ((grad_base if same else gy_g.to(u.dtype)) @ (b * s).to(u.dtype)).to(u.dtype)
         if need_b:
             grad_b = (gy_u * (g * s)[:, None]).to(b.dtype)
         if need_g:
             if ctx.keep_output:  # z = y / g (no bias; every |g| >= G_MIN)
                 grad_g = _column_dot(gy, kept) / g
             else:
-                z0 = _wide(kept) if ctx.delta_mode or bias is None else _wide(kept) - _wide(bias)
+                z0 = kept if ctx.delta_mode or bias is None else _wide(kept) - _wide(bias)
                 grad_g = _column_dot(gy, z0)
                 if gy_u is not None:
                     grad_g = grad_g + s * (_wide(b) * gy_u).sum(dim=1)

@@ -75,10 +75,15 @@ class Direction:
     def add_delta(cls, layer, base: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
         """base + ΔW · xd without forming ΔW: scale · (xd·Aᵀ)·Bᵀ in the adapter's dtype (functional.py),
         summed with base in fp32 and rounded once to base's dtype (PEFT's LoRA forward). The add rides in
-        the up-projection's GEMM (addmm); with B = 0 the result is `base` bit for bit."""
+        the up-projection's GEMM (addmm), or under autocast in one pass over the two 16-bit tensors (which
+        is computed in fp32 and rounded once: the same numbers, without an fp32 copy of base and back);
+        with B = 0 the result is `base` bit for bit."""
         b, a, scale = cls.factors(layer)
+        u = widen_linear(xd, a)
+        if torch.is_autocast_enabled(base.device.type):
+            return add_low_rank(base, u, b, alpha=scale)
         acc = base.to(torch.promote_types(base.dtype, b.dtype))
-        return add_low_rank(acc, widen_linear(xd, a), b, alpha=scale).to(base.dtype)
+        return add_low_rank(acc, u, b, alpha=scale).to(base.dtype)
 
     @classmethod
     def delta_weight(cls, layer) -> torch.Tensor:

@@ -18,6 +18,9 @@ Output directory
                                 differences; examples per second and wall time of this run
     results.md                  Table 1 of the paper: this model's row (+ the paper's row, + n)
 
+Both modes at once (`evaluate_commonsense_modes`, `make demo`): each batch's prompts are run once for
+both (predict.generate_and_loglik), each mode's files in its own directory, as two runs would write them.
+
 Resuming: a run that was killed is repeated with the same arguments; examples whose prediction is
 already in predictions/<task>.jsonl are not recomputed. Predictions made with other settings (mode,
 beams, new tokens, prompt template, model name and description) are never mixed in: the run is refused before anything is written,
@@ -33,7 +36,14 @@ from pathlib import Path
 
 from dora_cli.console import progress_bar
 from dora_cli.errors import UserError, one_of
-from dora_cli.eval.predict import continuation, describe_model, encode, generate_batch, loglik_batch
+from dora_cli.eval.predict import (
+    continuation,
+    describe_model,
+    encode,
+    generate_and_loglik,
+    generate_batch,
+    loglik_batch,
+)
 from dora_cli.eval.report import results_table, summarize, task_metrics
 from dora_cli.eval.tasks import TASKS, Example, extract_answer, load_task, validate_tasks
 from dora_cli.files import append_jsonl, guard_resume, read_jsonl_resumable, write_json, write_text
@@ -56,10 +66,22 @@ def predict_examples(
             records.append(_record(e, prompt, output, pred))
     else:
         all_scores = loglik_batch(model, tokenizer, prompts, [e.candidates for e in examples])
-        for e, prompt, scores in zip(examples, prompts, all_scores):
-            best = max(e.candidates, key=lambda c: scores[c])  # ties: the first candidate
-            records.append(_record(e, prompt, continuation(best), best, scores={c: round(s, 6) for c, s in scores.items()}))
+        records = [_loglik_record(e, prompt, scores) for e, prompt, scores in zip(examples, prompts, all_scores)]
     return records
+
+
+def predict_both(model, tokenizer, examples: list[Example], *, num_beams: int, max_new_tokens: int) -> dict[str, list[dict]]:
+    """Prediction records of one batch in both modes, the prompts run once: {mode: records}."""
+    prompts = [eval_prompt(e.instruction) for e in examples]
+    outputs, all_scores = generate_and_loglik(model, tokenizer, prompts, [e.candidates for e in examples],
+                                              num_beams=num_beams, max_new_tokens=max_new_tokens)
+    generated = [_record(e, p, o, extract_answer(e.task, p + o)) for e, p, o in zip(examples, prompts, outputs)]
+    return {"generate": generated, "loglik": [_loglik_record(e, p, sc) for e, p, sc in zip(examples, prompts, all_scores)]}
+
+
+def _loglik_record(e: Example, prompt: str, scores: dict[str, float]) -> dict:
+    best = max(e.candidates, key=lambda c: scores[c])  # ties: the first candidate
+    return _record(e, prompt, continuation(best), best, scores={c: round(s, 6) for c, s in scores.items()})
 
 
 def _record(e: Example, prompt: str, output: str, prediction: str, **extra) -> dict:
@@ -78,14 +100,22 @@ def _fingerprint(mode: str, num_beams: int, max_new_tokens: int, model: str) -> 
     return fp
 
 
-def evaluate_commonsense(
+def evaluate_commonsense(model, tokenizer, out_dir: str | Path, *, mode: str = "generate", **options) -> dict:
+    """Evaluate on the commonsense tasks in one mode; writes predictions, metrics.json, results.md; returns the
+    metrics. `options`: those of evaluate_commonsense_modes (tasks, data_dir, batch_size, limit, num_beams,
+    max_new_tokens, expected, model_name, overwrite, progress)."""
+    if mode not in MODES:
+        raise UserError(f"unknown mode {mode!r}, expected {one_of(MODES)}", where="eval.mode")
+    return evaluate_commonsense_modes(model, tokenizer, {mode: out_dir}, **options)[mode]
+
+
+def evaluate_commonsense_modes(
     model,
     tokenizer,
-    out_dir: str | Path,
+    out_dirs: dict[str, str | Path],
     *,
     tasks: list[str] | tuple[str, ...] = tuple(TASKS),
     data_dir: str | Path | None = None,
-    mode: str = "generate",
     batch_size: int = 8,
     limit: int | None = None,
     num_beams: int = 4,
@@ -94,11 +124,13 @@ def evaluate_commonsense(
     model_name: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
-) -> dict:
-    """Evaluate on the commonsense tasks; writes predictions, metrics.json, results.md; returns the metrics."""
+) -> dict[str, dict]:
+    """evaluate_commonsense in each mode of `out_dirs` ({mode: its output directory}); with both modes, the
+    examples both still need are predicted together (predict_both). Returns {mode: metrics}."""
     # Everything is checked before anything is written.
-    if mode not in MODES:
-        raise UserError(f"unknown mode {mode!r}, expected {one_of(MODES)}", where="eval.mode")
+    unknown = [m for m in out_dirs if m not in MODES]
+    if unknown or not out_dirs:
+        raise UserError(f"unknown mode {(unknown or [''])[0]!r}, expected {one_of(MODES)}", where="eval.mode")
     if batch_size < 1 or num_beams < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
         raise UserError("batch_size, num_beams, max_new_tokens and limit must be positive", where="eval")
     tasks = validate_tasks(list(tasks), data_dir)
@@ -108,50 +140,61 @@ def evaluate_commonsense(
             raise UserError(f"unknown task {unknown[0]!r} in expected; valid keys: {one_of([*TASKS, 'avg'])}", where="expected")
     examples = {t: load_task(t, data_dir, limit) for t in tasks}
     description = describe_model(model)
-    fingerprint = _fingerprint(mode, num_beams, max_new_tokens, f"{model_name} {description}" if model_name else description)
-    out = Path(out_dir)
-    pred_dir = out / "predictions"
-    previous = sorted(pred_dir.glob("*.jsonl")) if pred_dir.is_dir() else []
-    guard_resume(pred_dir / "run.json", previous, fingerprint, overwrite=overwrite)
+    named = f"{model_name} {description}" if model_name else description
+    pred_dirs = {mode: Path(out) / "predictions" for mode, out in out_dirs.items()}
+    for mode, pred_dir in pred_dirs.items():
+        previous = sorted(pred_dir.glob("*.jsonl")) if pred_dir.is_dir() else []
+        guard_resume(pred_dir / "run.json", previous, _fingerprint(mode, num_beams, max_new_tokens, named), overwrite=overwrite)
 
     model.eval()
-    per_task: dict[str, dict] = {}
-    speed: dict[str, float | None] = {}
+    per_task: dict[str, dict[str, dict]] = {mode: {} for mode in out_dirs}
+    speed: dict[str, dict[str, float | None]] = {mode: {} for mode in out_dirs}
     total = sum(len(v) for v in examples.values())
     began = time.perf_counter()
     with progress_bar(progress) as bar:
         job = bar.add_task("commonsense", total=total)
         for task in tasks:
-            pred_file = pred_dir / f"{task}.jsonl"
-            done = {r["id"]: r for r in read_jsonl_resumable(pred_file) if "id" in r}
-            todo = [e for e in examples[task] if e.id not in done]
+            files = {mode: pred_dirs[mode] / f"{task}.jsonl" for mode in out_dirs}
+            done = {mode: {r["id"]: r for r in read_jsonl_resumable(f) if "id" in r} for mode, f in files.items()}
+            todo = [e for e in examples[task] if any(e.id not in d for d in done.values())]
             bar.update(job, description=task, advance=len(examples[task]) - len(todo))
             # Longest prompts first: batches of similar length pad little. Order does not change results.
             todo.sort(key=lambda e: -len(encode(tokenizer, eval_prompt(e.instruction))))
             started = time.perf_counter()
             for i in range(0, len(todo), batch_size):
                 batch = todo[i : i + batch_size]
-                records = predict_examples(
-                    model, tokenizer, batch, mode=mode, num_beams=num_beams, max_new_tokens=max_new_tokens
-                )
-                append_jsonl(pred_file, records)
-                done.update((r["id"], r) for r in records)
+                needs = {mode: [e for e in batch if e.id not in done[mode]] for mode in out_dirs}
+                if len(out_dirs) == len(MODES) and all(len(n) == len(batch) for n in needs.values()):
+                    predicted = predict_both(model, tokenizer, batch, num_beams=num_beams, max_new_tokens=max_new_tokens)
+                else:
+                    predicted = {mode: predict_examples(model, tokenizer, need, mode=mode, num_beams=num_beams,
+                                                        max_new_tokens=max_new_tokens) for mode, need in needs.items() if need}
+                for mode, records in predicted.items():
+                    append_jsonl(files[mode], records)
+                    done[mode].update((r["id"], r) for r in records)
                 bar.update(job, advance=len(batch))
-            per_task[task] = task_metrics([done[e.id] for e in examples[task]])
-            # Throughput of this run's predictions (None when every one was resumed from disk).
             elapsed = time.perf_counter() - started
-            speed[task] = round(len(todo) / elapsed, 3) if todo and elapsed > 0 else None
+            for mode in out_dirs:
+                per_task[mode][task] = task_metrics([done[mode][e.id] for e in examples[task]])
+                # Throughput of this run's predictions (None when every one was resumed from disk); both modes
+                # predicted together share the time.
+                speed[mode][task] = round(len(todo) / elapsed, 3) if todo and elapsed > 0 else None
 
-    settings = {
-        "mode": mode, "prompt": PROMPT, "num_beams": num_beams if mode == "generate" else None,
-        "max_new_tokens": max_new_tokens if mode == "generate" else None, "batch_size": batch_size,
-        "limit": limit, "tasks": tasks, "data_dir": None if data_dir is None else str(data_dir),
-        "model": model_name or description, "model_description": description,
-    }
-    metrics = {
-        **summarize(per_task, settings, expected), "examples_per_s": speed,
-        "wall_time_s": round(time.perf_counter() - began, 3),
-    }
-    write_json(out / "metrics.json", metrics)
-    write_text(out / "results.md", results_table(metrics, model_name or description))
-    return metrics
+    results = {}
+    for mode, out in out_dirs.items():
+        settings = {
+            "mode": mode, "prompt": PROMPT, "num_beams": num_beams if mode == "generate" else None,
+            "max_new_tokens": max_new_tokens if mode == "generate" else None, "batch_size": batch_size,
+            "limit": limit, "tasks": tasks, "data_dir": None if data_dir is None else str(data_dir),
+            "model": model_name or description, "model_description": description,
+        }
+        if len(out_dirs) > 1:
+            settings["predicted_with"] = sorted(out_dirs)
+        metrics = {
+            **summarize(per_task[mode], settings, expected), "examples_per_s": speed[mode],
+            "wall_time_s": round(time.perf_counter() - began, 3),
+        }
+        write_json(Path(out) / "metrics.json", metrics)
+        write_text(Path(out) / "results.md", results_table(metrics, model_name or description))
+        results[mode] = metrics
+    return results

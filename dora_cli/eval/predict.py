@@ -10,10 +10,23 @@ Generation (`generate_batch`)
     new tokens (up to the first end-of-sequence token, special tokens skipped).
     Speed: `generate` would run every prompt once per beam; the prompts are run once and `generate`
     gets their KV cache, repeated for the beams (same outputs, tested; about 4x less prompt compute).
+    That cache is a `BeamLayer` per layer: a buffer sized for the prompt and every new token, written in
+    place (transformers' dynamic cache concatenates, copying the whole cache at every new token), whose
+    beam reordering moves only the generated positions (the prompt's are the same in every beam of an
+    example). On a CPU the two copies were about 40 % of a generation's time.
 
 One answer (`generate_answer`)
     One prompt, greedy or sampled at a temperature (MT-Bench's answers, `dora generate` / `dora chat`):
     the decoded new tokens up to the first end-of-sequence token, special tokens skipped.
+
+Both at once (`generate_and_loglik`)
+    The generation's and the log-likelihood's numbers from one pass over the prompts: the prompt cache that
+    generation is handed (every prompt but its last token) also serves the candidates, whose own tokens
+    (the prompt's last one, then the continuation) run on a copy of it, one row per candidate. The first
+    scored token is predicted by the prefill's last logits. The prompt, most of the work of a short
+    answer, is run once instead of twice; the scores are loglik_batch's up to float rounding (tested).
+    A batch whose prompts tokenise differently alone and followed by a candidate (before their last
+    token) is scored by loglik_batch.
 
 The KV cache is passed and read under the name the installed transformers uses (`cache_name`: `cache`
 from transformers 5.2x on, `past_key_values` before; the old name is deprecated where the new exists).
@@ -37,6 +50,7 @@ import inspect
 
 import torch
 from transformers import GenerationConfig
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from dora_cli.datasets import pad_token_id
 from dora_cli.prompts import INSTRUCTION_MARKER
@@ -107,20 +121,31 @@ def generate_batch(
     """The decoded continuation of each prompt, by deterministic beam search over a left-padded batch.
 
     `share_prefill`: run the prompt once per example and give `generate` its KV cache, repeated for
-    the beams (see `_prefill_once`); False leaves the whole prompt to `generate`.
+    the beams (see `_prefill`); False leaves the whole prompt to `generate`.
     """
+    config, eos = _generation_config(model, tokenizer, num_beams, max_new_tokens)
+    ids, mask = left_pad([encode(tokenizer, p) for p in prompts], pad_token_id(tokenizer))
+    device = _device(model)
+    ids, mask = ids.to(device), mask.to(device)
+    cache = None
+    if share_prefill and num_beams > 1 and ids.shape[1] > 1:
+        cache = _beam_cache(_prefill(model, ids, mask)[0], num_beams, room=max_new_tokens + 1)
+    return _generate(model, tokenizer, ids, mask, config, eos, cache)
+
+
+def _generation_config(model, tokenizer, num_beams: int, max_new_tokens: int) -> tuple[GenerationConfig, list[int]]:
     pad = pad_token_id(tokenizer)
     eos = eos_ids_of(model, tokenizer)
-    ids, mask = left_pad([encode(tokenizer, p) for p in prompts], pad)
     config = GenerationConfig(
         do_sample=False, num_beams=num_beams, num_return_sequences=1, max_new_tokens=max_new_tokens,
         length_penalty=1.0, early_stopping=False, repetition_penalty=1.0, no_repeat_ngram_size=0,
         temperature=1.0, top_p=1.0, top_k=50,
         eos_token_id=eos or None, pad_token_id=pad,
     )
-    device = _device(model)
-    ids, mask = ids.to(device), mask.to(device)
-    cache = _prefill_once(model, ids, mask, num_beams) if share_prefill and num_beams > 1 and ids.shape[1] > 1 else None
+    return config, eos
+
+
+def _generate(model, tokenizer, ids, mask, config, eos: list[int], cache) -> list[str]:
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **{cache_name(model): cache})
     texts = []
     for row in out[:, ids.shape[1]:].tolist():  # [batch, new tokens]
@@ -129,25 +154,170 @@ def generate_batch(
     return texts
 
 
-def _prefill_once(model, ids: torch.Tensor, mask: torch.Tensor, num_beams: int):
-    """The KV cache of every prompt but its last token, computed once and repeated for each beam.
+def _prefill(model, ids: torch.Tensor, mask: torch.Tensor):
+    """(KV cache of every left-padded prompt but its last token, the logits at that last cached position
+    [batch, vocab]): what `generate` would compute first, run once per prompt.
 
     `generate` copies each prompt `num_beams` times before its first forward pass, so the prompt
     (most of the compute of a 32-token answer) would be run num_beams times. Here it runs once;
     `generate` then finds the prompt cached and runs only its last token, on every beam. Position ids
-    are the ones `generate` derives from the attention mask. None when the cache cannot be repeated
-    (then `generate` does it all).
+    are the ones `generate` derives from the attention mask.
     """
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     out = model(
         input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
         use_cache=True, **_keep_logits(model, 1),
     )
-    cache = getattr(out, cache_name(model))
+    return getattr(out, cache_name(model)), out.logits[:, -1]
+
+
+def _beam_cache(cache, num_beams: int, room: int):
+    """The prefilled cache repeated for each beam, with `room` more positions in every layer (BeamLayer);
+    None when the cache cannot be repeated (then `generate` does it all)."""
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
     cache.batch_repeat_interleave(num_beams)  # rows b*num_beams .. b*num_beams+beams-1 are example b
+    layers = _dynamic_layers(cache)
+    if layers:
+        cache.layers = [BeamLayer.of(layer, room) for layer in layers]
     return cache
+
+
+def _dynamic_layers(cache) -> list | None:
+    """The cache's layers when every one is a filled transformers DynamicLayer (what BeamLayer and the
+    candidates' copy are made from), else None."""
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
+        return layers
+    return None
+
+
+class BeamLayer(DynamicLayer):
+    """One layer's KV cache for beam search over prompts cached once: a buffer of room for every position
+    of the search, filled in place, and a beam reordering that moves the generated positions only.
+
+    Beam search reorders rows within an example (beam b of example e takes the history of another beam
+    of e), and the first `shared` positions (the prefilled prompt) are equal in every beam of an example,
+    so reordering them would copy them onto themselves. `keys` / `values` are views of the filled part,
+    holding the same numbers a concatenating cache would.
+    """
+
+    @classmethod
+    def of(cls, layer: DynamicLayer, room: int) -> BeamLayer:
+        new = cls()
+        new.lazy_initialization(layer.keys, layer.values)
+        rows, heads, length, dim = layer.keys.shape
+        new.key_buffer = layer.keys.new_empty(rows, heads, length + room, dim)
+        new.value_buffer = layer.values.new_empty(rows, heads, length + room, layer.values.shape[-1])
+        new.key_buffer[:, :, :length] = layer.keys
+        new.value_buffer[:, :, :length] = layer.values
+        new.shared = new.length = length
+        new._expose()
+        return new
+
+    def _expose(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:  # more than was planned for: grow as the dynamic cache does
+            self.key_buffer = torch.cat([self.keys, key_states], dim=-2)
+            self.value_buffer = torch.cat([self.values, value_states], dim=-2)
+        else:
+            self.key_buffer[:, :, self.length : end] = key_states
+            self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.length > self.shared:
+            idx = beam_idx.to(self.key_buffer.device)
+            for buffer in (self.key_buffer, self.value_buffer):
+                tail = buffer[:, :, self.shared : self.length]
+                tail.copy_(tail.index_select(0, idx))
+
+    def crop(self, tokens_to_remove: int) -> None:  # not used by beam search
+        raise NotImplementedError("BeamLayer cannot be cropped")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("BeamLayer is made after the repeat")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("BeamLayer rows are beams: select before making it")
+
+
+@torch.inference_mode()
+def generate_and_loglik(
+    model, tokenizer, prompts: list[str], candidates: list[tuple[str, ...]], *, num_beams: int = 4,
+    max_new_tokens: int = 32,
+) -> tuple[list[str], list[dict[str, float]]]:
+    """generate_batch's texts and loglik_batch's scores, the prompts run once for both (see the module)."""
+    config, eos = _generation_config(model, tokenizer, num_beams, max_new_tokens)
+    pad = pad_token_id(tokenizer)
+    prompt_ids = [encode(tokenizer, p) for p in prompts]
+    tokenized = [_tokenize_candidates(tokenizer, p, labels) for p, labels in zip(prompts, candidates)]
+    # Every candidate must extend its prompt's tokens up to the last one, which it scores from the prefill's
+    # last logits on (a tokenizer may merge the prompt's end into the continuation: then the old way).
+    fits = all(
+        len(ids) > 1 and all(f[: len(ids) - 1] == ids[:-1] and start >= len(ids) - 1 for f, start in zip(*tok))
+        for ids, tok in zip(prompt_ids, tokenized)
+    )
+    if not fits or num_beams < 2:
+        return (generate_batch(model, tokenizer, prompts, num_beams=num_beams, max_new_tokens=max_new_tokens),
+                loglik_batch(model, tokenizer, prompts, candidates))
+    device = _device(model)
+    ids, mask = left_pad(prompt_ids, pad)
+    ids, mask = ids.to(device), mask.to(device)
+    cache, last_logits = _prefill(model, ids, mask)
+    layers = _dynamic_layers(cache)
+    if not layers:
+        return (_generate(model, tokenizer, ids, mask, config, eos, _beam_cache(cache, num_beams, max_new_tokens + 1)),
+                loglik_batch(model, tokenizer, prompts, candidates))
+    prompt_kv = [(layer.keys, layer.values) for layer in layers]  # the repeat for the beams makes new tensors
+    scores = _score_on_prefill(model, prompt_ids, tokenized, candidates, prompt_kv, mask, last_logits, pad)
+    texts = _generate(model, tokenizer, ids, mask, config, eos, _beam_cache(cache, num_beams, max_new_tokens + 1))
+    return texts, scores
+
+
+def _score_on_prefill(model, prompt_ids, tokenized, candidates, prompt_kv, mask, last_logits, pad) -> list[dict[str, float]]:
+    """Every candidate's log-likelihood: its tokens from the prompt's last one on, on a copy of its
+    example's cached prompt (one row per candidate); the first of them scored from the prefill's logits."""
+    device = mask.device
+    owner, suffixes = [], []
+    for e, (ids, (fulls, _)) in enumerate(zip(prompt_ids, tokenized)):
+        for f in fulls:
+            owner.append(e)
+            suffixes.append(f[len(ids) - 1:])
+    owner_t = torch.tensor(owner, dtype=torch.long, device=device)
+    cache = DynamicCache(ddp_cache_data=[(k.index_select(0, owner_t), v.index_select(0, owner_t)) for k, v in prompt_kv])
+    suf_ids, suf_mask = right_pad(suffixes, pad)
+    start = torch.tensor([len(prompt_ids[e]) - 1 for e in owner], dtype=torch.long)
+    out = model(
+        input_ids=suf_ids.to(device),
+        attention_mask=torch.cat([mask[owner_t, :-1], suf_mask.to(device)], dim=1),
+        position_ids=(start[:, None] + torch.arange(suf_ids.shape[1])[None, :]).to(device),
+        use_cache=True,
+        **{cache_name(model): cache},
+    )
+    suffix_logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [candidates, suffix len, vocab]
+    first_logprobs = torch.log_softmax(last_logits.float(), dim=-1)  # [examples, vocab]: predicts token P - 1
+    scores, row = [], 0
+    for e, (ids, (fulls, starts)) in enumerate(zip(prompt_ids, tokenized)):
+        p = len(ids)
+        result = {}
+        for label, f, first in zip(candidates[e], fulls, starts):
+            total = 0.0
+            for t in range(first, len(f)):  # log p(f[t] | f[:t])
+                total += float(first_logprobs[e, f[t]] if t == p - 1 else suffix_logprobs[row, t - p, f[t]])
+            result[label] = total
+            row += 1
+        scores.append(result)
+    return scores
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
