@@ -301,8 +301,11 @@ def test_an_existing_out_is_refused_unless_force_and_never_half_written(base_dir
     with pytest.raises(UserError, match="holds notes.txt, which dora merge did not write"):
         run_merge(tmp_path / "ckpt", out=out, force=True)
     (out / "notes.txt").unlink()
+    record = json.loads(first)  # a stamp the rewrite must replace (two merges can share every field)
+    record["seconds"] = -1.0
+    (out / "dora_merge.json").write_text(json.dumps(record))
     run_merge(tmp_path / "ckpt", out=out, force=True)
-    assert (out / "dora_merge.json").read_text() != first
+    assert json.loads((out / "dora_merge.json").read_text())["seconds"] >= 0  # written anew, not kept
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
