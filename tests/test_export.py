@@ -493,6 +493,8 @@ def _refusal_cases(tmp: Path, checkpoints: dict[str, Path]) -> dict[str, tuple[l
         "unknown type": ([ckpt, "--gguf", tmp / "o.gguf", "--type", "q8"], "--type: expected one of f32, f16, bf16, q8_0, got 'q8' (did you mean \"q8_0\"?)"),
         "missing target": ([tmp / "nothing", "--gguf", tmp / "o.gguf"], "does not exist"),
         "no --gguf": ([ckpt], "missing option '--gguf'"),
+        "--gguf named as its own Modelfile": ([ckpt, "--gguf", tmp / "m.Modelfile", "--ollama"],
+                                             "the Modelfile --ollama writes beside it has the same name"),
     }
 
 
