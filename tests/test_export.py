@@ -387,6 +387,33 @@ def render_go(template: str, messages: list[dict]) -> str:
     return block(None, True)[0]
 
 
+def ollama_prompt(go: str, conversation: list[dict], tokenizer) -> str:
+    """What the model reads from Ollama, as text: the template rendered, after the bos token that llama.cpp puts in
+    front of every prompt of a GGUF whose tokenizer.ggml.add_bos_token is true (this tokenizer's own rule)."""
+    adds_bos = tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return (tokenizer.bos_token if adds_bos else "") + render_go(go, conversation)
+
+
+def test_the_bos_token_of_a_template_is_left_to_llama_cpp_when_it_adds_one(tmp_path):
+    """A template that writes {{ bos_token }} (LLaMA 2 / 3, Mistral) for a tokenizer that adds it itself: Ollama's
+    llama.cpp adds one before the rendered prompt (add_bos_token), so the TEMPLATE must not write a second one;
+    a tokenizer that adds none keeps the template's."""
+    template = ("{{ bos_token }}{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + '\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}")
+    for adds in (True, False):
+        tokenizer = sentencepiece_tokenizer() if adds else byte_level_tokenizer(chat_template=template)
+        tokenizer.chat_template = template
+        if not adds:
+            tokenizer._tokenizer.post_processor = None
+        assert (tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]) == adds
+        go = ollama_mod.modelfile(tmp_path / "m.gguf", tokenizer).split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+        assert go.count(tokenizer.bos_token) == (0 if adds else 2)  # (its two first turns: system, user)
+        for conversation in CONVERSATIONS:
+            want = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            assert want.startswith(tokenizer.bos_token)
+            assert ollama_prompt(go, conversation, tokenizer) == want
+
+
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
@@ -414,11 +441,13 @@ def test_the_modelfile_template_renders_what_the_chat_template_does(name, tmp_pa
         template = template.read_text()
     tokenizer = byte_level_tokenizer(chat_template=template)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|eot_id|>"]})
+    if "bos_token" not in template:  # as these families' tokenizers, which add no bos token either
+        tokenizer._tokenizer.post_processor = None
     text = ollama_mod.modelfile(tmp_path / "m.gguf", tokenizer)
     go = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     for conversation in CONVERSATIONS:
         want = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        assert render_go(go, conversation) == want
+        assert ollama_prompt(go, conversation, tokenizer) == want
     stops = [line.split(" ", 2)[2] for line in text.splitlines() if line.startswith("PARAMETER stop")]
     assert stops[0] == '"</s>"'
     if name in ("chatml", "smollm2 (a default system prompt)"):
