@@ -389,6 +389,44 @@ def test_generated_and_rolling_answers_resume_as_they_were(synth, tokenizer, tmp
     assert read_jsonl(tmp_path / "ev" / "samples" / "boolq_generate.jsonl", "samples") == samples
 
 
+def test_a_changed_task_is_evaluated_again(synth, tokenizer, tmp_path):
+    """A task YAML edited between two runs with the same settings (its prompt, its metrics): the second run is
+    not skipped, and reports the task as it now is (answers to requests that did not change are reused)."""
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    task = tasks_dir / "generate.yaml"
+    task.write_text(GENERATE_TASK.format(data=Path(synth) / "boolq" / "test.json"))
+    model, _ = adapted(tokenizer)
+    run = dict(tasks=["boolq_generate"], tasks_dir=str(tasks_dir), samples=True, progress=False)
+    first = evaluate_harness(model, tokenizer, tmp_path / "ev", **run)
+    task.write_text(task.read_text().replace('\\nAnswer:"', '\\nThe answer:"'))
+    second = evaluate_harness(model, tokenizer, tmp_path / "ev", **run)
+    assert second["requests"] == {"answered": 6, "computed": 6, "resumed": 0}
+    sample = read_jsonl(tmp_path / "ev" / "samples" / "boolq_generate.jsonl", "samples")[0]
+    assert sample["arguments"][0][0].endswith("\nThe answer:")
+    task.write_text(task.read_text() + "  - metric: bleu\n")
+    third = evaluate_harness(model, tokenizer, tmp_path / "ev", **run)
+    assert third["requests"] == {"answered": 6, "computed": 0, "resumed": 6}
+    assert "bleu,none" in third["tasks"]["boolq_generate"]["metrics"] and "bleu,none" not in second["tasks"]["boolq_generate"]["metrics"]
+    assert first["settings"]["task_configs"] != second["settings"]["task_configs"] != third["settings"]["task_configs"]
+    fourth = evaluate_harness(model, tokenizer, tmp_path / "ev", **run)  # unchanged: skipped
+    assert fourth == third
+
+
+def test_a_group_without_an_aggregate_metric(synth, tokenizer, tmp_path):
+    """lm-eval reports such a group with no metrics of its own (and no n): its tasks are reported, the group
+    listed without metrics."""
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "group.yaml").write_text("group: two_tasks\ntask:\n  - llm_adapters_boolq\n  - llm_adapters_piqa\n")
+    model, _ = adapted(tokenizer)
+    metrics = evaluate_harness(model, tokenizer, tmp_path / "ev", tasks=["two_tasks"], tasks_dir=str(tasks_dir),
+                               data_dir=synth, progress=False)
+    assert set(metrics["tasks"]) == {"llm_adapters_boolq", "llm_adapters_piqa"} and metrics["n"] == 12
+    assert metrics["groups"] == {"two_tasks": {}}
+    assert "| two_tasks |" not in (tmp_path / "ev" / "results.md").read_text()
+
+
 def test_request_keys_tell_repeated_requests_apart():
     assert request_key("loglikelihood", ("a", "b"), 0) != request_key("loglikelihood", ("a", "b"), 1)
     assert request_key("loglikelihood", ("a", "b"), 0) != request_key("generate_until", ("a", "b"), 0)
@@ -430,6 +468,12 @@ REFUSALS = {
     "a dataset not on this machine": (["--tasks", "arc_easy"], "the dataset of a task could not be loaded"),
     "a task running model-written code": (["--tasks", "unsafe_local", "--tasks-dir", "{unsafe}"],
                                           "unsafe_local: the task runs code the model wrote (unsafe_code)"),
+    "a task lm-eval cannot build": (["--tasks", "bad_output_type", "--tasks-dir", "{bad}"],
+                                    "lm-eval cannot build the tasks (ValueError: Got invalid output_type 'multiple_choise'"),
+    "a task's template that fails": (["--tasks", "bad_template", "--tasks-dir", "{bad}"],
+                                     "lm-eval cannot build the tasks (UndefinedError: 'no_such_field' is undefined)"),
+    "a group and one of its tasks": (["--tasks", "member_group,member", "--tasks-dir", "{bad}"],
+                                     "lm-eval cannot build the tasks (ValueError: Duplicate task 'member'"),
 }
 
 
@@ -449,7 +493,16 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(case, model_dir, broken,
     unsafe.mkdir()
     (unsafe / "task.yaml").write_text(GENERATE_TASK.format(data=broken / "boolq" / "test.json").replace(
         "task: boolq_generate", "task: unsafe_local\nunsafe_code: true"))
-    args = [a.format(broken=broken, unsafe=unsafe) for a in args]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    member = GENERATE_TASK.format(data=broken / "boolq" / "test.json")
+    (bad / "member.yaml").write_text(member.replace("task: boolq_generate", "task: member"))
+    (bad / "group.yaml").write_text("group: member_group\ntask:\n  - member\n")
+    (bad / "output.yaml").write_text(member.replace("task: boolq_generate", "task: bad_output_type").replace(
+        "output_type: generate_until", "output_type: multiple_choise"))
+    (bad / "template.yaml").write_text(member.replace("task: boolq_generate", "task: bad_template").replace(
+        '"{{answer}}"', '"{{no_such_field}}"'))
+    args = [a.format(broken=broken, unsafe=unsafe, bad=bad) for a in args]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "ev"
     code, _, err = dora_in_process(["eval", model_dir, "--suite", "lm_eval", *args, "--out", out], monkeypatch, capsys)
