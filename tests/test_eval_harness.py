@@ -427,6 +427,21 @@ def test_a_group_without_an_aggregate_metric(synth, tokenizer, tmp_path):
     assert "| two_tasks |" not in (tmp_path / "ev" / "results.md").read_text()
 
 
+def test_a_few_shot_count_a_task_does_not_take_is_said(synth, tokenizer, tmp_path, capsys):
+    """lm-eval keeps a task whose config fixes num_fewshot 0 at zero shots whatever --num-fewshot says (and logs
+    it at a level we keep off the console): we say it, and report the count used."""
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "generate.yaml").write_text(GENERATE_TASK.format(data=Path(synth) / "boolq" / "test.json"))
+    model, _ = adapted(tokenizer)
+    metrics = evaluate_harness(model, tokenizer, tmp_path / "ev", tasks=["llm_adapters_boolq", "boolq_generate"],
+                               data_dir=synth, tasks_dir=str(tasks_dir), num_fewshot=2, progress=False)
+    assert metrics["tasks"]["llm_adapters_boolq"]["num_fewshot"] == 0 and metrics["tasks"]["boolq_generate"]["num_fewshot"] == 2
+    err = capsys.readouterr().err
+    assert "llm_adapters_boolq: its config fixes num_fewshot 0; --num-fewshot 2 does not apply to it" in err
+    assert "boolq_generate:" not in err
+
+
 def test_request_keys_tell_repeated_requests_apart():
     assert request_key("loglikelihood", ("a", "b"), 0) != request_key("loglikelihood", ("a", "b"), 1)
     assert request_key("loglikelihood", ("a", "b"), 0) != request_key("generate_until", ("a", "b"), 0)

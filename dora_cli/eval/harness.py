@@ -342,6 +342,10 @@ def evaluate_harness(
                 log_samples=samples,
             )
     metrics = summarize(results, {**settings, "batch_size": batch_size, "samples": samples})
+    if num_fewshot is not None:  # lm-eval leaves a task whose config says 0 at 0, and logs it only at info level
+        for name in [n for n, t in metrics["tasks"].items() if t["num_fewshot"] != num_fewshot]:
+            say(f"note: {name}: its config fixes num_fewshot {metrics['tasks'][name]['num_fewshot']}; "
+                f"--num-fewshot {num_fewshot} does not apply to it")
     metrics["requests"] = {"answered": answering.asked, "computed": answering.computed, "resumed": answering.asked - answering.computed}
     metrics["wall_time_s"] = round(time.perf_counter() - began, 3)
     if samples:
