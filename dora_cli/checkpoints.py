@@ -328,14 +328,18 @@ class ShardPlan:
 
 def read_shapes(directory: Path) -> ShardPlan:
     """The shards of a safetensors model directory, the shape of every tensor and the weight shape of every
-    module (headers only)."""
+    module (headers only); UserError for a shard that is not a readable safetensors file."""
     from safetensors import safe_open
 
     shards, sharded = shard_map(directory)
     shapes: dict[str, tuple[int, ...]] = {}
     tensors: dict[str, tuple[int, ...]] = {}
     for name in list(shards):
-        with safe_open(str(directory / name), framework="pt") as f:
+        try:
+            opened = safe_open(str(directory / name), framework="pt")
+        except Exception as err:  # safetensors raises several types for a damaged file
+            raise UserError(f"{directory / name}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+        with opened as f:
             keys = list(f.keys())
             if sharded and set(shards[name]) - set(keys):
                 missing = sorted(set(shards[name]) - set(keys))[0]

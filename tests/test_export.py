@@ -502,6 +502,8 @@ def _refusal_cases(tmp: Path, checkpoints: dict[str, Path]) -> dict[str, tuple[l
     config = json.loads((quantized / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (quantized / "config.json").write_text(json.dumps(config))
+    damaged = shutil.copytree(checkpoints["llama"].parent / "base", tmp / "damaged")
+    (damaged / "model.safetensors").write_bytes((damaged / "model.safetensors").read_bytes()[:1000])
     (tmp / "exists.gguf").write_text("keep me")
     (tmp / "a-dir.gguf").mkdir()
     _gguf_not_ours(tmp / "theirs.gguf")
@@ -511,6 +513,8 @@ def _refusal_cases(tmp: Path, checkpoints: dict[str, Path]) -> dict[str, tuple[l
         "llama3 rope": ([tmp / "llama3-rope", "--gguf", tmp / "o.gguf"], "RoPE scaling 'llama3'"),
         "unknown pre-tokenizer": ([tmp / "whitespace", "--gguf", tmp / "o.gguf"], "pre-tokenizer (Whitespace)"),
         "quantized model directory": ([tmp / "nf4", "--gguf", tmp / "o.gguf"], "holds quantized weights (bitsandbytes)"),
+        "damaged weights": ([tmp / "damaged", "--gguf", tmp / "o.gguf"],
+                            str(tmp / "damaged" / "model.safetensors") + ": not a readable safetensors file"),
         "existing without --overwrite": ([ckpt, "--gguf", tmp / "exists.gguf"], "already exists; pass --overwrite"),
         "--overwrite over a text file": ([ckpt, "--gguf", tmp / "exists.gguf", "--overwrite"], "not written by dora export"),
         "--overwrite over another GGUF": ([ckpt, "--gguf", tmp / "theirs.gguf", "--overwrite"], "not written by dora export"),
