@@ -534,6 +534,16 @@ def test_without_lm_eval_the_extra_is_named(model_dir, tmp_path, monkeypatch, ca
     assert "pip install 'dora_cli[lm_eval]'" in err and not out.exists()
 
 
+def test_without_lm_eval_the_sweeps_settings_name_the_extra(monkeypatch):
+    from dora_cli.errors import UserError
+    from dora_cli.eval.harness import checked_task_configs
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)
+    with pytest.raises(UserError, match=re.escape("pip install 'dora_cli[lm_eval]'")):
+        checked_task_configs(["arc_easy_fresh_name"], tasks_dir=None, data_dir="/nowhere/new", limit=None)
+
+
 # ---- the rank sweep scores lm-eval tasks ---------------------------------------------------------------------
 def test_the_rank_sweep_takes_the_lm_eval_suite(synth, tmp_path, monkeypatch, capsys):
     from dora_cli import sweep

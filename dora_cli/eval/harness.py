@@ -132,6 +132,7 @@ def check_tasks(tasks: list[str], *, tasks_dir: str | None, data_dir: str | None
 def checked_task_configs(tasks: list[str], *, tasks_dir: str | None, data_dir: str | None, limit: int | None) -> dict[str, str]:
     """`task_configs` of the tasks, checked (`check_tasks`) unless they already were in this state of the task
     directories."""
+    require()
     manager = task_manager(tasks_dir, data_dir, list(tasks))
     if tuple(tasks) not in manager.configs:
         check_tasks(list(tasks), tasks_dir=tasks_dir, data_dir=data_dir, limit=limit)
