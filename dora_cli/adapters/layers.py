@@ -36,6 +36,9 @@ Inference (gradients off: eval, `torch.no_grad`, `inference_mode`): g is compute
 layer's state changes (an optimizer step, an in-place edit or a replacement of any of its tensors, a merge /
 unmerge, a switch between train and eval), so a DoRA forward costs LoRA's plus one [out] multiply; no
 weight is cached, only g [out] and the g-scaled B [out, r] of the low-rank term. With gradients on, n follows every step as before.
+An in-place edit is seen through the tensor's version counter, which an edit through `.data`
+(`p.data.copy_(...)`) bypasses: after such an edit call `model.eval()` again (any train / eval switch
+recomputes g). Tensors made under `inference_mode` have no version counter: their layers are not cached.
 """
 
 from __future__ import annotations
