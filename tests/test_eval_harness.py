@@ -29,7 +29,7 @@ from test_sweep import FAST
 
 from dora_cli.adapters import AdapterConfig, apply_adapters, save_adapter
 from dora_cli.eval.commonsense import evaluate_commonsense
-from dora_cli.eval.harness import LLM_ADAPTERS, TAG, evaluate_harness, request_key, task_manager
+from dora_cli.eval.harness import LLM_ADAPTERS, TAG, evaluate_harness, local_only, request_key, task_manager
 from dora_cli.eval.predict import continuation, encode
 from dora_cli.eval.tasks import TASKS, load_task
 from dora_cli.files import read_jsonl
@@ -419,7 +419,11 @@ def test_a_group_without_an_aggregate_metric(synth, tokenizer, tmp_path):
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()
     (tasks_dir / "group.yaml").write_text("group: two_tasks\ntask:\n  - llm_adapters_boolq\n  - llm_adapters_piqa\n")
+    (tasks_dir / "wider.yaml").write_text("group: wider\ntask:\n  - two_tasks\n  - arc_easy\n")
     model, _ = adapted(tokenizer)
+    # a group of local tasks needs no index of lm-eval's own (seconds); one naming one of lm-eval's tasks does
+    local = task_manager(str(tasks_dir), synth, ["two_tasks"])
+    assert "arc_easy" not in local.all_tasks and "wider" in local.all_groups and not local_only("wider", local)
     metrics = evaluate_harness(model, tokenizer, tmp_path / "ev", tasks=["two_tasks"], tasks_dir=str(tasks_dir),
                                data_dir=synth, progress=False)
     assert set(metrics["tasks"]) == {"llm_adapters_boolq", "llm_adapters_piqa"} and metrics["n"] == 12

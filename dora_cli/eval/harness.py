@@ -79,9 +79,21 @@ def task_manager(tasks_dir: str | None, data_dir: str | None, tasks: list[str]):
     `tasks` is one of the former (indexing lm-eval's ~14,000 task files takes seconds); one per directory state."""
     files = sorted((str(p), p.stat().st_mtime_ns) for p in Path(tasks_dir).rglob("*") if p.is_file()) if tasks_dir else ()
     local = _manager(tasks_dir, data_dir, tuple(files), False)
-    if all(name == TAG or name in local.all_subtasks for name in tasks):
+    if all(local_only(name, local) for name in tasks):
         return local
     return _manager(tasks_dir, data_dir, tuple(files), True)
+
+
+def local_only(name: str, local, seen: frozenset = frozenset()) -> bool:
+    """Whether `name` is built from the shipped tasks and tasks_dir alone: one of their tasks, our tag, or a group
+    of theirs whose members (named, not inline configs) all are."""
+    if name == TAG or name in local.all_subtasks:
+        return True
+    entry = local.task_index.get(name) if name in local.all_groups and name not in seen else None
+    members = (entry.cfg or {}).get("task") if entry is not None else None
+    if not isinstance(members, list) or not members:
+        return False
+    return all(isinstance(m, str) and local_only(m, local, seen | {name}) for m in members)
 
 
 @functools.cache
