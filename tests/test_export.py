@@ -161,6 +161,25 @@ def test_f32_export_reads_back_as_the_merged_model(arch, checkpoints, tmp_path):
     assert tokenizer.decode(original(MIXED)["input_ids"], skip_special_tokens=True) == MIXED
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_an_exported_gguf_is_a_base_dora_loads(arch, checkpoints, tmp_path, monkeypatch):
+    """`dora eval X.gguf` / a recipe's model.name_or_path: the file converted by our loader is the merged model with
+    the original tokenizer, no token more (transformers' reader adds GPT-2's default <|endoftext|> to a byte-level
+    vocabulary without one, which the embedding has no row for)."""
+    from dora_cli.models import ModelConfig, load_model
+
+    monkeypatch.setenv("DORA_CACHE", str(tmp_path / "cache"))
+    ckpt = checkpoints[arch]
+    path = run_export(ckpt, tmp_path / "m.gguf", type_="f32")
+    model, tokenizer = load_model(ModelConfig(name_or_path=str(path)), for_training=False)
+    original = byte_level_tokenizer(ARCHS[arch][1])
+    assert len(tokenizer) == model.config.vocab_size  # the file's tokens (and its [PAD<i>] placeholders)
+    assert tokenizer(MIXED)["input_ids"] == original(MIXED)["input_ids"]
+    assert "<|endoftext|>" not in tokenizer.get_vocab()
+    with torch.no_grad():
+        assert max_diff(model(IDS).logits, merged_model(ckpt, tmp_path)(IDS).logits) <= 1e-5
+
+
 def test_the_gguf_holds_llama_cpp_keys_and_our_record(checkpoints, tmp_path):
     import gguf
 
