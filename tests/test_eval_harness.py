@@ -413,6 +413,34 @@ def test_a_changed_task_is_evaluated_again(synth, tokenizer, tmp_path):
     assert fourth == third
 
 
+def test_a_template_failing_on_a_later_document_is_one_line(tokenizer, tmp_path):
+    """lm-eval checks a task's templates on its first document; one that fails on a later one fails while the
+    requests are built: a UserError naming the tasks, not a traceback."""
+    from dora_cli.errors import UserError
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "hint | q1", "answer": "true"}, {"instruction": "q2", "answer": "false"}]))
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "t.yaml").write_text(GENERATE_TASK.format(data=data).replace("task: boolq_generate", "task: hinted")
+                                      .replace('"{{instruction}}', '"{{instruction.split(\'|\')[1]}}'))
+    model, _ = adapted(tokenizer)
+    with pytest.raises(UserError, match=r"lm-eval cannot build the tasks \(UndefinedError: .*has no element 1"):
+        evaluate_harness(model, tokenizer, tmp_path / "ev", tasks=["hinted"], tasks_dir=str(tasks_dir), progress=False)
+
+
+def test_an_error_while_answering_is_not_called_a_task_error(synth, tokenizer, tmp_path, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    def broken(self, requests, disable_tqdm=False):
+        raise ValueError("the model broke")
+
+    monkeypatch.setattr(HFLM, "loglikelihood", broken)
+    model, _ = adapted(tokenizer)
+    with pytest.raises(ValueError, match="the model broke"):
+        evaluate_harness(model, tokenizer, tmp_path / "ev", tasks=["llm_adapters_boolq"], data_dir=synth, progress=False)
+
+
 def test_a_group_without_an_aggregate_metric(synth, tokenizer, tmp_path):
     """lm-eval reports such a group with no metrics of its own (and no n): its tasks are reported, the group
     listed without metrics."""

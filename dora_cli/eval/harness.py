@@ -189,15 +189,20 @@ def _datasets(tasks: list[str]):
         ) from None
 
 
+BUILD_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError)
+"""What lm-eval raises for a task it cannot build (while the tasks are loaded: nothing else runs then)."""
+
+
 @contextlib.contextmanager
-def _building(tasks: list[str]):
+def _building(tasks: list[str], errors: tuple = BUILD_ERRORS):
     """A task lm-eval cannot build from its YAML (an unknown output type, a template naming a field the documents
-    lack, a group asked with one of its own tasks, ...) as one line."""
+    lack, a group asked with one of its own tasks, ...) as one line. While requests are answered only a template
+    error is (`errors` empty): a ValueError there may as well be the model's."""
     from jinja2 import TemplateError
 
     try:
         yield
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError, TemplateError) as err:
+    except (*errors, TemplateError) as err:
         raise UserError(f"lm-eval cannot build the tasks ({clip(f'{type(err).__name__}: {err}', 300)}); see their task "
                         "YAMLs", where=f"eval.tasks {','.join(tasks)}") from None
 
@@ -349,7 +354,7 @@ def evaluate_harness(
     with _quiet(), progress_bar(progress) as bar:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         answering = _resumable_class()(lm, requests_file, chunk=4 * batch_size, bar=bar)
-        with _datasets(list(tasks)), _building(list(tasks)):
+        with _datasets(list(tasks)), _building(list(tasks), errors=()):
             results = lm_eval.simple_evaluate(
                 model=answering, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot, limit=limit,
                 log_samples=samples,
