@@ -346,7 +346,7 @@ class ShardPlan:
 
 def read_shapes(directory: Path) -> ShardPlan:
     """The shards of a safetensors model directory, the shape of every tensor and the weight shape of every
-    module (headers only)."""
+    module (headers only); UserError for a shard that is not a readable safetensors file."""
     from safetensors import safe_open
 
     shards, sharded = shard_map(directory)

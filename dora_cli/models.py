@@ -131,11 +131,16 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dora_cli").expanduser()
 
 
+GGUF_CONVERSION = 2
+"""The version of `convert_gguf`'s output, in the cache key (2: no token the file lacks)."""
+
+
 def gguf_cache_dir(gguf_path: str | os.PathLike) -> Path:
-    """The cache directory of a .gguf file, keyed by its absolute path, size and mtime."""
+    """The cache directory of a .gguf file, keyed by its absolute path, size and mtime (and the conversion's
+    version)."""
     path = Path(gguf_path).resolve()
     st = path.stat()
-    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{GGUF_CONVERSION}".encode()).hexdigest()[:16]
     return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
@@ -159,9 +164,43 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
+        _drop_tokens_beyond(tmp, gguf_token_count(gguf_path))
 
     atomic_directory(out_dir, fill, replace=False)
     return out_dir
+
+
+def gguf_token_count(gguf_path: Path) -> int | None:
+    """How many tokens the file's vocabulary lists (tokenizer.ggml.tokens), None without one."""
+    import gguf
+
+    field = gguf.GGUFReader(gguf_path).fields.get("tokenizer.ggml.tokens")
+    return None if field is None else len(field.data)
+
+
+def _drop_tokens_beyond(directory: Path, count: int | None) -> None:
+    """Remove from a saved tokenizer the added tokens whose ids the GGUF file does not have: transformers' reader
+    builds a byte-level vocabulary with GPT-2's tokenizer class, which adds its default <|endoftext|> when the file
+    has none (Llama 3's files, ours), one token past the embedding's rows."""
+    path = directory / "tokenizer.json"
+    if count is None or not path.is_file():
+        return
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    dropped = {t["content"] for t in spec.get("added_tokens") or [] if t["id"] >= count}
+    if not dropped:
+        return
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < count]
+    path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config_path = directory / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        for key, value in list(config.items()):
+            if key.endswith("_token") and value in dropped:  # a special token the file does not have
+                config[key] = None
+        decoder = config.get("added_tokens_decoder")
+        if isinstance(decoder, dict):
+            config["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < count}
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def cached_gguf_dir(gguf_path: str | os.PathLike) -> Path:

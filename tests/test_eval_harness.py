@@ -29,7 +29,7 @@ from test_sweep import FAST
 
 from dora_cli.adapters import AdapterConfig, apply_adapters, save_adapter
 from dora_cli.eval.commonsense import evaluate_commonsense
-from dora_cli.eval.harness import LLM_ADAPTERS, TAG, evaluate_harness, request_key, task_manager
+from dora_cli.eval.harness import LLM_ADAPTERS, TAG, evaluate_harness, local_only, request_key, task_manager
 from dora_cli.eval.predict import continuation, encode
 from dora_cli.eval.tasks import TASKS, load_task
 from dora_cli.files import read_jsonl
@@ -388,6 +388,91 @@ def test_generated_and_rolling_answers_resume_as_they_were(synth, tokenizer, tmp
     assert read_jsonl(tmp_path / "ev" / "samples" / "boolq_generate.jsonl", "samples") == samples
 
 
+def test_a_changed_task_is_evaluated_again(synth, tokenizer, tmp_path):
+    """A task YAML edited between two runs with the same settings (its prompt, its metrics): the second run is
+    not skipped, and reports the task as it now is (answers to requests that did not change are reused)."""
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    task = tasks_dir / "generate.yaml"
+    task.write_text(GENERATE_TASK.format(data=Path(synth) / "boolq" / "test.json"))
+    model, _ = adapted(tokenizer)
+    run = dict(tasks=["boolq_generate"], tasks_dir=str(tasks_dir), samples=True, progress=False)
+    first = evaluate_harness(model, tokenizer, tmp_path / "ev", **run)
+    task.write_text(task.read_text().replace('\\nAnswer:"', '\\nThe answer:"'))
+    second = evaluate_harness(model, tokenizer, tmp_path / "ev", **run)
+    assert second["requests"] == {"answered": 6, "computed": 6, "resumed": 0}
+    sample = read_jsonl(tmp_path / "ev" / "samples" / "boolq_generate.jsonl", "samples")[0]
+    assert sample["arguments"][0][0].endswith("\nThe answer:")
+    task.write_text(task.read_text() + "  - metric: bleu\n")
+    third = evaluate_harness(model, tokenizer, tmp_path / "ev", **run)
+    assert third["requests"] == {"answered": 6, "computed": 0, "resumed": 6}
+    assert "bleu,none" in third["tasks"]["boolq_generate"]["metrics"] and "bleu,none" not in second["tasks"]["boolq_generate"]["metrics"]
+    assert first["settings"]["task_configs"] != second["settings"]["task_configs"] != third["settings"]["task_configs"]
+    fourth = evaluate_harness(model, tokenizer, tmp_path / "ev", **run)  # unchanged: skipped
+    assert fourth == third
+
+
+def test_a_template_failing_on_a_later_document_is_one_line(tokenizer, tmp_path):
+    """lm-eval checks a task's templates on its first document; one that fails on a later one fails while the
+    requests are built: a UserError naming the tasks, not a traceback."""
+    from dora_cli.errors import UserError
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "hint | q1", "answer": "true"}, {"instruction": "q2", "answer": "false"}]))
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "t.yaml").write_text(GENERATE_TASK.format(data=data).replace("task: boolq_generate", "task: hinted")
+                                      .replace('"{{instruction}}', '"{{instruction.split(\'|\')[1]}}'))
+    model, _ = adapted(tokenizer)
+    with pytest.raises(UserError, match=r"lm-eval cannot build the tasks \(UndefinedError: .*has no element 1"):
+        evaluate_harness(model, tokenizer, tmp_path / "ev", tasks=["hinted"], tasks_dir=str(tasks_dir), progress=False)
+
+
+def test_an_error_while_answering_is_not_called_a_task_error(synth, tokenizer, tmp_path, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    def broken(self, requests, disable_tqdm=False):
+        raise ValueError("the model broke")
+
+    monkeypatch.setattr(HFLM, "loglikelihood", broken)
+    model, _ = adapted(tokenizer)
+    with pytest.raises(ValueError, match="the model broke"):
+        evaluate_harness(model, tokenizer, tmp_path / "ev", tasks=["llm_adapters_boolq"], data_dir=synth, progress=False)
+
+
+def test_a_group_without_an_aggregate_metric(synth, tokenizer, tmp_path):
+    """lm-eval reports such a group with no metrics of its own (and no n): its tasks are reported, the group
+    listed without metrics."""
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "group.yaml").write_text("group: two_tasks\ntask:\n  - llm_adapters_boolq\n  - llm_adapters_piqa\n")
+    (tasks_dir / "wider.yaml").write_text("group: wider\ntask:\n  - two_tasks\n  - arc_easy\n")
+    model, _ = adapted(tokenizer)
+    # a group of local tasks needs no index of lm-eval's own (seconds); one naming one of lm-eval's tasks does
+    local = task_manager(str(tasks_dir), synth, ["two_tasks"])
+    assert "arc_easy" not in local.all_tasks and "wider" in local.all_groups and not local_only("wider", local)
+    metrics = evaluate_harness(model, tokenizer, tmp_path / "ev", tasks=["two_tasks"], tasks_dir=str(tasks_dir),
+                               data_dir=synth, progress=False)
+    assert set(metrics["tasks"]) == {"llm_adapters_boolq", "llm_adapters_piqa"} and metrics["n"] == 12
+    assert metrics["groups"] == {"two_tasks": {}}
+    assert "| two_tasks |" not in (tmp_path / "ev" / "results.md").read_text()
+
+
+def test_a_few_shot_count_a_task_does_not_take_is_said(synth, tokenizer, tmp_path, capsys):
+    """lm-eval keeps a task whose config fixes num_fewshot 0 at zero shots whatever --num-fewshot says (and logs
+    it at a level we keep off the console): we say it, and report the count used."""
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "generate.yaml").write_text(GENERATE_TASK.format(data=Path(synth) / "boolq" / "test.json"))
+    model, _ = adapted(tokenizer)
+    metrics = evaluate_harness(model, tokenizer, tmp_path / "ev", tasks=["llm_adapters_boolq", "boolq_generate"],
+                               data_dir=synth, tasks_dir=str(tasks_dir), num_fewshot=2, progress=False)
+    assert metrics["tasks"]["llm_adapters_boolq"]["num_fewshot"] == 0 and metrics["tasks"]["boolq_generate"]["num_fewshot"] == 2
+    err = capsys.readouterr().err
+    assert "llm_adapters_boolq: its config fixes num_fewshot 0; --num-fewshot 2 does not apply to it" in err
+    assert "boolq_generate:" not in err
+
+
 def test_request_keys_tell_repeated_requests_apart():
     assert request_key("loglikelihood", ("a", "b"), 0) != request_key("loglikelihood", ("a", "b"), 1)
     assert request_key("loglikelihood", ("a", "b"), 0) != request_key("generate_until", ("a", "b"), 0)
@@ -429,6 +514,12 @@ REFUSALS = {
     "a dataset not on this machine": (["--tasks", "arc_easy"], "the dataset of a task could not be loaded"),
     "a task running model-written code": (["--tasks", "unsafe_local", "--tasks-dir", "{unsafe}"],
                                           "unsafe_local: the task runs code the model wrote (unsafe_code)"),
+    "a task lm-eval cannot build": (["--tasks", "bad_output_type", "--tasks-dir", "{bad}"],
+                                    "lm-eval cannot build the tasks (ValueError: Got invalid output_type 'multiple_choise'"),
+    "a task's template that fails": (["--tasks", "bad_template", "--tasks-dir", "{bad}"],
+                                     "lm-eval cannot build the tasks (UndefinedError: 'no_such_field' is undefined)"),
+    "a group and one of its tasks": (["--tasks", "member_group,member", "--tasks-dir", "{bad}"],
+                                     "lm-eval cannot build the tasks (ValueError: Duplicate task 'member'"),
 }
 
 
@@ -448,7 +539,16 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(case, model_dir, broken,
     unsafe.mkdir()
     (unsafe / "task.yaml").write_text(GENERATE_TASK.format(data=broken / "boolq" / "test.json").replace(
         "task: boolq_generate", "task: unsafe_local\nunsafe_code: true"))
-    args = [a.format(broken=broken, unsafe=unsafe) for a in args]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    member = GENERATE_TASK.format(data=broken / "boolq" / "test.json")
+    (bad / "member.yaml").write_text(member.replace("task: boolq_generate", "task: member"))
+    (bad / "group.yaml").write_text("group: member_group\ntask:\n  - member\n")
+    (bad / "output.yaml").write_text(member.replace("task: boolq_generate", "task: bad_output_type").replace(
+        "output_type: generate_until", "output_type: multiple_choise"))
+    (bad / "template.yaml").write_text(member.replace("task: boolq_generate", "task: bad_template").replace(
+        '"{{answer}}"', '"{{no_such_field}}"'))
+    args = [a.format(broken=broken, unsafe=unsafe, bad=bad) for a in args]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "ev"
     code, _, err = dora_in_process(["eval", model_dir, "--suite", "lm_eval", *args, "--out", out], monkeypatch, capsys)
@@ -463,6 +563,16 @@ def test_without_lm_eval_the_extra_is_named(model_dir, tmp_path, monkeypatch, ca
     code, _, err = dora_in_process(["eval", model_dir, "--suite", "lm_eval", "--tasks", "arc_easy", "--out", out], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1
     assert "pip install 'dora_cli[lm_eval]'" in err and not out.exists()
+
+
+def test_without_lm_eval_the_sweeps_settings_name_the_extra(monkeypatch):
+    from dora_cli.errors import UserError
+    from dora_cli.eval.harness import checked_task_configs
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)
+    with pytest.raises(UserError, match=re.escape("pip install 'dora_cli[lm_eval]'")):
+        checked_task_configs(["arc_easy_fresh_name"], tasks_dir=None, data_dir="/nowhere/new", limit=None)
 
 
 # ---- the rank sweep scores lm-eval tasks ---------------------------------------------------------------------

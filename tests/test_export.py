@@ -162,6 +162,25 @@ def test_f32_export_reads_back_as_the_merged_model(arch, checkpoints, tmp_path):
     assert tokenizer.decode(original(MIXED)["input_ids"], skip_special_tokens=True) == MIXED
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_an_exported_gguf_is_a_base_dora_loads(arch, checkpoints, tmp_path, monkeypatch):
+    """`dora eval X.gguf` / a recipe's model.name_or_path: the file converted by our loader is the merged model with
+    the original tokenizer, no token more (transformers' reader adds GPT-2's default <|endoftext|> to a byte-level
+    vocabulary without one, which the embedding has no row for)."""
+    from dora_cli.models import ModelConfig, load_model
+
+    monkeypatch.setenv("DORA_CACHE", str(tmp_path / "cache"))
+    ckpt = checkpoints[arch]
+    path = run_export(ckpt, tmp_path / "m.gguf", type_="f32")
+    model, tokenizer = load_model(ModelConfig(name_or_path=str(path)), for_training=False)
+    original = byte_level_tokenizer(ARCHS[arch][1])
+    assert len(tokenizer) == model.config.vocab_size  # the file's tokens (and its [PAD<i>] placeholders)
+    assert tokenizer(MIXED)["input_ids"] == original(MIXED)["input_ids"]
+    assert "<|endoftext|>" not in tokenizer.get_vocab()
+    with torch.no_grad():
+        assert max_diff(model(IDS).logits, merged_model(ckpt, tmp_path)(IDS).logits) <= 1e-5
+
+
 def test_the_gguf_holds_llama_cpp_keys_and_our_record(checkpoints, tmp_path):
     import gguf
 
@@ -388,6 +407,33 @@ def render_go(template: str, messages: list[dict]) -> str:
     return block(None, True)[0]
 
 
+def ollama_prompt(go: str, conversation: list[dict], tokenizer) -> str:
+    """What the model reads from Ollama, as text: the template rendered, after the bos token that llama.cpp puts in
+    front of every prompt of a GGUF whose tokenizer.ggml.add_bos_token is true (this tokenizer's own rule)."""
+    adds_bos = tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return (tokenizer.bos_token if adds_bos else "") + render_go(go, conversation)
+
+
+def test_the_bos_token_of_a_template_is_left_to_llama_cpp_when_it_adds_one(tmp_path):
+    """A template that writes {{ bos_token }} (LLaMA 2 / 3, Mistral) for a tokenizer that adds it itself: Ollama's
+    llama.cpp adds one before the rendered prompt (add_bos_token), so the TEMPLATE must not write a second one;
+    a tokenizer that adds none keeps the template's."""
+    template = ("{{ bos_token }}{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + '\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}")
+    for adds in (True, False):
+        tokenizer = sentencepiece_tokenizer() if adds else byte_level_tokenizer(chat_template=template)
+        tokenizer.chat_template = template
+        if not adds:
+            tokenizer._tokenizer.post_processor = None
+        assert (tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]) == adds
+        go = ollama_mod.modelfile(tmp_path / "m.gguf", tokenizer).split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+        assert go.count(tokenizer.bos_token) == (0 if adds else 2)  # (its two first turns: system, user)
+        for conversation in CONVERSATIONS:
+            want = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            assert want.startswith(tokenizer.bos_token)
+            assert ollama_prompt(go, conversation, tokenizer) == want
+
+
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
@@ -415,11 +461,13 @@ def test_the_modelfile_template_renders_what_the_chat_template_does(name, tmp_pa
         template = template.read_text()
     tokenizer = byte_level_tokenizer(chat_template=template)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|eot_id|>"]})
+    if "bos_token" not in template:  # as these families' tokenizers, which add no bos token either
+        tokenizer._tokenizer.post_processor = None
     text = ollama_mod.modelfile(tmp_path / "m.gguf", tokenizer)
     go = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     for conversation in CONVERSATIONS:
         want = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        assert render_go(go, conversation) == want
+        assert ollama_prompt(go, conversation, tokenizer) == want
     stops = [line.split(" ", 2)[2] for line in text.splitlines() if line.startswith("PARAMETER stop")]
     assert stops[0] == '"</s>"'
     if name in ("chatml", "smollm2 (a default system prompt)"):
@@ -474,6 +522,8 @@ def _refusal_cases(tmp: Path, checkpoints: dict[str, Path]) -> dict[str, tuple[l
     config = json.loads((quantized / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (quantized / "config.json").write_text(json.dumps(config))
+    damaged = shutil.copytree(checkpoints["llama"].parent / "base", tmp / "damaged")
+    (damaged / "model.safetensors").write_bytes((damaged / "model.safetensors").read_bytes()[:1000])
     (tmp / "exists.gguf").write_text("keep me")
     (tmp / "a-dir.gguf").mkdir()
     _gguf_not_ours(tmp / "theirs.gguf")
@@ -487,6 +537,8 @@ def _refusal_cases(tmp: Path, checkpoints: dict[str, Path]) -> dict[str, tuple[l
         "llama3 rope": ([tmp / "llama3-rope", "--gguf", tmp / "o.gguf"], "RoPE scaling 'llama3'"),
         "unknown pre-tokenizer": ([tmp / "whitespace", "--gguf", tmp / "o.gguf"], "pre-tokenizer (Whitespace)"),
         "quantized model directory": ([tmp / "nf4", "--gguf", tmp / "o.gguf"], "holds quantized weights (bitsandbytes)"),
+        "damaged weights": ([tmp / "damaged", "--gguf", tmp / "o.gguf"],
+                            str(tmp / "damaged" / "model.safetensors") + ": not a complete safetensors file"),
         "existing without --overwrite": ([ckpt, "--gguf", tmp / "exists.gguf"], "already exists; pass --overwrite"),
         "--overwrite over a text file": ([ckpt, "--gguf", tmp / "exists.gguf", "--overwrite"], "not written by dora export"),
         "--overwrite over another GGUF": ([ckpt, "--gguf", tmp / "theirs.gguf", "--overwrite"], "not written by dora export"),
@@ -500,6 +552,8 @@ def _refusal_cases(tmp: Path, checkpoints: dict[str, Path]) -> dict[str, tuple[l
         "unknown type": ([ckpt, "--gguf", tmp / "o.gguf", "--type", "q8"], "--type: expected one of f32, f16, bf16, q8_0, got 'q8' (did you mean \"q8_0\"?)"),
         "missing target": ([tmp / "nothing", "--gguf", tmp / "o.gguf"], "does not exist"),
         "no --gguf": ([ckpt], "missing option '--gguf'"),
+        "--gguf named as its own Modelfile": ([ckpt, "--gguf", tmp / "m.Modelfile", "--ollama"],
+                                             "the Modelfile --ollama writes beside it has the same name"),
     }
 
 

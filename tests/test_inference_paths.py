@@ -1,8 +1,8 @@
 """Every inference path runs the adapter model in eval mode without gradients, so that DoRA's norm cache engages:
 the row norm ‖W0 + ΔW‖ is computed once per layer for the whole command, not once per forward.
 
-Paths: `dora eval` (loglik and generate; `dora sweep-rank` evaluates its trials and `make demo` its "after"
-phase through the same `evaluate` / `load_for_eval`), `dora generate`, `dora chat`.
+Paths: `dora eval` (loglik and generate, and the lm_eval suite; `dora sweep-rank` evaluates its trials and
+`make demo` its "after" phase through the same `evaluate` / `load_for_eval`), `dora generate`, `dora chat`.
 """
 
 from __future__ import annotations
@@ -55,6 +55,13 @@ def run_eval(ckpt, mode: str):
                     "eval.num_beams=1"], out=ckpt.parent / f"eval-{mode}")
 
 
+def run_lm_eval(ckpt):
+    from dora_cli.evaluate import run_eval
+
+    run_eval(ckpt, ["eval.suite=lm_eval", "eval.tasks=[llm_adapters_boolq]", "eval.limit=6", "eval.batch_size=1"],
+             out=ckpt.parent / "eval-lm_eval")
+
+
 def run_generate(ckpt):
     from dora_cli.generate import Sampling, run_generate
 
@@ -70,6 +77,7 @@ def run_chat(ckpt):
 PATHS = {
     "eval loglik": lambda c: run_eval(c, "loglik"),
     "eval generate": lambda c: run_eval(c, "generate"),
+    "eval lm_eval": run_lm_eval,
     "generate": run_generate,
     "chat": run_chat,
 }

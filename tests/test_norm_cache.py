@@ -186,7 +186,7 @@ def test_the_cache_holds_g_only():
     model.eval()
     logits(model)
     for _, layer in adapted_modules(model):
-        _, g, up = layer._g_cache
+        _, _, g, up, _ = layer._g_cache
         assert g.shape == (layer.base_layer.out_features,)  # O(out · (r + 1)) per layer, not a weight
         assert up.shape == layer.lora_B.shape
 
@@ -204,3 +204,112 @@ def test_no_grad_in_training_mode_keeps_the_dropout_semantics(dropout_mode):
         torch.manual_seed(3)
         outs.append(logits(model, grad=grad))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+# ---- state changes the versions do not show --------------------------------------------------------------------
+@torch.no_grad()
+def _replace_every_tensor_twice(model):
+    """`.data` replaced twice: the second tensor may land at the address the first replacement freed, with the
+    parameter's own version counter untouched (set_data keeps it): an address and a version cannot tell."""
+    for _ in range(2):
+        for _, layer in adapted_modules(model):
+            for p in layer.parameters(recurse=False):
+                p.data = p.data * 0.75
+
+
+def _half_and_back(model):
+    """A dtype round trip (as `model.half()` to save memory, then `.float()`): every tensor replaced twice."""
+    model.half()
+    model.float()
+
+
+def _rescale_updates(model):
+    for _, layer in adapted_modules(model):
+        layer.scaling *= 3
+
+
+@torch.no_grad()
+def _same_address_new_storage(model):
+    """What an allocator handing a freed address back does, made certain: each tensor's `.data` becomes a new
+    storage over the very memory of the old one, whose values were changed behind torch's back."""
+    for _, layer in adapted_modules(model):
+        for p in layer.parameters(recurse=False):
+            if not hasattr(p, "_dora_buffer"):  # first time: move the tensor onto a numpy buffer we own
+                p._dora_buffer = p.detach().numpy().copy()
+                p.data = torch.from_numpy(p._dora_buffer)
+                continue
+            p._dora_buffer *= 0.75
+            p.data = torch.from_numpy(p._dora_buffer)
+
+
+REPLACEMENTS = {"replace-twice": _replace_every_tensor_twice, "half-then-float": _half_and_back,
+                "same-address": _same_address_new_storage, "scaling": _rescale_updates}
+
+
+@pytest.mark.parametrize("method", MAGNITUDE_METHODS)
+@pytest.mark.parametrize("event", REPLACEMENTS)
+def test_replaced_tensors_and_a_new_scaling_are_seen(event, method):
+    """After each change, the cached forward equals the uncached one (repeated: the allocator gets every chance
+    to hand a freed address back)."""
+    if event == "scaling" and method != "dora":
+        pytest.skip("only LoRA's update has a scaling")
+    _, model, _ = adapted("llama", torch.float32, "plain", method)
+    model.eval()
+    REPLACEMENTS[event](model)
+    for _ in range(4):
+        before = logits(model)
+        REPLACEMENTS[event](model)
+        after = logits(model)
+        assert torch.equal(after, logits(model, grad=True))
+        if event != "half-then-float":
+            assert not torch.equal(before, after), "the change changed nothing: the test could not fail"
+
+
+def test_a_model_built_under_inference_mode_runs_and_computes_the_same():
+    """Inference tensors have no version counter: such a layer is not cached, and its forward is unchanged."""
+    _, model, _ = adapted("llama", torch.float32, "plain", "dora")
+    model.eval()
+    want = logits(model)
+    with torch.inference_mode():
+        _, built, _ = adapted("llama", torch.float32, "plain", "dora")
+        built.eval()
+        first = built(TOKENS).logits.clone()
+        for _, layer in adapted_modules(built):
+            layer.magnitude.mul_(2)  # an in-place edit no version counter records
+        second = built(TOKENS).logits.clone()
+    assert torch.equal(first, want)
+    for _, layer in adapted_modules(model):
+        layer.magnitude.data.mul_(2)
+    assert torch.equal(second, logits(model, grad=True))
+
+
+@pytest.mark.parametrize("method", ("dora", "dvora"))
+def test_cached_forwards_do_not_rebuild_the_factors(method, monkeypatch):
+    """With g cached, a forward costs the low-rank product and one [out] multiply: B·diag(g) and A are kept with g
+    (DVoRA's factors are a product of λ_b, B_s and λ_d: [out, r] work per layer and forward otherwise)."""
+    _, model, _ = adapted("llama", torch.float32, "plain", method)
+    model.eval()
+    want = logits(model, grad=True)
+    calls = []
+    real = AdaptedLinear.factors
+    monkeypatch.setattr(AdaptedLinear, "factors", lambda self: calls.append(self) or real(self))
+    assert torch.equal(logits(model), want)
+    calls.clear()
+    assert torch.equal(logits(model), want)
+    assert calls == []
+
+
+def test_a_model_with_filled_caches_copies_and_pickles(tmp_path):
+    """The caches hold weak references to this model's storages: a deep copy or a pickle leaves them behind
+    (a copied weak reference would be released twice), and the copy computes the same."""
+    _, model, _ = adapted("llama", torch.float32, "plain", "dora")
+    model.eval()
+    want = logits(model)
+    copies = [copy.deepcopy(model) for _ in range(3)]
+    torch.save(model, tmp_path / "m.pt")
+    copies.append(torch.load(tmp_path / "m.pt", weights_only=False))
+    for other in copies:
+        assert all(not layer._g_cache for _, layer in adapted_modules(other))
+        assert torch.equal(logits(other), want)
+    del copies
+    assert torch.equal(logits(model), want)

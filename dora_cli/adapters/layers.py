@@ -36,12 +36,16 @@ Inference (gradients off: eval, `torch.no_grad`, `inference_mode`): g is compute
 layer's state changes (an optimizer step, an in-place edit or a replacement of any of its tensors, a merge /
 unmerge, a switch between train and eval), so a DoRA forward costs LoRA's plus one [out] multiply; no
 weight is cached, only g [out] and the g-scaled B [out, r] of the low-rank term. With gradients on, n follows every step as before.
+An in-place edit is seen through the tensor's version counter, which an edit through `.data`
+(`p.data.copy_(...)`) bypasses: after such an edit call `model.eval()` again (any train / eval switch
+recomputes g). Tensors made under `inference_mode` have no version counter: their layers are not cached.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dora_cli.adapters.base_ops import (
@@ -70,6 +74,13 @@ def _count_optimizer_step(_optimizer, _args, _kwargs) -> None:
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _pins(tensors: list[torch.Tensor]) -> list[StorageWeakRef]:
+    """Weak references to the tensors' storages: held with a state key, they keep the storages' ids in the key
+    from being reused by later storages (an allocator hands freed addresses back), without keeping the memory of
+    a replaced tensor alive."""
+    return [StorageWeakRef(t.untyped_storage()) for t in tensors]
 
 
 class AdaptedLinear(nn.Module):
@@ -121,8 +132,8 @@ class AdaptedLinear(nn.Module):
                 norm_sq = weight_row_norm_sq(base_layer).float()
             # m = ‖W0‖ from the weight the forward sees (dequantized for 4-bit): g = 1 exactly at step 0.
             Magnitude.init(self, norm_sq)
-        self._g_checked: tuple = ()  # (state key, every |g| >= G_MIN) of the last check
-        self._g_cache: tuple = ()  # (state key, g, scaled_up) of the last forward without gradients
+        self._g_checked: tuple = ()  # (state key, its pins, every |g| >= G_MIN) of the last check
+        self._g_cache: tuple = ()  # (state key, its pins, g, scaled_up, A) of the last forward without gradients
         self._generation = 0
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
@@ -155,26 +166,43 @@ class AdaptedLinear(nn.Module):
         """g = m / n, fp32 [out]."""
         return self.magnitude / self.weight_norm()
 
-    def _cached_scale(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(g, scaled_up(B, g, scale)) without gradients: computed once, reused until the layer's state changes."""
-        key = self._state_key()
-        if not self._g_cache or self._g_cache[0] != key:
+    def _cached_scale(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(g, scaled_up(B, g, scale), A) without gradients: computed once, reused until the layer's state changes
+        (recomputed every time for a layer of inference tensors, whose in-place edits no version records)."""
+        tensors = self._state_tensors()
+        key = self._state_key(tensors)
+        if key is None or not self._g_cache or self._g_cache[0] != key:
             g = self.magnitude_scale()
-            up = None
+            up = a = None
             if self.direction:
-                b, _, scale = self.factors()
+                b, a, scale = self.factors()
                 up = scaled_up(b, g, scale)
-            self._g_cache = (key, g, up)
-        return self._g_cache[1], self._g_cache[2]
+            self._g_cache = () if key is None else (key, _pins(tensors), g, up, a)
+            return g, up, a
+        return self._g_cache[2:]
 
-    def _state_key(self) -> tuple:
-        """Changes whenever g might: an optimizer step (fused AdamW bumps no version), an in-place edit of an
-        adapter parameter or of the base weight (their versions), a replaced tensor (its storage), a merge /
-        unmerge / train() (the generation)."""
-        tensors = [*self._parameters.values(), *self._buffers.values(), self.base_layer.weight]
-        if hasattr(self, "vera"):  # the model-wide projections
-            tensors += [self.vera.A, self.vera.B]
-        return (_optimizer_steps, self._generation, *[(t.data_ptr(), t._version) for t in tensors])
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor g depends on: the adapter's, ‖W0‖², the base weight and VeRA's shared projections."""
+        tensors = [*self._parameters.values(), *self._buffers.values(), self._modules["base_layer"].weight]
+        vera = self.__dict__.get("vera")  # the model-wide projections (not a submodule)
+        if vera is not None:
+            tensors += [vera.A, vera.B]
+        return tensors
+
+    def _state_key(self, tensors: list[torch.Tensor]) -> tuple | None:
+        """Changes whenever g might: an optimizer step (fused AdamW bumps no version), an in-place edit of one of
+        `tensors` (its version), a replaced one (its storage: kept apart from any later storage by the pins a cache
+        holds with its key), a new scaling, a merge / unmerge / train() (the generation). None for inference
+        tensors, which have no version counter."""
+        try:
+            return (_optimizer_steps, self._generation, self.scaling, self.r,
+                    *[(t.untyped_storage()._cdata, t.data_ptr(), t.storage_offset(), t._version) for t in tensors])
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            return None
+
+    def __getstate__(self) -> dict:
+        """A copy or a pickle leaves the caches behind (their weak references belong to this layer's tensors)."""
+        return {**self.__dict__, "_g_cache": (), "_g_checked": ()}
 
     def _forget_g(self) -> None:
         self._generation += 1
@@ -190,10 +218,11 @@ class AdaptedLinear(nn.Module):
             return False
         if torch.compiler.is_compiling():
             return False
-        key = self._state_key()
-        if not self._g_checked or self._g_checked[0] != key:
-            self._g_checked = (key, bool((g.detach().abs() >= G_MIN).all()))
-        return self._g_checked[1]
+        tensors = self._state_tensors()
+        key = self._state_key(tensors)
+        if key is None or not self._g_checked or self._g_checked[0] != key:
+            self._g_checked = (key, _pins(tensors), bool((g.detach().abs() >= G_MIN).all()))
+        return self._g_checked[2]
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,8 +234,8 @@ class AdaptedLinear(nn.Module):
             return self.direction.add_delta(self, base_out, xd)
         delta_dropout = self.dropout_mode == "delta" and self.training and isinstance(self.dropout, nn.Dropout)
         if not delta_dropout and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            g, up = self._cached_scale()  # inference
-            u = widen_linear(xd, self.factors()[1]) if self.direction else None
+            g, up, a = self._cached_scale()  # inference
+            u = widen_linear(xd, a) if self.direction else None
             return rescale(base_out, g, u=u, up=up, bias=self.base_layer.bias)
         self._g_cache = ()
         g = self.magnitude_scale()

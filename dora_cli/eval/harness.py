@@ -79,9 +79,21 @@ def task_manager(tasks_dir: str | None, data_dir: str | None, tasks: list[str]):
     `tasks` is one of the former (indexing lm-eval's ~14,000 task files takes seconds); one per directory state."""
     files = sorted((str(p), p.stat().st_mtime_ns) for p in Path(tasks_dir).rglob("*") if p.is_file()) if tasks_dir else ()
     local = _manager(tasks_dir, data_dir, tuple(files), False)
-    if all(name == TAG or name in local.all_subtasks for name in tasks):
+    if all(local_only(name, local) for name in tasks):
         return local
     return _manager(tasks_dir, data_dir, tuple(files), True)
+
+
+def local_only(name: str, local, seen: frozenset = frozenset()) -> bool:
+    """Whether `name` is built from the shipped tasks and tasks_dir alone: one of their tasks, our tag, or a group
+    of theirs whose members (named, not inline configs) all are."""
+    if name == TAG or name in local.all_subtasks:
+        return True
+    entry = local.task_index.get(name) if name in local.all_groups and name not in seen else None
+    members = (entry.cfg or {}).get("task") if entry is not None else None
+    if not isinstance(members, list) or not members:
+        return False
+    return all(isinstance(m, str) and local_only(m, local, seen | {name}) for m in members)
 
 
 @functools.cache
@@ -94,6 +106,7 @@ def _manager(tasks_dir: str | None, data_dir: str | None, files: tuple, defaults
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self.checked: dict[tuple, dict] = {}
+            self.configs: dict[tuple, dict[str, str]] = {}  # task list -> task_configs() of what it built
 
         def load(self, task_list):
             key = tuple(task_list) if isinstance(task_list, list) else None
@@ -118,13 +131,34 @@ def check_tasks(tasks: list[str], *, tasks_dir: str | None, data_dir: str | None
     for name in tasks:
         for shipped in LLM_ADAPTERS if name == TAG else [name] if name in LLM_ADAPTERS else []:
             load_task(LLM_ADAPTERS[shipped], data_dir, limit)
-    with _datasets(tasks), _quiet():
+    with _datasets(tasks), _building(tasks), _quiet():
         loaded = manager.load(list(tasks))
     unsafe = [name for name, task in loaded["tasks"].items() if getattr(task, "UNSAFE_CODE", False)]
     if unsafe:
         raise UserError(f"{', '.join(unsafe)}: the task runs code the model wrote (unsafe_code); dora eval does not run "
                         "such tasks (lm-eval's own CLI does, with --confirm_run_unsafe_code)", where="eval.tasks")
     manager.checked[tuple(tasks)] = loaded
+    manager.configs[tuple(tasks)] = task_configs(loaded)
+
+
+def checked_task_configs(tasks: list[str], *, tasks_dir: str | None, data_dir: str | None, limit: int | None) -> dict[str, str]:
+    """`task_configs` of the tasks, checked (`check_tasks`) unless they already were in this state of the task
+    directories."""
+    require()
+    manager = task_manager(tasks_dir, data_dir, list(tasks))
+    if tuple(tasks) not in manager.configs:
+        check_tasks(list(tasks), tasks_dir=tasks_dir, data_dir=data_dir, limit=limit)
+    return manager.configs[tuple(tasks)]
+
+
+def task_configs(loaded: dict) -> dict[str, str]:
+    """Task or group name -> a digest of its configuration as lm-eval built it (prompt templates, choices, metrics,
+    few-shot settings, the source of the functions it names, a group's members and aggregation): an evaluation
+    is reused only for the same digests, so a task YAML edited since is evaluated again."""
+    configs = {**{name: task.dump_config() for name, task in loaded["tasks"].items()},
+               **{name: [group.to_dict(), group.child_names] for name, group in loaded["groups"].items()}}
+    return {name: hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for name, config in sorted(configs.items())}
 
 
 def _unknown_task(name: str, manager, tasks_dir: str | None) -> str:
@@ -155,19 +189,41 @@ def _datasets(tasks: list[str]):
         ) from None
 
 
+BUILD_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError)
+"""What lm-eval raises for a task it cannot build (while the tasks are loaded: nothing else runs then)."""
+
+
+@contextlib.contextmanager
+def _building(tasks: list[str], errors: tuple = BUILD_ERRORS):
+    """A task lm-eval cannot build from its YAML (an unknown output type, a template naming a field the documents
+    lack, a group asked with one of its own tasks, ...) as one line. While requests are answered only a template
+    error is (`errors` empty): a ValueError there may as well be the model's."""
+    from jinja2 import TemplateError
+
+    try:
+        yield
+    except (*errors, TemplateError) as err:
+        raise UserError(f"lm-eval cannot build the tasks ({clip(f'{type(err).__name__}: {err}', 300)}); see their task "
+                        "YAMLs", where=f"eval.tasks {','.join(tasks)}") from None
+
+
 @contextlib.contextmanager
 def _quiet():
     """lm-eval's info and warning lines (a pre-built model, seeds, metadata hints), its per-task "building
     contexts" bars and the datasets library's bars off the console (our own bar counts the requests)."""
     import datasets
     import lm_eval.api.task as task_module
+    import lm_eval.evaluator as evaluator_module
 
     logger = logging.getLogger("lm_eval")
     level, bar, bars = logger.level, getattr(task_module, "tqdm", None), datasets.is_progress_bar_enabled()
+    git_hash = getattr(evaluator_module, "get_git_commit_hash", None)
     logger.setLevel(logging.ERROR)
     datasets.disable_progress_bars()
     if bar is not None:
         task_module.tqdm = functools.partial(bar, disable=True)
+    if git_hash is not None:  # `git describe` in the current directory: "fatal: not a git repository" on stderr
+        evaluator_module.get_git_commit_hash = lambda: None
     try:
         yield
     finally:
@@ -176,6 +232,8 @@ def _quiet():
             datasets.enable_progress_bars()
         if bar is not None:
             task_module.tqdm = bar
+        if git_hash is not None:
+            evaluator_module.get_git_commit_hash = git_hash
 
 
 # ---- answering requests, resumably ----------------------------------------------------------------------
@@ -265,12 +323,13 @@ def evaluate_harness(
     metrics."""
     lm_eval = require()
     manager = task_manager(tasks_dir, data_dir, list(tasks))
-    if tuple(tasks) not in manager.checked:  # `dora eval` checked them before loading the model
-        check_tasks(list(tasks), tasks_dir=tasks_dir, data_dir=data_dir, limit=limit)
+    # (`dora eval` checked them before loading the model)
+    configs = checked_task_configs(list(tasks), tasks_dir=tasks_dir, data_dir=data_dir, limit=limit)
     description = describe_model(model)
     settings = {
         "tasks": list(tasks), "num_fewshot": num_fewshot, "limit": limit, "data_dir": data_dir, "tasks_dir": tasks_dir,
         "model": model_name or description, "model_description": description, "lm_eval_version": lm_eval.__version__,
+        "task_configs": configs,
     }
     out = Path(out_dir)
     requests_file, metrics_file, samples_dir = out / "requests.jsonl", out / "metrics.json", out / "samples"
@@ -295,12 +354,16 @@ def evaluate_harness(
     with _quiet(), progress_bar(progress) as bar:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         answering = _resumable_class()(lm, requests_file, chunk=4 * batch_size, bar=bar)
-        with _datasets(list(tasks)):
+        with _datasets(list(tasks)), _building(list(tasks), errors=()):
             results = lm_eval.simple_evaluate(
                 model=answering, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot, limit=limit,
                 log_samples=samples,
             )
     metrics = summarize(results, {**settings, "batch_size": batch_size, "samples": samples})
+    if num_fewshot is not None:  # lm-eval leaves a task whose config says 0 at 0, and logs it only at info level
+        for name in [n for n, t in metrics["tasks"].items() if t["num_fewshot"] != num_fewshot]:
+            say(f"note: {name}: its config fixes num_fewshot {metrics['tasks'][name]['num_fewshot']}; "
+                f"--num-fewshot {num_fewshot} does not apply to it")
     metrics["requests"] = {"answered": answering.asked, "computed": answering.computed, "resumed": answering.asked - answering.computed}
     metrics["wall_time_s"] = round(time.perf_counter() - began, 3)
     if samples:
@@ -314,7 +377,8 @@ def evaluate_harness(
     return metrics
 
 
-COMPARED = ("tasks", "num_fewshot", "limit", "data_dir", "tasks_dir", "model", "model_description", "lm_eval_version")
+COMPARED = ("tasks", "num_fewshot", "limit", "data_dir", "tasks_dir", "model", "model_description", "lm_eval_version",
+            "task_configs")
 
 
 def same_settings(done: dict, wanted: dict) -> bool:
@@ -343,6 +407,8 @@ def headline(values: dict, higher_is_better: dict) -> str | None:
 def summarize(results: dict, settings: dict) -> dict:
     """The metrics document from lm-eval's results."""
     groups = {name: {k: v for k, v in r.items() if "," in k} for name, r in (results.get("groups") or {}).items()}
+    # a group without aggregate_metric_list: in lm-eval's results, no metrics and no n of its own
+    groups.update({name: {} for name in results["results"] if name not in results["n-samples"] and name not in groups})
     per_task = {}
     for name, r in results["results"].items():
         if name in groups:

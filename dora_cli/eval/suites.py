@@ -152,9 +152,12 @@ def _check_lm_eval(recipe: Recipe) -> None:
 
 
 def _compared_lm_eval(recipe: Recipe) -> dict:
+    from dora_cli.eval.harness import checked_task_configs
+
     cfg = recipe.eval
+    configs = checked_task_configs(cfg.tasks, tasks_dir=cfg.lm_eval.tasks_dir, data_dir=cfg.data_dir, limit=cfg.limit)
     return {"tasks": cfg.tasks, "num_fewshot": cfg.lm_eval.num_fewshot, "limit": cfg.limit, "data_dir": cfg.data_dir,
-            "tasks_dir": cfg.lm_eval.tasks_dir}
+            "tasks_dir": cfg.lm_eval.tasks_dir, "task_configs": configs}
 
 
 def _run_lm_eval(run: SuiteRun) -> dict:

@@ -62,6 +62,9 @@ def run_export(
         raise UserError(f"--type: expected one of {', '.join(TYPES)}, got {type_!r}{did_you_mean(type_, TYPES)}")
     out = Path(gguf_out)
     modelfile = out.with_name(out.stem + ".Modelfile") if ollama_modelfile else None
+    if modelfile is not None and modelfile.name == out.name:
+        raise UserError(f"--gguf {out}: the Modelfile --ollama writes beside it has the same name; name the GGUF "
+                        f"file {out.stem}.gguf")
     ckpt = inspect_checkpoint(target)
     check_outputs(out, modelfile, overwrite=overwrite, protected=[ckpt.path])
     ms = resolve_merge(ckpt, base=base)

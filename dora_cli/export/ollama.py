@@ -8,7 +8,9 @@ template is rendered on sentinel conversations and the text around each message 
 
 t0 opens a conversation that starts with a system message, s0 one that starts with the user (it holds the
 default system prompt a template inserts itself), t1 goes from system to user, t2 from user to assistant,
-t3 from assistant to user, t4 closes a user turn and opens the answer. The Go template emits the same text
+t3 from assistant to user, t4 closes a user turn and opens the answer. A bos token that t0 / s0 begin with is
+left out when the tokenizer adds one itself (the GGUF's add_bos_token): Ollama's llama.cpp puts it in front
+of every prompt, and the template's would be a second one. The Go template emits the same text
 between the messages of any system? (user assistant)* user conversation, which is every conversation
 Ollama sends. A template that renders the second conversation with other separators than the first, or that
 refuses a system message, gets no TEMPLATE line (Ollama then falls back on the GGUF's own chat template,
@@ -22,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dora_cli.console import say
+from dora_cli.export.vocab import adds_bos_eos
 
 MARK = "# Written by dora export"
 SENTINELS = ("dora-sys-7c1e", "dora-user-4b2a", "dora-asst-9d3f", "dora-user-2e8c")
@@ -65,7 +68,12 @@ def chat_separators(tokenizer) -> dict[str, str] | None:
     if first is None or second is None or second[1:] != first[2:]:
         return None
     keys = ("start_system", "system_user", "user_assistant", "assistant_user", "user_end")
-    return {**dict(zip(keys, first)), "start_user": second[0]}
+    separators = {**dict(zip(keys, first)), "start_user": second[0]}
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and adds_bos_eos(tokenizer, getattr(tokenizer, "bos_token_id", None), None)[0]:
+        for key in ("start_system", "start_user"):  # llama.cpp puts it in front of the prompt itself
+            separators[key] = separators[key].removeprefix(bos)
+    return separators
 
 
 def _split(text: str, sentinels: list[str]) -> list[str] | None:

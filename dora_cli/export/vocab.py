@@ -133,16 +133,21 @@ def describe(tokenizer, rows: int, *, where: str) -> GgufVocab:
         token_id = getattr(tokenizer, f"{kind_}_token_id", None)
         if isinstance(token_id, int) and 0 <= token_id < rows:
             special_ids[kind_] = token_id
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    bos, eos = special_ids.get("bos"), special_ids.get("eos")
-    add_bos = bos is not None and with_special[:1] == [bos] and plain[:1] != [bos]
-    add_eos = eos is not None and with_special[-1:] == [eos] and plain[-1:] != [eos]
+    add_bos, add_eos = adds_bos_eos(tokenizer, special_ids.get("bos"), special_ids.get("eos"))
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("default")
     return GgufVocab(kind, pre, tokens, types, scores, merges, special_ids, add_bos, add_eos, space_prefix,
                      template if isinstance(template, str) else None)
+
+
+def adds_bos_eos(tokenizer, bos: int | None, eos: int | None) -> tuple[bool, bool]:
+    """Whether encoding a text puts the token `bos` before it, and `eos` after it (llama.cpp's add_bos_token /
+    add_eos_token: it then does the same to every prompt)."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return (bos is not None and with_special[:1] == [bos] and plain[:1] != [bos],
+            eos is not None and with_special[-1:] == [eos] and plain[-1:] != [eos])
 
 
 def _steps(component: dict | None) -> list[dict]:
