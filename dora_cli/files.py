@@ -343,10 +343,11 @@ def _check_owned(path: Path, kind: OutputKind, label: str) -> None:
 
 
 def _unclaimed(entries: list[str] | None, path: Path) -> bool:
-    """A directory that is empty, or holds only the lock of a command of ours and temporaries its killed
-    writes left (a command stopped before it wrote anything)."""
+    """A directory that is empty, or holds only the lock of a command of ours and temporaries of our writes:
+    a command stopped before it wrote anything (killed writes left them), or one claiming the directory right
+    now (its lock and marker are written under temporary names first; two shards of a sweep start at once)."""
     entries = sorted(p.name for p in path.iterdir()) if entries is None else entries
-    left = [n for n in entries if not (n == LOCK_NAME and _our_lock(path / n)) and not _stale_temporary(n)]
+    left = [n for n in entries if not (n == LOCK_NAME and _our_lock(path / n)) and not _TEMPORARY.match(n)]
     return not left
 
 
@@ -404,12 +405,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-_STALE = re.compile(rf"^{re.escape(TMP_PREFIX)}.*-(\d+)(\.\w+)?$")  # .tmp-<name>-<pid>[.<random>]
-
-
-def _stale_temporary(name: str) -> bool:
-    m = _STALE.match(name)
-    return m is not None and not pid_alive(int(m.group(1)))
+_TEMPORARY = re.compile(rf"^{re.escape(TMP_PREFIX)}.*-(\d+)(\.\w+)?$")  # .tmp-<name>-<pid>[.<random>]
 
 
 def clean_stale(directory: Path, name: str | None = None) -> list[Path]:
@@ -420,7 +416,7 @@ def clean_stale(directory: Path, name: str | None = None) -> list[Path]:
         return removed
     prefix = f"{TMP_PREFIX}{name}-" if name else TMP_PREFIX
     for path in directory.iterdir():
-        m = _STALE.match(path.name)
+        m = _TEMPORARY.match(path.name)
         if m and path.name.startswith(prefix) and not pid_alive(int(m.group(1))):
             remove(path)
             removed.append(path)

@@ -36,6 +36,7 @@ import json
 import os
 import re
 import socket
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -87,11 +88,21 @@ VOLATILE = {
 
 
 # ---- lock ---------------------------------------------------------------------------------------
+LOCK_ATTEMPTS = 100
+"""Looks at a contended lock before giving up (each finds it taken and released again, or breaks a stale one)."""
+LOCK_WRITE_GRACE_S = 30.0
+"""A lock file that is not a complete record yet is being written (no hard links: created, then filled) for
+this long; older, it is debris."""
+
+
 class RunLock:
     """An exclusive claim on a directory, released on exit; a crashed owner's lock is stale.
 
     The lock file (`name`, LOCK_NAME by default) is created with its content in one step (a hard link of a
-    complete temporary file), so a process never reads a half-written lock. The directories the lock had to
+    complete temporary file), so a process never reads a half-written lock (without hard links it is created,
+    then filled: a young incomplete file counts as held). A stale lock is deleted only after it is judged
+    stale again under an flock on that file while its path still names it, so that of several processes
+    finding one stale lock none deletes the lock another has just taken. The directories the lock had to
     create (parents included) are removed again on release when nothing was written into them, so a command
     refused after taking the lock leaves the disk as it was."""
 
@@ -106,6 +117,9 @@ class RunLock:
         if owner is None:
             return self
         directory = self.path.parent
+        if owner.get("host") is None:
+            raise UserError(f"{directory}: another process is taking this {self.noun} ({self.path} is being written); "
+                            f"wait for it or choose another {self.noun}")
         if owner.get("host") == socket.gethostname():
             raise UserError(
                 f"{directory}: another {self.what} (pid {owner['pid']}) is using this {self.noun}; "
@@ -118,7 +132,7 @@ class RunLock:
 
     def try_acquire(self) -> dict | None:
         """Take the lock: None when taken, else its owner's record (pid, host) when a live process on this
-        host, or any process on another host, holds it."""
+        host, or any process on another host, holds it (pid and host None: a lock file still being written)."""
         directory = self.path.parent
         missing = directory
         while not missing.parent.exists() and missing.parent != missing:
@@ -127,18 +141,75 @@ class RunLock:
             self.created = missing
         directory.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(3):
+        for _ in range(LOCK_ATTEMPTS):
             # A held lock is seen before anything is written (a refused command leaves the disk as it was).
             if not os.path.lexists(self.path) and self._link(me):
                 self.held = True
                 return None
-            owner = self._owner()
-            if owner and owner.get("host") == me["host"] and pid_alive(int(owner.get("pid", -1))):
+            try:
+                owner = self._holder(self.path.read_text(), os.lstat(self.path).st_mtime)
+            except FileNotFoundError:
+                continue  # released since: look again (never delete what may be another's new lock)
+            except OSError:
+                owner = None  # not a readable file: not a lock of ours
+            if owner is not None:
                 return owner
-            if owner and owner.get("host") != me["host"]:
-                return owner
-            self.path.unlink(missing_ok=True)  # stale: its owner is dead (or the file is not a lock)
+            self._break_stale()
         raise UserError(f"{self.path}: could not take the lock")
+
+    @staticmethod
+    def _holder(text: str, mtime: float) -> dict | None:
+        """Who holds a lock file with this text: its record when its process may be alive (on this host, or
+        any process on another), a placeholder when the file is young and not yet complete, else None
+        (stale: its owner is dead, or the file is not a lock)."""
+        try:
+            owner = json.loads(text)
+        except ValueError:
+            owner = None
+        if not isinstance(owner, dict):
+            young = time.time() - mtime < LOCK_WRITE_GRACE_S
+            return {"pid": None, "host": None} if young else None
+        if owner.get("host") != socket.gethostname():
+            return owner
+        try:
+            return owner if pid_alive(int(owner.get("pid", -1))) else None
+        except (TypeError, ValueError):
+            return None
+
+    def _break_stale(self) -> None:
+        """Delete the lock file if it is still stale, judged again while holding an flock on that very file,
+        and only if the path still names it: of several processes breaking one stale lock, one deletes it;
+        the others find it gone or replaced by the winner's lock, which they leave alone."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            return
+        except OSError:
+            try:  # read-only for us (another user's lock): an flock on a read-only file works where it is local
+                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except FileNotFoundError:
+                return
+            except OSError:  # a symbolic link, or an entry that cannot be opened: no lock of ours
+                self.path.unlink(missing_ok=True)
+                return
+        try:
+            with contextlib.suppress(ImportError, OSError):
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.lstat(self.path))
+            except FileNotFoundError:
+                return
+            if not same:
+                return
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise UserError(f"{self.path}: a directory where the lock file goes; move it away")
+            text = os.read(fd, 1 << 16).decode("utf-8", errors="replace")
+            if self._holder(text, os.fstat(fd).st_mtime) is None:
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
     def _link(self, me: dict) -> bool:
         """Create the lock file with `me` in it, whole; False if it exists."""

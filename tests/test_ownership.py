@@ -160,6 +160,38 @@ def test_a_foreign_lock_file_is_not_ours(tmp_path):
     check_output(folder, "train", label="x")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_directory_a_live_command_of_ours_is_claiming_right_now_is_not_foreign(kind, tmp_path, monkeypatch):
+    """Two shards of a sweep started at once: one makes the directory and writes its lock and its marker
+    (each a temporary renamed into place) while the other checks it. The temporaries of a live command of
+    ours are not a user's files."""
+    import os
+
+    target = tmp_path / "out"
+    checked = []
+    real_link, real_fsync = os.link, files.fsync_path
+
+    def link(src, dst, *args, **kwargs):  # the lock's complete temporary, about to be linked into place
+        check_output(target, kind, label="out")
+        checked.append(dst)
+        return real_link(src, dst, *args, **kwargs)
+
+    def fsync(path):  # the marker's complete temporary, about to be renamed into place
+        if Path(path).name.startswith(files.TMP_PREFIX):
+            check_output(target, kind, label="out")
+            checked.append(path)
+        real_fsync(path)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(files, "fsync_path", fsync)
+    lock = rundir.RunLock(target)
+    lock.acquire()
+    write_output_marker(target, kind)
+    lock.release()
+    assert len(checked) == 2
+    check_output(target, kind, label="out")
+
+
 def test_every_kind_is_registered_by_its_module():
     assert set(files.OUTPUT_KINDS) | set(files._kinds()) >= set(KINDS)
 

@@ -36,6 +36,7 @@ nothing overflows in fp16 before the sum.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +113,19 @@ def add_low_rank(acc: torch.Tensor, u: torch.Tensor, up: torch.Tensor, alpha: fl
     return acc if inplace else out.view(acc.shape)
 
 
+def one_pass_add(acc: torch.Tensor, u: torch.Tensor, up: torch.Tensor, alpha: float) -> bool:
+    """Whether add_low_rank(acc, u, up, alpha) may add into a 16-bit `acc` as it is, with the numbers of the
+    sum in an fp32 copy of acc rounded back: under autocast, where the GEMM's result has acc's dtype (inputs
+    that autocast casts: not float64) and alpha is a power of two >= 1. A 16-bit add computes a + alpha·b
+    in fp32 and rounds once only in its vectorised loop; its scalar loop (the elements past the last full
+    vector of a thread's share) rounds alpha·b to 16 bits first, exact only for such an alpha (barring
+    overflow past the dtype's largest number, where the sum is not finite anyway)."""
+    device = acc.device.type
+    if not torch.is_autocast_enabled(device) or acc.dtype != torch.get_autocast_dtype(device):
+        return False
+    return torch.float64 not in (u.dtype, up.dtype) and alpha >= 1 and math.frexp(alpha)[0] == 0.5
+
+
 # ---- the magnitude -----------------------------------------------------------------------------------------
 def _column_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Σ_t a ⊙ b over tokens, [out], the products formed in fp32 (`a` is fp32 or wider; `b` is promoted as it is read)."""
@@ -127,15 +141,16 @@ def _rescaled(base_out, w0x, u, up, g, bias) -> torch.Tensor:
     """The rescale's value (the forward of _Rescale, and the whole of it without gradients); up = scaled_up(...).
 
     Mixed-dtype products and sums promote a 16-bit operand to fp32 as they read it: the numbers of an fp32
-    copy, without the copy's pass over [tokens, out]."""
-    wide = torch.promote_types(base_out.dtype, g.dtype)
+    copy, without the copy's pass over [tokens, out]. The [out] factors are made fp32 (or wider) first, so
+    that a 16-bit g (parameters cast by FSDP / DeepSpeed) never makes the sum 16-bit."""
+    wide = torch.promote_types(torch.promote_types(base_out.dtype, g.dtype), torch.float32)
     if w0x is not None:  # delta mode: out + (g − 1)·w0x + ...
-        acc = torch.mul(w0x, g - 1)
+        acc = torch.mul(w0x, (g - 1).to(wide))
     else:  # out + (g − 1)·(out − bias) + ... = g·out + (1 − g)·bias + ...: one pass less
-        acc = torch.mul(base_out, g)
+        acc = torch.mul(base_out, g.to(wide))
         if bias is not None:
-            acc += bias.to(wide) * (1 - g)
-    acc = acc.to(wide).contiguous()  # our own temporary, returned as the output: no view
+            acc += _wide(bias) * (1 - g)
+    acc = acc.contiguous()  # our own temporary, returned as the output: no view
     if u is not None:  # g ⊙ s·u·Bᵀ = u·(diag(g)·s·B)ᵀ
         add_low_rank(acc, u, up, inplace=True)
     if w0x is not None:

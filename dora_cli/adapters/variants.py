@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from dora_cli.adapters.functional import add_low_rank, widen_linear
+from dora_cli.adapters.functional import add_low_rank, one_pass_add, widen_linear
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,12 @@ class Direction:
         """base + ΔW · xd without forming ΔW: scale · (xd·Aᵀ)·Bᵀ in the adapter's dtype (functional.py),
         summed with base in fp32 and rounded once to base's dtype (PEFT's LoRA forward). The add rides in
         the up-projection's GEMM (addmm), or under autocast in one pass over the two 16-bit tensors (which
-        is computed in fp32 and rounded once: the same numbers, without an fp32 copy of base and back);
+        is computed in fp32 and rounded once: the same numbers, without an fp32 copy of base and back; only
+        where functional.one_pass_add says it is so: the scale a power of two >= 1, as alpha = r or 2r);
         with B = 0 the result is `base` bit for bit."""
         b, a, scale = cls.factors(layer)
         u = widen_linear(xd, a)
-        if torch.is_autocast_enabled(base.device.type):
+        if one_pass_add(base, u, b, scale):
             return add_low_rank(base, u, b, alpha=scale)
         acc = base.to(torch.promote_types(base.dtype, b.dtype))
         return add_low_rank(acc, u, b, alpha=scale).to(base.dtype)

@@ -1,0 +1,95 @@
+"""The pass-saving changes of issue 22 (functional.py's rescale, Direction.add_delta under autocast) against
+the code they replaced (functional_260d390.py): the same output and the same gradients, bit for bit, for
+every activation dtype x adapter dtype x autocast x bias x dropout mode x rescale form, with and without
+gradients. A faster path that changes a number is not faster."""
+
+from __future__ import annotations
+
+import itertools
+import types
+
+import functional_260d390 as before
+import pytest
+import torch
+
+from dora_cli.adapters import functional
+from dora_cli.adapters.variants import LowRank
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+AUTOCAST = (None, torch.bfloat16, torch.float16)
+TOKENS, D_IN, D_OUT, R = (2, 5), 8, 6, 3
+
+
+def _name(x) -> str:
+    return "none" if x is None else str(x).removeprefix("torch.")
+
+
+def _same(got: list, want: list, where: str) -> None:
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert (g is None) == (w is None), (where, i)
+        if g is not None:
+            assert g.dtype == w.dtype and torch.equal(g, w), (where, i, g.dtype, w.dtype,
+                                                              (g.double() - w.double()).abs().max().item())
+
+
+def _run(fn, inputs: list, autocast, grad: bool) -> list:
+    """fn(*inputs) under the autocast, then its backward with a fixed upstream gradient: [y, grads...]."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(grad) for t in inputs]
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None), torch.set_grad_enabled(grad):
+        y = fn(*leaves)
+    out = [y.detach()]
+    if grad:
+        upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
+        y.backward(upstream)
+        out += [None if t is None else t.grad for t in leaves]
+    return out
+
+
+FORMS = ("fast", "fast-bias", "delta", "keep-output", "magnitude-only")
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=_name)
+@pytest.mark.parametrize("act, adapter", list(itertools.product(DTYPES, DTYPES)), ids=lambda d: _name(d))
+def test_the_rescale_is_the_previous_one_bit_for_bit(act, adapter, autocast, form):
+    gen = torch.Generator().manual_seed(1)
+    base_out = torch.randn(*TOKENS, D_OUT, generator=gen).to(act)
+    w0x = torch.randn(*TOKENS, D_OUT, generator=gen).to(act) if form == "delta" else None
+    u = None if form == "magnitude-only" else torch.randn(*TOKENS, R, generator=gen).to(adapter)
+    b = torch.randn(D_OUT, R, generator=gen).to(adapter)
+    g = (1 + 0.3 * torch.randn(D_OUT, generator=gen)).to(adapter)
+    bias = torch.randn(D_OUT, generator=gen).to(act) if form in ("fast-bias", "magnitude-only") else None
+    for grad in (True, False):
+        results = []
+        for module in (before, functional):
+            def fn(base_out, w0x, u, b, g, bias, module=module):
+                return module.rescale(base_out, g, w0x=w0x, u=u, b=None if u is None else b, scale=0.37, bias=bias,
+                                      keep_output=form == "keep-output")
+            results.append(_run(fn, [base_out, w0x, u, b, g, bias], autocast, grad))
+        _same(results[1], results[0], f"grad={grad}")
+
+
+@pytest.mark.parametrize("tokens", [TOKENS, (3, 211)], ids=["60", "1266"])  # a vector tail; many vectors
+@pytest.mark.parametrize("scale", [1.0, 2.0, 4.0, 0.5, 0.375, 0.37, 16 / 8**0.5], ids=["1", "2", "4", "0.5", "0.375", "0.37", "rslora"])
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=_name)
+@pytest.mark.parametrize("act, adapter", list(itertools.product(DTYPES, DTYPES)), ids=lambda d: _name(d))
+def test_the_low_rank_add_is_the_previous_one_bit_for_bit(act, adapter, autocast, scale, tokens):
+    """LoRA's forward: base + scale·(x·Aᵀ)·Bᵀ. Under autocast a 16-bit sum in one pass gives the fp32 sum's
+    rounding only where scale·(16-bit number) is exact: a scale rounded to 16 bits, or a product rounded
+    before the sum (the add's scalar loop), would change the numbers."""
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(R, D_IN, generator=gen).to(adapter)
+    b = torch.randn(D_OUT, R, generator=gen).to(adapter)
+    base = torch.randn(*tokens, D_OUT, generator=gen).to(act)
+    xd = torch.randn(*tokens, D_IN, generator=gen).to(act)
+    for grad in (True, False):
+        def ours(a, b, base, xd):
+            return LowRank.add_delta(types.SimpleNamespace(lora_A=a, lora_B=b, scaling=scale), base, xd)
+
+        def theirs(a, b, base, xd):
+            return before.add_delta(b, a, scale, base, xd)
+
+        _same(_run(ours, [a, b, base, xd], autocast, grad), _run(theirs, [a, b, base, xd], autocast, grad), f"grad={grad}")
