@@ -231,7 +231,7 @@ def test_the_committed_study_plans_its_whole_sweep_from_one_command(real_recipe_
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     args = dict(zip(study.SWEEP[::2], study.SWEEP[1::2]))
-    plan = sweep.plan_sweep(study.RECIPE, [f"output_dir={tmp_path / 'out'}"], ranks=args["--ranks"].split(","),
+    plan = sweep.plan_sweep(study.RECIPE, [*study.OVERRIDES, f"output_dir={tmp_path / 'out'}"], ranks=study.RANKS.split(","),
                             methods=args["--methods"].split(","), seeds=args["--seeds"], grid=[args["--grid"]],
                             select_at=args["--select-at"])
     assert (plan.methods, plan.ranks, plan.seeds, plan.select_at) == (["lora", "dora"], [4, 8, 16], [1, 2, 3], 8)
@@ -240,6 +240,7 @@ def test_the_committed_study_plans_its_whole_sweep_from_one_command(real_recipe_
     for trial in plan.trials.values():
         r = trial.recipe
         assert r.train.max_steps >= 200 and r.train.batch_size == 8 and r.data.val_set_size > 0
+        assert r.train.keep_last * r.train.save_every >= r.train.max_steps  # the analysed steps are kept
         assert (r.eval.mode, sorted(r.eval.tasks)) == ("loglik", tests)
         assert r.model.name_or_path == str(real_recipe_env[0])
     assert [s.selecting for s in plan.slots].count(True) == 2 * len(plan.settings)

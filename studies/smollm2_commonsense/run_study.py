@@ -15,6 +15,7 @@ study.json (the commands, and the wall time of each step summed over every invoc
 keeps the count between them).
 
     python studies/smollm2_commonsense/run_study.py [--shard K/N]   # N machines: step 1 only, one shard each
+    python studies/smollm2_commonsense/run_study.py --ranks 8       # the rank-8 study alone (hours less)
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ RUNS = STUDY / "runs"
 RESULTS = STUDY / "results"
 LRS = "2e-4,1e-3"  # each method's learning rate is chosen from these on the validation loss
 FT_LR = "2e-5"  # full fine-tuning (one run, for the analysis only)
-SWEEP = ["--methods", "lora,dora", "--ranks", "4,8,16", "--seeds", "3", "--grid", f"optim.lr={LRS}", "--select-at", "8"]
+RANKS = "4,8,16"
+# keep_last 8: an interrupted trial adds a checkpoint (its step at the signal), and the analysis needs 50 / 100 / 150.
+SWEEP = ["--methods", "lora,dora", "--seeds", "3", "--grid", f"optim.lr={LRS}", "--select-at", "8"]
+OVERRIDES = ["train.keep_last=8"]
 ANALYSED_STEPS = ("checkpoint-50", "checkpoint-100", "checkpoint-150", "final")
 
 
@@ -77,11 +81,14 @@ def timed(step: str, work) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shard", help="K/N: run only this shard of the rank study (step 1); then run without it")
+    ap.add_argument("--ranks", default=RANKS, help=f"the ranks of the rank study (default {RANKS}); 8 first is a "
+                                                   "complete study of one rank, and later ranks reuse its trials")
     args = ap.parse_args()
     recipe = str(RECIPE.relative_to(ROOT))
+    sweep_args = ["--ranks", args.ranks, *SWEEP, *OVERRIDES]
 
     # 1. The rank study.
-    timed("sweep_s", lambda: dora("sweep-rank", recipe, *SWEEP, *(["--shard", args.shard] if args.shard else [])))
+    timed("sweep_s", lambda: dora("sweep-rank", recipe, *sweep_args, *(["--shard", args.shard] if args.shard else [])))
     if args.shard:
         print(f"study: shard {args.shard} done; when every shard is, run the study once without --shard")
         return
@@ -105,7 +112,7 @@ def main() -> None:
         shutil.copyfile(RUNS / "sweep" / name, RESULTS / name)
     shutil.copytree(RUNS / "analysis", RESULTS / "analysis", dirs_exist_ok=True)
     seconds = json.loads((RUNS / "wall_time.json").read_text())
-    study = {"recipe": recipe, "sweep": ["dora", "sweep-rank", recipe, *SWEEP], "full_finetuning_lr": FT_LR,
+    study = {"recipe": recipe, "sweep": ["dora", "sweep-rank", recipe, *sweep_args], "full_finetuning_lr": FT_LR,
              "analysed": checkpoints, "wall_time_s": {**seconds, "total_s": sum(seconds.values())}}
     (RESULTS / "study.json").write_text(json.dumps(study, indent=1) + "\n")
     print(f"study: results in {RESULTS} ({sum(seconds.values()) / 3600:.1f} hours of work over every invocation)")
