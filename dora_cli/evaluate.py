@@ -52,7 +52,8 @@ def _legacy_eval(directory: Path) -> bool:
     )
 
 
-EVAL_OUTPUT = register_output_kind(OutputKind("eval", "dora eval", entries=tuple(SUITES), legacy=_legacy_eval))
+EVAL_OUTPUT = register_output_kind(OutputKind("eval", "dora eval", entries=tuple(SUITES), legacy=_legacy_eval,
+                                              contents=tuple((name, s.writes) for name, s in SUITES.items())))
 """What `dora eval` writes in OUT: one directory per suite."""
 
 

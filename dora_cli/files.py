@@ -178,25 +178,61 @@ class OutputKind:
     nested: tuple[tuple[str, str], ...] = ()
     legacy: Callable[[Path], bool] | None = None
     contents: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    """(entry pattern, patterns of the paths inside it): directories whose every file is checked too (a
-    user's file inside a checkpoint would go with it when the checkpoint is replaced or pruned)."""
+    """(entry pattern, patterns of the paths inside it): what this kind writes inside the directories among its
+    entries (`matches`: segment by segment, `**` any depth). A directory entry owns nothing else: a user's file
+    inside it would go with it when it is cleared, replaced or pruned."""
 
-    def foreign_inside(self, entry: Path) -> str | None:
-        """The first path inside `entry` (one of `contents`) that this kind does not write, or None."""
-        for pattern, inside in self.contents:
-            if fnmatch.fnmatchcase(entry.name, pattern) and entry.is_dir() and not entry.is_symlink():
-                for path in sorted(entry.rglob("*")):
-                    rel = path.relative_to(entry).as_posix()
-                    if not any(fnmatch.fnmatchcase(rel, p) for p in inside):
-                        return f"{entry.name}/{rel}"
+    sealed: tuple[str, ...] = ()
+    """Patterns of the directory entries written whole and never written into again (checkpoints): a link inside
+    one is never written through (rundir.verify calls it damage), so there it is judged by its name alone."""
+
+    def foreign(self, entry: Path) -> str | None:
+        """The first path of `entry` (one of this kind's entries) that this kind did not write, in words, or None:
+        a path inside a directory that its `contents` do not name; the entry itself a symbolic link or a file
+        with other hard links, or such a link inside a directory written in place (a link inside one leading
+        into it is a tracker's), which this kind never makes: writing into it writes into a user's file."""
+        if _TEMPORARY.match(entry.name):  # a write a killed command left: removed whole, never written into
+            return None
+        inside = next((p for pattern, p in self.contents if fnmatch.fnmatchcase(entry.name, pattern)), ())
+        sealed = any(fnmatch.fnmatchcase(entry.name, p) for p in self.sealed)
+        paths = [entry]
+        if entry.is_dir() and not entry.is_symlink():
+            paths += sorted(entry.rglob("*"))
+        for path in paths:
+            rel = path.relative_to(entry.parent).as_posix()
+            if path is not entry and not (_TEMPORARY.match(path.name)
+                                          or any(matches(path.relative_to(entry).as_posix(), p) for p in inside)):
+                return rel
+            if sealed and path is not entry:
+                continue
+            if path.is_symlink():
+                if path is entry or not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(entry)):
+                    return f"{rel} (a symbolic link to {os.readlink(path)})"
+            elif path.is_file() and path.stat().st_nlink > 1:
+                return f"{rel} (a file with other hard links)"
         return None
 
     def owns(self, name: str) -> bool:
-        return name in (OUTPUT_MARKER, LOCK_NAME) or name.startswith(TMP_PREFIX) or any(
+        return name in (OUTPUT_MARKER, LOCK_NAME) or bool(_TEMPORARY.match(name)) or any(
             fnmatch.fnmatchcase(name, p) for p in self.entries)
 
     def nested_kind(self, name: str) -> str | None:
         return next((kind for pattern, kind in self.nested if fnmatch.fnmatchcase(name, pattern)), None)
+
+
+def matches(rel: str, pattern: str) -> bool:
+    """Whether the relative path `rel` matches `pattern` segment by segment: fnmatch within a segment (its `*`
+    never crosses a `/`), `**` any number of segments. `tokenizer*` names a file beside the others, never one
+    inside a directory `tokenizer_old/`."""
+    return _matches(rel.split("/"), pattern.split("/"))
+
+
+def _matches(parts: list[str], patterns: list[str]) -> bool:
+    if not patterns:
+        return not parts
+    if patterns[0] == "**":
+        return any(_matches(parts[i:], patterns[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], patterns[0]) and _matches(parts[1:], patterns[1:])
 
 
 OUTPUT_KINDS: dict[str, OutputKind] = {}
@@ -325,8 +361,10 @@ def _check_owned(path: Path, kind: OutputKind, label: str) -> None:
     if found != kind.name:
         raise UserError(f"{label}: holds an output of {_command(found)}, not of {kind.command}; choose another directory")
     for name in entries:
+        if name == LOCK_NAME:  # a lock of ours, or a file RunLock refuses or takes over
+            continue
         if kind.owns(name):
-            inner = kind.foreign_inside(path / name)
+            inner = kind.foreign(path / name)
             if inner is not None:
                 raise UserError(f"{label}: holds {inner}, which {kind.command} did not write; move it out of the "
                                 "directory or choose another")

@@ -462,7 +462,9 @@ TRAIN_OUTPUT = register_output_kind(OutputKind(
              TRACKERS_NAME, INPUTS_NAME, "checkpoint-*", FINAL_NAME),
     nested=(("eval", "eval"), ("eval-*", "eval"), ("*-merged", "merge")),
     legacy=_legacy_run,
-    contents=(("checkpoint-*", CHECKPOINT_FILES), (FINAL_NAME, CHECKPOINT_FILES)),
+    contents=(("checkpoint-*", CHECKPOINT_FILES), (FINAL_NAME, CHECKPOINT_FILES),
+              (TRACKERS_NAME, ("dora_cli", "dora_cli/**", "wandb", "wandb/**"))),
+    sealed=("checkpoint-*", FINAL_NAME),
 ))
 """What `dora train` writes in output_dir; the default outputs of `dora eval` (eval-<checkpoint>) and
 `dora merge` (<checkpoint>-merged) of its checkpoints sit beside them."""

@@ -382,6 +382,18 @@ CASES: dict[str, Build] = {
     "analyze-out-inside-the-run": lambda k: ["analyze", str(k.run()), "--out", str(k.run().parent / "an")],
     "sweep-into-a-folder-of-the-user-s": lambda k: [
         "sweep-rank", k.recipe(), "--ranks", "2", f"output_dir={k.write('mine/sweep/notes.txt', 'x').parents[1]}"],
+    # a user's file inside a directory of ours, or linked in place of one of our files (files.OutputKind.foreign)
+    "train-resume-a-run-whose-log-links-to-a-user-file": lambda k: [
+        "train", k.recipe(), f"output_dir={linked(k, 'train.log', 'symlink')}", "--resume"],
+    "train-resume-a-run-whose-recipe-is-hard-linked": lambda k: [
+        "train", k.recipe(), f"output_dir={linked(k, 'recipe.yaml', 'hardlink')}", "--resume"],
+    "train-overwrite-a-user-file-in-trackers": lambda k: [
+        "train", k.recipe(), f"output_dir={user_file_in(k.run().parent, 'trackers/notes.txt')}", "--overwrite"],
+    "train-overwrite-a-user-folder-in-a-checkpoint": lambda k: [
+        "train", k.recipe(), f"output_dir={user_file_in(k.run().parent, 'final/tokenizer_old/notes.txt')}", "--overwrite"],
+    "eval-overwrite-a-user-file-in-a-suite-folder": lambda k: [
+        "eval", str(k.run()), "--tasks", "boolq", "--limit", "1", "--overwrite",
+        "--out", str(user_file_in(eval_output(k), "commonsense/predictions/old/boolq.jsonl"))],
     "chat-stdin-closed": lambda k: ["chat", str(close_stdin(k, k.run()))],
     "dry-run-every-response-cut-off": lambda k: ["train", k.recipe(), "--dry-run", "data.cutoff_len=8",
                                                  "data.train_on_inputs=false"],
@@ -403,9 +415,20 @@ CASES: dict[str, Build] = {
 }
 
 
-def user_file_in(directory: Path) -> Path:
-    (directory / "notes.txt").write_text("mine")
+def user_file_in(directory: Path, name: str = "notes.txt") -> Path:
+    (directory / name).parent.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_text("mine")
     return directory
+
+
+def linked(k: Kit, name: str, how: str) -> Path:
+    """A copy of the run whose `name` is a link to a file of the user's (beside the run, a copy of the run's:
+    `ln run/recipe.yaml my-recipes/`)."""
+    run = k.run().parent
+    mine = k.write(f"mine-{name}", (run / name).read_bytes())
+    (run / name).unlink()
+    (run / name).symlink_to(mine) if how == "symlink" else (run / name).hardlink_to(mine)
+    return run
 
 
 def eval_output(k: Kit) -> Path:

@@ -108,6 +108,89 @@ def test_a_sweep_keeps_its_trials(tmp_path):
         check_output(sweep / "mine", "train", label="x")
 
 
+# A directory among a kind's entries owns only what the kind writes inside it (files.OutputKind.contents,
+# matched segment by segment): a user's file inside it would go with it on --overwrite / --force / a prune.
+INSIDE = [
+    ("train", "trackers/diary.txt"), ("train", "trackers/runs/mine/x.txt"),
+    ("train", "checkpoint-3/tokenizer_old/diary.txt"),  # `tokenizer*` names a file, not a folder's contents
+    ("train", "final/vocab.d/words.txt"), ("train", "eval-final/commonsense/notes.txt"),
+    ("eval", "commonsense/notes.txt"), ("eval", "commonsense/predictions/old/boolq.jsonl"),
+    ("eval", "math/predictions/notes.txt"), ("eval", "mt_bench/model_answer/notes.md"),
+    ("eval", "lm_eval/samples/sub/x.jsonl"), ("sweep", "dora-r4/trackers/diary.txt"),
+]
+OURS_INSIDE = {"train": ["trackers/dora_cli/events.out.tfevents.1.host", "trackers/wandb/offline-run-1/files/config.yaml",
+                         "checkpoint-3/tokenizer.json", "final/trainer_state/state.json", ".tmp-checkpoint-4-999999/x"],
+               "eval": ["commonsense/predictions/boolq.jsonl", "commonsense/predictions/run.json", "math/metrics.json",
+                        "mt_bench/model_answer/m.run.json", "mt_bench/model_judgment/gpt-4_single.jsonl",
+                        "lm_eval/samples/arc_easy.jsonl", "commonsense/predictions/.tmp-run.json-999999.abc123"],
+               "sweep": ["dora-r4/checkpoint-2/adapter_model.safetensors", "dora-r4/trackers/dora_cli/e"]}
+
+
+def plant_ours(root: Path, kind: str) -> Path:
+    """An output of `kind` holding what it writes inside its directories (nested outputs marked too)."""
+    mark(root, kind, *([] if kind == "eval" else [OWN_ENTRY[kind]]))
+    for rel in OURS_INSIDE[kind]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x")
+    if kind == "sweep":
+        write_output_marker(root / "dora-r4", "train")
+    if kind == "train":
+        mark(root / "eval-final", "eval")
+        (root / "eval-final" / "commonsense").mkdir()
+        mark(root / "final-merged", "merge", "config.json")
+        (root / "trackers" / "wandb" / "latest-run").symlink_to("offline-run-1")  # wandb's, inside trackers/: ours
+    return root
+
+
+@pytest.mark.parametrize("kind,inside", INSIDE, ids=[f"{k}-{i}" for k, i in INSIDE])
+def test_a_user_file_inside_a_directory_we_write_blocks_every_write(kind, inside, tmp_path):
+    out = plant_ours(tmp_path / "out", kind)
+    check_output(out, kind, label="x", replace=True)  # what the kind writes inside its directories is its own
+    (out / inside).parent.mkdir(parents=True, exist_ok=True)
+    (out / inside).write_text("mine")
+    for replace in (False, True):
+        with pytest.raises(UserError, match="which dora .* did not write"):
+            check_output(out, kind, label="x", replace=replace)
+    with pytest.raises(UserError, match="did not write"):
+        clear_output(out, kind)
+    assert (out / inside).read_text() == "mine"
+
+
+LINKED = [("train", "train.log"), ("train", "metrics.jsonl"), ("train", "recipe.yaml"), ("train", "checkpoint-3"),
+          ("train", "trackers/wandb/debug.log"),
+          ("eval", "commonsense/predictions/boolq.jsonl"), ("eval", "commonsense"), ("merge", "config.json"),
+          ("analyze", "analysis.json"), ("sweep", "sweep.md"), ("sweep", "dora-r4/train.log")]
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+@pytest.mark.parametrize("kind,name", LINKED, ids=[f"{k}-{n}" for k, n in LINKED])
+def test_a_link_to_a_user_file_in_our_output_is_not_ours(kind, name, link, tmp_path):
+    """A run appends to train.log and metrics.jsonl and rewrites recipe.yaml in place when resumed, eval appends
+    to its predictions: through a link planted under one of our names that would write into the user's file.
+    dora never makes such links: they are the user's."""
+    out = plant_ours(tmp_path / "out", kind) if kind in OURS_INSIDE else mark(tmp_path / "out", kind, OWN_ENTRY[kind])
+    user = tmp_path / "user" / "diary"
+    user.parent.mkdir()
+    if link == "symlink" or name == "checkpoint-3" or name == "commonsense":
+        user.mkdir() if "." not in name else user.write_text("mine")
+    else:
+        user.write_text("mine")
+    target = out / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    else:
+        target.unlink(missing_ok=True)
+    if link == "symlink" or user.is_dir():
+        target.symlink_to(user)
+    else:
+        target.hardlink_to(user)
+    for replace in (False, True):
+        with pytest.raises(UserError, match="(symbolic link to|other hard links).* did not write"):
+            check_output(out, kind, label="x", replace=replace)
+    assert user.exists()
+
+
 def test_clear_removes_what_the_kind_wrote_and_keeps_the_lock(tmp_path):
     run = mark(tmp_path / "run", "train", "train.log", "metrics.jsonl", rundir.LEGACY_MARKER)
     (run / "checkpoint-3").mkdir()

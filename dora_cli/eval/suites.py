@@ -53,6 +53,8 @@ class Suite:
     max_new_tokens: int | None
     check_inputs: Callable[[Recipe], None]
     run: Callable[[SuiteRun], dict]
+    writes: tuple[str, ...]
+    """The paths it writes in its directory (files.matches patterns): anything else there is the user's."""
     compared: Callable[[Recipe], dict] | None = None
 
 
@@ -175,10 +177,14 @@ SUITES: dict[str, Suite] = {
     s.name: s
     for s in (
         Suite("commonsense", num_beams=4, max_new_tokens=32, check_inputs=_check_commonsense, run=_run_commonsense,
-              compared=_compared_commonsense),
-        Suite("math", num_beams=1, max_new_tokens=1024, check_inputs=_check_math, run=_run_math),
-        Suite("mt_bench", num_beams=None, max_new_tokens=None, check_inputs=_check_mt_bench, run=_run_mt_bench),
+              writes=("metrics.json", "results.md", "predictions", "predictions/run.json", "predictions/*.jsonl"), compared=_compared_commonsense),
+        Suite("math", num_beams=1, max_new_tokens=1024, check_inputs=_check_math, run=_run_math,
+              writes=("metrics.json", "results.md", "predictions", "predictions/run.json", "predictions/*.jsonl")),
+        Suite("mt_bench", num_beams=None, max_new_tokens=None, check_inputs=_check_mt_bench, run=_run_mt_bench,
+              writes=("metrics.json", "model_answer", "model_answer/*.jsonl", "model_answer/*.run.json",
+                      "model_judgment", "model_judgment/*_single.jsonl")),
         Suite("lm_eval", num_beams=None, max_new_tokens=None, check_inputs=_check_lm_eval, run=_run_lm_eval,
+              writes=("run.json", "requests.jsonl", "metrics.json", "results.md", "samples", "samples/*.jsonl"),
               compared=_compared_lm_eval),
     )
 }
