@@ -333,6 +333,8 @@ class Trainer:
         self.state: RunState | None = None  # checkpoints in and out (run_state.py)
         self.step = 0
         self.tokens_seen = 0
+        self.seconds_before = 0.0  # training seconds up to the checkpoint a resumed run starts from
+        self.loop_started = time.perf_counter()
         self.skipped = 0
         self.eta: Eta | None = None
         self.last_val: tuple[int, float] | None = None  # (step, validation loss) of the newest validation
@@ -431,7 +433,7 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------------
     def _loop(self) -> Path:
         t, plan = self.recipe.train, self.s.plan
-        started = time.perf_counter()
+        self.loop_started = time.perf_counter()
         last_saved = self.step if self.step else -1  # a resumed run's checkpoint
         window, first_loss = Window(), None
         self.eta = Eta(self.step, plan.total_steps)
@@ -469,7 +471,7 @@ class Trainer:
         changes = self._adapter_change()
         if self.main:
             warnings = self._magnitude_warning(changes)
-            self._write_metrics(started, first_loss, val_loss, changes, warnings)
+            self._write_metrics(first_loss, val_loss, changes, warnings)
             self.log(f"done: {final}")
         return final
 
@@ -666,8 +668,7 @@ class Trainer:
             self.dir.log_event(record)
         trackers.log(self.acc, record)
 
-    def _write_metrics(self, started: float, first_loss: float | None, val_loss: float | None, changes: dict,
-                       warnings: list[str]) -> None:
+    def _write_metrics(self, first_loss: float | None, val_loss: float | None, changes: dict, warnings: list[str]) -> None:
         losses = [e["loss"] for e in self.dir.events() if "loss" in e]
         report = self.s.report
         self.dir.write_metrics({
@@ -678,7 +679,7 @@ class Trainer:
             "steps": self.step,
             "epochs": round(self.step / self.s.plan.steps_per_epoch, 4),
             "tokens": self.tokens_seen,
-            "wall_time_s": round(time.perf_counter() - started, 3),
+            "wall_time_s": round(self._trained_seconds(), 3),  # over every invocation of a resumed run
             "trainable_params": report.trainable,
             "total_params": report.total,
             "trainable_percent": report.percent,
@@ -690,8 +691,13 @@ class Trainer:
         })
 
     # ---- checkpoints ------------------------------------------------------------------------------------
+    def _trained_seconds(self) -> float:
+        """Seconds of training that led here: this invocation's loop, plus the earlier ones' up to the checkpoint
+        it resumed from (the steps an interruption lost, redone here, are counted once)."""
+        return self.seconds_before + time.perf_counter() - self.loop_started
+
     def _save(self, target: Path, *, trainer_state: bool) -> Path:
-        counters = {"step": self.step, "tokens_seen": self.tokens_seen}
+        counters = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": round(self._trained_seconds(), 3)}
         if self.acc.device.type == "cpu":
             counters["threads"] = torch.get_num_threads()
         counters = counters if trainer_state else None
@@ -704,6 +710,8 @@ class Trainer:
             return
         name, counters = found
         self.step, self.tokens_seen = int(counters["step"]), int(counters["tokens_seen"])
+        seconds = counters.get("train_seconds")  # a checkpoint of an older version has none
+        self.seconds_before = float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0 else 0.0
         threads = counters.get("threads")  # saved by a run on the CPU
         if self.recipe.train.threads is None and self.acc.device.type == "cpu" and isinstance(threads, int) and threads > 0:
             # Some CPU reductions sum in another order on another number of threads: the resumed run takes

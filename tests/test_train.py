@@ -44,8 +44,12 @@ def test_dry_run_prints_the_share_and_writes_nothing(tmp_path):
 def test_sigkill_then_resume_is_bitwise_identical(smoke_run, tmp_path):
     out = tmp_path / "killed"
     train_killed_at_checkpoint([SMOKE, "train.save_every=5"], out, 10)
+    newest = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    seconds = json.loads((newest / "trainer_state" / "state.json").read_text())["train_seconds"]
     resumed = dora("train", SMOKE, f"output_dir={out}", "train.save_every=5", "--resume")
-    assert "resuming from checkpoint-" in resumed.stderr
+    assert f"resuming from {newest.name}" in resumed.stderr
+    # the training time of the run counts the killed invocation's, up to the checkpoint resumed from
+    assert 0 < seconds < json.loads((out / "metrics.json").read_text())["wall_time_s"]
     ours, ref = weights(out), weights(smoke_run)
     assert ours.keys() == ref.keys()
     for key in ref:
