@@ -710,8 +710,7 @@ class Trainer:
             return
         name, counters = found
         self.step, self.tokens_seen = int(counters["step"]), int(counters["tokens_seen"])
-        seconds = counters.get("train_seconds")  # a checkpoint of an older version has none
-        self.seconds_before = float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0 else 0.0
+        self.seconds_before = float(counters.get("train_seconds", 0.0))  # a checkpoint of an older version has none
         threads = counters.get("threads")  # saved by a run on the CPU
         if self.recipe.train.threads is None and self.acc.device.type == "cpu" and isinstance(threads, int) and threads > 0:
             # Some CPU reductions sum in another order on another number of threads: the resumed run takes
