@@ -24,6 +24,7 @@ from dora_cli.adapters import (
     unmerge_adapters,
     unwrap,
 )
+from dora_cli.adapters.dropout import Dropout
 from dora_cli.adapters.norm import factored_row_norm
 from dora_cli.errors import UserError
 
@@ -287,6 +288,9 @@ def test_delta_dropout_mode_equals_peft_under_the_same_mask():
     model, cfg = adapted("dora", r=4, alpha=8, dropout=0.3, dropout_mode="delta")
     perturb(model)
     twin = peft_twin(model, cfg)
+    for name, module in twin.named_modules():  # PEFT's layers draw their masks as ours do (adapters/dropout.py)
+        if name.endswith("lora_dropout"):
+            module["default"] = Dropout(0.3)
     model.train(), twin.train()
     batch = ids()
     torch.manual_seed(123)

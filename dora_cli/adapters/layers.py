@@ -58,6 +58,7 @@ from dora_cli.adapters.base_ops import (
     prepare_base,
     weight_row_norm_sq,
 )
+from dora_cli.adapters.dropout import Dropout
 from dora_cli.adapters.functional import G_MIN, rescale, scaled_up, widen_linear
 from dora_cli.adapters.norm import EPS, factored_row_norm
 from dora_cli.adapters.variants import METHODS, LayerOptions, Magnitude, VeraProjections
@@ -117,7 +118,7 @@ class AdaptedLinear(nn.Module):
         self.scaling = 1.0
         self.detach_norm = detach_norm
         self.dropout_mode = dropout_mode
-        self.dropout = nn.Dropout(dropout) if dropout > 0 and self.direction else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 and self.direction else nn.Identity()
         self.merged = False
         self._merge_state: dict = {}
 
