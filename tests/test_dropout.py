@@ -144,3 +144,34 @@ def test_adapted_layers_use_it_and_drop_only_the_update():
     want = F.linear(x, layer.base_layer.weight) + 2.0 * F.linear(F.linear(xd, layer.lora_A), layer.lora_B)
     assert torch.allclose(y, want, atol=1e-5)
     assert not torch.allclose(y, F.linear(x, layer.base_layer.weight) + 2.0 * F.linear(F.linear(x, layer.lora_A), layer.lora_B), atol=1e-3)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.7])
+@pytest.mark.parametrize("x_dtype, autocast", [(torch.float32, False), (torch.float64, False), (torch.float32, True),
+                                               (torch.bfloat16, True), (torch.bfloat16, False)],
+                         ids=["fp32", "fp64", "fp32-autocast", "bf16-autocast", "bf16"])
+def test_widen_linear_with_dropout_is_dropout_then_the_product(p, x_dtype, autocast):
+    """functional.widen_linear(x, w, p) (dropout folded into the product's autograd node) against dropout(x, p)
+    followed by widen_linear(xd, w) under the same mask: the same output bit for bit, and the same gradients up
+    to where the scale is applied (to w's [r, in] factor instead of the [tokens, in] gradient)."""
+    from dora_cli.adapters.functional import widen_linear
+
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 40, 24, generator=gen).to(x_dtype)
+    w0 = torch.randn(4, 24, generator=gen, dtype=torch.float64 if x_dtype == torch.float64 else torch.float32)
+    upstream = torch.randn(3, 40, 4, generator=gen)
+    results = []
+    for fused in (True, False):
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        torch.manual_seed(8)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            u = widen_linear(x, w, p) if fused else widen_linear(dropout(x, p), w)
+        u.backward(upstream.to(u.dtype))
+        results.append((u.detach(), x.grad, w.grad))
+    (u1, gx1, gw1), (u2, gx2, gw2) = results
+    assert u1.dtype == u2.dtype and torch.equal(u1, u2)
+    assert torch.equal(gw1, gw2)
+    assert gx1.dtype == gx2.dtype == x_dtype
+    assert torch.equal(gx1 == 0, gx2 == 0)  # the same mask
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[x_dtype if not autocast else torch.bfloat16]
+    assert torch.allclose(gx1.double(), gx2.double(), rtol=tol, atol=tol * gx2.double().abs().max().item())

@@ -49,40 +49,59 @@ def event_positions(n: int, q: float, generator: torch.Generator | None = None) 
     return positions[: int(torch.searchsorted(positions, float(n)))].long()  # (sorted: the ones below n lead)
 
 
+def drop(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x·s with the dropped elements zero, as a new contiguous tensor; the positions `dropped_grad` needs):
+    the dropped positions for p <= 1/2, the kept ones above."""
+    scale = 1.0 / (1.0 - p)
+    if p <= 0.5:
+        positions = event_positions(x.numel(), p)
+        y = torch.mul(x, scale).contiguous()
+        y.view(-1).index_fill_(0, positions, 0)
+    else:
+        positions = event_positions(x.numel(), 1.0 - p)
+        y = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+        y.view(-1)[positions] = x.reshape(-1)[positions] * scale
+    return y, positions
+
+
+def dropped_grad(grad: torch.Tensor, positions: torch.Tensor, p: float, scaled: bool = False) -> torch.Tensor:
+    """The gradient through `drop`: grad·s at the kept positions, 0 at the dropped ones. scaled: `grad` is
+    already multiplied by s and a temporary of the caller's (zeroed in place)."""
+    scale = 1.0 if scaled else 1.0 / (1.0 - p)
+    if p <= 0.5:
+        out = grad.contiguous() if scaled else torch.mul(grad, scale).contiguous()
+        out.view(-1).index_fill_(0, positions, 0)
+        return out
+    out = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
+    kept = grad.reshape(-1)[positions]
+    out.view(-1)[positions] = kept if scaled else kept * scale
+    return out
+
+
+def geometric_path(x: torch.Tensor) -> bool:
+    """Whether dropout on x draws its mask from geometric gaps (the CPU, outside torch.compile)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p: float):
-        flat_shape = x.shape
-        scale = 1.0 / (1.0 - p)
-        if p <= 0.5:  # draw the dropped positions
-            positions = event_positions(x.numel(), p)
-            y = torch.mul(x, scale).contiguous()
-            y.view(-1).index_fill_(0, positions, 0)
-        else:  # draw the kept ones
-            positions = event_positions(x.numel(), 1.0 - p)
-            y = torch.zeros(flat_shape, dtype=x.dtype, device=x.device)
-            y.view(-1)[positions] = x.reshape(-1)[positions] * scale
-        ctx.p, ctx.scale = p, scale
+        y, positions = drop(x, p)
+        ctx.p = p
         ctx.save_for_backward(positions)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         (positions,) = ctx.saved_tensors
-        if ctx.p <= 0.5:
-            grad_x = torch.mul(grad_y, ctx.scale).contiguous()
-            grad_x.view(-1).index_fill_(0, positions, 0)
-        else:
-            grad_x = torch.zeros(grad_y.shape, dtype=grad_y.dtype, device=grad_y.device)
-            grad_x.view(-1)[positions] = grad_y.reshape(-1)[positions] * ctx.scale
-        return grad_x, None
+        return dropped_grad(grad_y, positions, ctx.p), None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """F.dropout(x, p, training), with the mask drawn from geometric gaps on the CPU (see the module)."""
     if not training or p == 0 or x.numel() == 0:
         return x
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or not 0 < p < 1:
+    if not geometric_path(x) or not 0 < p < 1:
         return F.dropout(x, p, training)
     return _Dropout.apply(x, p)
 

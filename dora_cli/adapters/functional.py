@@ -1,8 +1,9 @@
 """The adapter arithmetic that autograd alone would do imprecisely or wastefully: two autograd functions.
 
-`widen_linear(x, w)`: x·wᵀ computed in w's dtype (the adapter's fp32, as PEFT casts its input) while
-the backward keeps x in its own, possibly 16-bit, dtype: the same numbers as `F.linear(x.float(), w)`
-without keeping an fp32 copy of every adapted layer's input.
+`widen_linear(x, w, p)`: drop(x)·wᵀ computed in w's dtype (the adapter's fp32, as PEFT casts its input)
+while the backward keeps x in its own, possibly 16-bit, dtype: the numbers of
+`F.linear(dropout(x, p).float(), w)` (dropout.py's masks) without keeping an fp32 copy of every adapted layer's input, and
+with the dropout's backward folded into its own.
 
 `rescale(...)`: the magnitude of DoRA, DVoRA and magnitude-only layers, added to the base layer's own
 output as a correction that is exactly zero at initialisation (PEFT's formulation):
@@ -41,6 +42,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dora_cli.adapters.dropout import drop, dropped_grad, geometric_path
+
 G_MIN = 1.0 / 64
 """Below this |g| = |m| / n in some row, the rescale keeps w0x's source instead of its output."""
 
@@ -67,31 +70,46 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-# ---- x·wᵀ in w's dtype, keeping x narrow ---------------------------------------------------------------
+# ---- x·wᵀ in w's dtype, keeping x narrow; dropout on x ------------------------------------------------
 class _WidenLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w):
+    def forward(ctx, x, w, p: float):
         ctx.autocast = _autocast_state(x)
-        ctx.save_for_backward(x, w)
+        positions = None
+        if p:
+            x, positions = drop(x, p)  # the dropped input is what the backward keeps, as nn.Dropout + linear would
+        ctx.p = p
+        ctx.save_for_backward(x, w, positions)
         return F.linear(x.to(w.dtype), w)
 
     @staticmethod
     def backward(ctx, grad_u):
-        x, w = ctx.saved_tensors
+        x, w, positions = ctx.saved_tensors
         grad_x = grad_w = None
         with _autocast(ctx.autocast):
             if ctx.needs_input_grad[0]:
-                grad_x = (grad_u @ w.to(grad_u.dtype)).to(x.dtype)
+                if ctx.p:  # dropout's scale rides in the [r, in] factor; its zeros are written in place
+                    grad_x = (grad_u @ (w * (1.0 / (1.0 - ctx.p))).to(grad_u.dtype)).to(x.dtype)
+                    grad_x = dropped_grad(grad_x, positions, ctx.p, scaled=True)
+                else:
+                    grad_x = (grad_u @ w.to(grad_u.dtype)).to(x.dtype)
             if ctx.needs_input_grad[1]:
                 grad_w = (_rows(grad_u).T @ _rows(x).to(grad_u.dtype)).to(w.dtype)
-        return grad_x, grad_w
+        return grad_x, grad_w, None
 
 
-def widen_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x·wᵀ in w's dtype (autocast permitting); the backward keeps x as it is."""
+def widen_linear(x: torch.Tensor, w: torch.Tensor, p: float = 0.0) -> torch.Tensor:
+    """dropout(x, p)·wᵀ in w's dtype (autocast permitting); the backward keeps x (dropped) as it is.
+
+    p: inverted dropout on x first (training), its mask from adapters/dropout.py on the CPU (F.dropout
+    elsewhere); its backward shares this one's [tokens, in] gradient instead of a pass of its own."""
+    if p and x.numel() and geometric_path(x):
+        return _WidenLinear.apply(x, w, p)
+    if p:
+        x = F.dropout(x, p)
     if x.dtype == w.dtype:
         return F.linear(x, w)
-    return _WidenLinear.apply(x, w)
+    return _WidenLinear.apply(x, w, 0.0)
 
 
 # ---- the up-projection ------------------------------------------------------------------------------------

@@ -230,24 +230,27 @@ class AdaptedLinear(nn.Module):
         if self.merged:
             return self._merged_forward(x)
         base_out = self.base_layer(x)  # the base's own GEMM, bias and dtype
-        xd = self.dropout(x) if self.training else x  # (dropout is the identity in eval mode)
+        # dropout (the identity in eval mode) is applied with the low-rank branch's first GEMM (widen_linear)
+        p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
         if not self.method.magnitude:  # lora, vera
-            return self.direction.add_delta(self, base_out, xd)
-        delta_dropout = self.dropout_mode == "delta" and self.training and isinstance(self.dropout, nn.Dropout)
+            return self.direction.add_delta(self, base_out, x, p)
+        delta_dropout = self.dropout_mode == "delta" and p > 0
         if not delta_dropout and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             g, up, a = self._cached_scale()  # inference
-            u = widen_linear(xd, a) if self.direction else None
+            u = widen_linear(x, a, p) if self.direction else None
             return rescale(base_out, g, u=u, up=up, bias=self.base_layer.bias)
         self._g_cache = ()
         g = self.magnitude_scale()
         u = b = None
         scale = 1.0
+        if delta_dropout:  # one mask for both W0 and ΔW
+            xd = self.dropout(x)
+            b, a, scale = self.factors()
+            w0x = base_matmul(self.base_layer, xd)
+            return rescale(base_out, g, w0x=w0x, u=widen_linear(xd, a), b=b, scale=scale)
         if self.direction:
             b, a, scale = self.factors()
-            u = widen_linear(xd, a)  # ΔW·xd = scale · u·Bᵀ, left to the rescale
-        if delta_dropout:
-            w0x = base_matmul(self.base_layer, xd)
-            return rescale(base_out, g, w0x=w0x, u=u, b=b, scale=scale)
+            u = widen_linear(x, a, p)  # ΔW·drop(x) = scale · u·Bᵀ, left to the rescale
         keep_output = self._output_recovers_z(g)
         return rescale(base_out, g, u=u, b=b, scale=scale, bias=self.base_layer.bias, keep_output=keep_output)
 

@@ -72,15 +72,16 @@ class Direction:
         raise NotImplementedError
 
     @classmethod
-    def add_delta(cls, layer, base: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
-        """base + ΔW · xd without forming ΔW: scale · (xd·Aᵀ)·Bᵀ in the adapter's dtype (functional.py),
+    def add_delta(cls, layer, base: torch.Tensor, x: torch.Tensor, p: float = 0.0) -> torch.Tensor:
+        """base + ΔW · drop(x) without forming ΔW (p: dropout on x, functional.widen_linear):
+        scale · (xd·Aᵀ)·Bᵀ in the adapter's dtype (functional.py),
         summed with base in fp32 and rounded once to base's dtype (PEFT's LoRA forward). The add rides in
         the up-projection's GEMM (addmm), or under autocast in one pass over the two 16-bit tensors (which
         is computed in fp32 and rounded once: the same numbers, without an fp32 copy of base and back; only
         where functional.one_pass_add says it is so: the scale a power of two >= 1, as alpha = r or 2r);
         with B = 0 the result is `base` bit for bit."""
         b, a, scale = cls.factors(layer)
-        u = widen_linear(xd, a)
+        u = widen_linear(x, a, p)
         if one_pass_add(base, u, b, scale):
             return add_low_rank(base, u, b, alpha=scale)
         acc = base.to(torch.promote_types(base.dtype, b.dtype))
