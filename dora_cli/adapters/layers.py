@@ -11,6 +11,7 @@ dtype) and adds what the adapter changes:
                                                                                  code; a second GEMM)
 
 "fast" is g ⊙ (W0·x + ΔW·drop(x)) + b, one base GEMM; both are equal without dropout and in eval mode.
+drop is inverted dropout with PEFT's semantics; on the CPU its masks come from geometric gaps (dropout.py).
 The addition is fp32 and rounded once to the activation dtype; at step 0 (B = 0, g = m / n = 1
 exactly) it adds exactly zero, so the adapted model computes the base model bit for bit, in every
 dtype and on every base (bitsandbytes adds the bias in its compute dtype: we never re-add it).
