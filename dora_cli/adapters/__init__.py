@@ -12,6 +12,7 @@ Usable without the CLI::
     variants.py   the methods: a direction update (low-rank, VeRA, none) x a magnitude (on / off)
     layers.py     AdaptedLinear: one frozen base layer + one method
     functional.py the precision-aware autograd functions (fp32 low-rank branch, the magnitude rescale)
+    dropout.py    inverted dropout, its CPU masks drawn from geometric gaps
     base_ops.py   what a layer needs from its frozen base (GEMM without bias, weights; fp, 4-bit, 8-bit)
     norm.py       the factored row norm
     inject.py     wrap a model's target modules; count trainable parameters
