@@ -175,3 +175,44 @@ def test_widen_linear_with_dropout_is_dropout_then_the_product(p, x_dtype, autoc
     assert torch.equal(gx1 == 0, gx2 == 0)  # the same mask
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[x_dtype if not autocast else torch.bfloat16]
     assert torch.allclose(gx1.double(), gx2.double(), rtol=tol, atol=tol * gx2.double().abs().max().item())
+
+
+def test_a_dropout_module_put_in_eval_is_off_in_a_training_layer():
+    """`layer.dropout.eval()` switches dropout off as calling the module did before it was folded into
+    widen_linear (the layer reads p, not the module's output)."""
+    from dora_cli.adapters.layers import AdaptedLinear
+
+    for method, mode in (("lora", "fast"), ("dora", "fast"), ("dora", "delta")):
+        torch.manual_seed(0)
+        layer = AdaptedLinear(nn.Linear(16, 12, bias=False).requires_grad_(False), method, r=4, scaling=2.0, dropout=0.5,
+                              dropout_mode=mode)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        x = torch.randn(3, 16)
+        want = layer.eval()(x)
+        layer.train()
+        layer.dropout.eval()
+        assert torch.allclose(layer(x), want, atol=1e-6), (method, mode)
+
+
+def test_widen_linear_at_p_one_is_zero_not_a_division_by_zero():
+    from dora_cli.adapters.functional import widen_linear
+
+    x, w = torch.randn(4, 6), torch.randn(3, 6, requires_grad=True)
+    u = widen_linear(x, w, 1.0)
+    assert torch.equal(u, torch.zeros(4, 3))
+
+
+def test_widen_linear_with_dropout_refuses_a_double_backward_it_would_get_wrong():
+    """grad_w = grad_uᵀ·drop(x) is built from the dropped x the forward keeps, not from x in the graph:
+    a create_graph backward would leave out d(grad_w)/dx silently; it raises instead."""
+    from dora_cli.adapters.functional import widen_linear
+
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    u = widen_linear(x, w, 0.3)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(u.sum(), w, create_graph=True)
+    u = widen_linear(x, w, 0.3)
+    (gw,) = torch.autograd.grad(u.sum(), w)  # a first-order backward is unchanged
+    assert gw.shape == w.shape

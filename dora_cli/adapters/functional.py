@@ -85,6 +85,9 @@ class _WidenLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_u):
         x, w, positions = ctx.saved_tensors
+        if ctx.p and torch.is_grad_enabled():  # create_graph: grad_w's dependence on x is not in the graph
+            raise RuntimeError("widen_linear(x, w, p > 0) has no double backward (the dropped x it keeps is not x's "
+                               "function in the graph): use dropout(x, p) and widen_linear(xd, w) for that")
         grad_x = grad_w = None
         with _autocast(ctx.autocast):
             if ctx.needs_input_grad[0]:
@@ -103,7 +106,7 @@ def widen_linear(x: torch.Tensor, w: torch.Tensor, p: float = 0.0) -> torch.Tens
 
     p: inverted dropout on x first (training), its mask from adapters/dropout.py on the CPU (F.dropout
     elsewhere); its backward shares this one's [tokens, in] gradient instead of a pass of its own."""
-    if p and x.numel() and geometric_path(x):
+    if p and p < 1 and x.numel() and geometric_path(x):  # (p = 1: F.dropout's zeros; the scale 1 / (1 - p) is not finite)
         return _WidenLinear.apply(x, w, p)
     if p:
         x = F.dropout(x, p)

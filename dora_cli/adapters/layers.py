@@ -232,7 +232,8 @@ class AdaptedLinear(nn.Module):
             return self._merged_forward(x)
         base_out = self.base_layer(x)  # the base's own GEMM, bias and dtype
         # dropout (the identity in eval mode) is applied with the low-rank branch's first GEMM (widen_linear)
-        p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        # (the dropout module's own train / eval flag counts too, as when it was called: `layer.dropout.eval()`)
+        p = self.dropout.p if self.training and self.dropout.training and isinstance(self.dropout, nn.Dropout) else 0.0
         if not self.method.magnitude:  # lora, vera
             return self.direction.add_delta(self, base_out, x, p)
         delta_dropout = self.dropout_mode == "delta" and p > 0
