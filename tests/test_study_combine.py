@@ -90,6 +90,10 @@ REFUSED = {
     "two selections": ([_piece([8], LRS, True), _piece([4], LRS, True)], "a second piece that selects"),
     "a method not in the study": ([_piece([8], LRS, True), _piece([4], LRS, False, methods=["lora", "dora", "vera"])],
                                   "are not among the study's"),
+    "other training overrides": ([_piece([8], LRS, True, overrides=["train.max_steps=1000"]),
+                                  _piece([4], LRS, False, overrides=["train.max_steps=2"])], "override train.max_steps=2"),
+    "another grid and no selection": ([_piece([8], LRS, False), _piece([4], {"lora": "1e-3", "dora": "1e-3"}, False)],
+                                      "no piece selects"),
 }
 
 
@@ -122,3 +126,21 @@ def test_combining_valid_pieces_keeps_every_trial_and_the_selection():
     assert chosen == {(m, r): f"optim.lr={LRS[m]}" for m in LRS for r in (4, 8, 16)}
     assert [(d["rank"], d["n"]) for d in doc["differences"]] == [(4, 3), (8, 3), (16, 3)]
     assert sum(t["selecting"] for t in doc["trials"]) == 4  # the selecting piece's only
+
+
+def test_overrides_that_do_not_change_the_training_may_differ():
+    """Where a piece wrote, its checkpoints kept and its evaluation override (compared as settings.eval) are
+    not the study's identity; the training's are (the case above)."""
+    a = _piece([8], LRS, True, overrides=["train.keep_last=8", "output_dir=runs/a", "train.max_steps=50"])
+    b = _piece([4], LRS, False, overrides=["output_dir=runs/b", "train.threads=1", "train.max_steps=50"])
+    doc = combine.combine({"a": a, "b": b})
+    assert doc["settings"]["ranks"] == [4, 8]
+
+
+def test_pieces_without_a_selection_report_the_same_in_any_order():
+    """Without --select-at, pieces of one grid combine to the same groups, selection and differences
+    whichever comes first (two grids are refused above: the first one's would be the report's)."""
+    a, b = _piece([8], LRS, False), _piece([4], LRS, False)
+    ab, ba = combine.combine({"a": a, "b": b}), combine.combine({"b": b, "a": a})
+    for key in ("groups", "selection", "differences"):
+        assert ab[key] == ba[key]

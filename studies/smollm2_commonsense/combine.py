@@ -8,8 +8,9 @@ checks exactly that):
 
     python studies/smollm2_commonsense/combine.py PIECE.json [PIECE.json ...] --out DIR
 
-Every piece must be the same study (recipe, model, seeds, alpha rule, evaluation; methods among the
-study's), and no trial may be in two pieces. At most one piece selects (--select-at); every trial of the
+Every piece must be the same study (recipe, model, seeds, alpha rule, evaluation, the overrides that
+change the training (NEUTRAL's may differ); methods among the study's; one grid when no piece selects),
+and no trial may be in two pieces. At most one piece selects (--select-at); every trial of the
 others must be at the setting it chose for that method. Anything else is refused in one line, exit 2,
 nothing written.
 """
@@ -25,6 +26,22 @@ from dora_cli.files import write_json, write_text
 from dora_cli.sweep_report import chosen_at, document, label, plot, render_table
 
 SAME = ("recipe", "model", "seeds", "alpha_rule", "alpha", "eval", "paper_reference")
+NEUTRAL = ("output_dir", "eval.", "train.log_every", "train.eval_every", "train.save_every", "train.keep_last",
+           "train.report_to", "train.threads", "optim.fused")
+"""Override keys (or prefixes, ending in '.') that may differ between pieces: where a piece writes, the
+evaluation (compared as settings.eval), and how the same training runs (rundir.VOLATILE's, less the
+ones that change what is trained: train.max_steps, train.epochs, train.skip_nonfinite)."""
+
+
+def trained_overrides(overrides: list[str]) -> dict[str, str]:
+    """The overrides that change what is trained, {key: value} (the last of a key wins, as in load_recipe)."""
+    out: dict[str, str] = {}
+    for item in overrides or []:
+        key, _, value = str(item).partition("=")
+        key = key.strip()
+        if not any(key == n or (n.endswith(".") and key.startswith(n)) for n in NEUTRAL):
+            out[key] = value.strip()
+    return out
 
 
 class Refused(Exception):
@@ -43,6 +60,11 @@ def combine(pieces: dict[str, dict]) -> dict:
             if doc["settings"].get(key) != first["settings"].get(key):
                 raise Refused(f"{name}: settings.{key} is {doc['settings'].get(key)!r}, but "
                               f"{first_name} has {first['settings'].get(key)!r}: not the same study")
+        mine, theirs = trained_overrides(doc["settings"].get("overrides")), trained_overrides(first["settings"].get("overrides"))
+        if mine != theirs:
+            key = next(k for k in sorted({*mine, *theirs}) if mine.get(k) != theirs.get(k))
+            raise Refused(f"{name}: override {key}={mine.get(key)} but {first_name} has {key}={theirs.get(key)}: "
+                          "not the same study")
     seen: dict[str, str] = {}
     for name, doc in pieces.items():
         for trial in doc["trials"]:
@@ -52,6 +74,11 @@ def combine(pieces: dict[str, dict]) -> dict:
     selecting = [name for name, doc in pieces.items() if doc["settings"].get("select_at")]
     if len(selecting) > 1:
         raise Refused(f"{selecting[1]}: a second piece that selects (also {selecting[0]}): one selection per study")
+    if not selecting:  # each piece selected per (method, rank) over its own grid: one sweep has one grid
+        for name, doc in rest:
+            if doc["settings"].get("grid") != first["settings"].get("grid"):
+                raise Refused(f"{name}: grid {doc['settings'].get('grid')!r}, but {first_name} has "
+                              f"{first['settings'].get('grid')!r}, and no piece selects (--select-at): not one sweep")
     base = pieces[selecting[0]] if selecting else first
     methods = base["settings"]["methods"]
     for name, doc in pieces.items():
