@@ -23,14 +23,14 @@ import sys
 from pathlib import Path
 
 from dora_cli.files import write_json, write_text
+from dora_cli.rundir import VOLATILE
 from dora_cli.sweep_report import chosen_at, document, label, plot, render_table
 
 SAME = ("recipe", "model", "seeds", "alpha_rule", "alpha", "eval", "paper_reference")
-NEUTRAL = ("output_dir", "eval.", "train.log_every", "train.eval_every", "train.save_every", "train.keep_last",
-           "train.report_to", "train.threads", "optim.fused")
-"""Override keys (or prefixes, ending in '.') that may differ between pieces: where a piece writes, the
-evaluation (compared as settings.eval), and how the same training runs (rundir.VOLATILE's, less the
-ones that change what is trained: train.max_steps, train.epochs, train.skip_nonfinite)."""
+NEUTRAL = VOLATILE - {"train.max_steps", "train.epochs", "train.skip_nonfinite"}
+"""Override keys (a section's name: any key in it) that may differ between pieces: where a piece writes, the
+evaluation (compared as settings.eval), how the same training runs (rundir.VOLATILE's, less the ones
+that change what is trained)."""
 
 
 def trained_overrides(overrides: list[str]) -> dict[str, str]:
@@ -39,7 +39,7 @@ def trained_overrides(overrides: list[str]) -> dict[str, str]:
     for item in overrides or []:
         key, _, value = str(item).partition("=")
         key = key.strip()
-        if not any(key == n or (n.endswith(".") and key.startswith(n)) for n in NEUTRAL):
+        if not any(key == n or key.startswith(n + ".") for n in NEUTRAL):
             out[key] = value.strip()
     return out
 

@@ -16,6 +16,11 @@ keeps the count between them).
 
     python studies/smollm2_commonsense/run_study.py [--shard K/N]   # N machines: step 1 only, one shard each
     python studies/smollm2_commonsense/run_study.py --ranks 8       # the rank-8 study alone (hours less)
+
+The committed results/ were made in two pieces: rank 8 (the selection, its seeds, the full fine-tuning and the
+analysis), whose trial directories were then lost with a machine, and ranks 4 and 16 as a sweep of their own at
+the rates rank 8 chose (the same trial names and recipes the whole study gives them); combine.py joined the two
+sweep.json (results/pieces/) into results/sweep.*, as one sweep of all the trials reports them.
 """
 
 from __future__ import annotations
