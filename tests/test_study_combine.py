@@ -111,6 +111,13 @@ def test_pieces_that_are_not_one_study_are_refused_in_one_line_and_nothing_is_wr
     assert not out.exists()
 
 
+def test_a_piece_given_twice_is_refused(tmp_path, capsys):
+    piece = tmp_path / "piece.json"
+    piece.write_text(json.dumps(_piece([8], LRS, True)))
+    assert combine.main([str(piece), str(piece), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {piece}: given twice\n" and not (tmp_path / "out").exists()
+
+
 def test_a_file_that_is_not_a_sweep_json_is_refused(tmp_path, capsys):
     bad = tmp_path / "notes.json"
     bad.write_text('{"trials": []}')

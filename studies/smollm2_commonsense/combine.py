@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         docs = {}
         for path in args.pieces:
+            if str(path) in docs:
+                raise Refused(f"{path}: given twice")
             try:
                 doc = json.loads(path.read_text())
                 doc["settings"]["ranks"], doc["settings"]["methods"], doc["trials"]  # noqa: B018 (the keys combine reads)
