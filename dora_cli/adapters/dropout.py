@@ -79,9 +79,10 @@ def dropped_grad(grad: torch.Tensor, positions: torch.Tensor, p: float, scaled: 
     return out
 
 
-def geometric_path(x: torch.Tensor) -> bool:
-    """Whether dropout on x draws its mask from geometric gaps (the CPU, outside torch.compile)."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+def geometric_path(x: torch.Tensor, p: float) -> bool:
+    """Whether dropout(x, p) draws its mask from geometric gaps: 0 < p < 1 (p = 1 is F.dropout's zeros, the
+    scale 1 / (1 − p) not finite), x not empty, on the CPU, outside torch.compile."""
+    return 0 < p < 1 and x.numel() > 0 and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 class _Dropout(torch.autograd.Function):
@@ -102,7 +103,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """F.dropout(x, p, training), with the mask drawn from geometric gaps on the CPU (see the module)."""
     if not training or p == 0 or x.numel() == 0:
         return x
-    if not geometric_path(x) or not 0 < p < 1:
+    if not geometric_path(x, p):
         return F.dropout(x, p, training)
     return _Dropout.apply(x, p)
 

@@ -106,7 +106,7 @@ def widen_linear(x: torch.Tensor, w: torch.Tensor, p: float = 0.0) -> torch.Tens
 
     p: inverted dropout on x first (training), its mask from adapters/dropout.py on the CPU (F.dropout
     elsewhere); its backward shares this one's [tokens, in] gradient instead of a pass of its own."""
-    if p and p < 1 and x.numel() and geometric_path(x):  # (p = 1: F.dropout's zeros; the scale 1 / (1 - p) is not finite)
+    if geometric_path(x, p):
         return _WidenLinear.apply(x, w, p)
     if p:
         x = F.dropout(x, p)
