@@ -93,3 +93,35 @@ def test_the_low_rank_add_is_the_previous_one_bit_for_bit(act, adapter, autocast
             return before.add_delta(b, a, scale, base, xd)
 
         _same(_run(ours, [a, b, base, xd], autocast, grad), _run(theirs, [a, b, base, xd], autocast, grad), f"grad={grad}")
+
+
+@pytest.mark.parametrize("p", [0.3, 0.7])
+@pytest.mark.parametrize("scale", [2.0, 0.37], ids=["2", "0.37"])
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=_name)
+@pytest.mark.parametrize("act, adapter", list(itertools.product(DTYPES, DTYPES)), ids=lambda d: _name(d))
+def test_the_low_rank_add_with_dropout_is_the_previous_dropout_then_add(act, adapter, autocast, scale, p):
+    """Dropout folded into the first product (drawn straight into the GEMM's dtype under autocast) against
+    dropout.dropout(x, p) then the previous add under the same mask: the same output and the same gradients of
+    A, B and base bit for bit; x's gradient up to where dropout's scale is applied (the [r, in] factor)."""
+    from dora_cli.adapters.dropout import dropout
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(R, D_IN, generator=gen).to(adapter)
+    b = torch.randn(D_OUT, R, generator=gen).to(adapter)
+    base = torch.randn(3, 211, D_OUT, generator=gen).to(act)
+    x = torch.randn(3, 211, D_IN, generator=gen).to(act)
+
+    def ours(a, b, base, x):
+        torch.manual_seed(5)
+        return LowRank.add_delta(types.SimpleNamespace(lora_A=a, lora_B=b, scaling=scale), base, x, p)
+
+    def theirs(a, b, base, x):
+        torch.manual_seed(5)
+        return before.add_delta(b, a, scale, base, dropout(x, p))
+
+    got, want = _run(ours, [a, b, base, x], autocast, True), _run(theirs, [a, b, base, x], autocast, True)
+    _same(got[:4], want[:4], "output, grad A, B, base")
+    gx, wx = got[4].double(), want[4].double()
+    assert got[4].dtype == want[4].dtype and torch.equal(gx == 0, wx == 0)
+    tol = max({torch.float64: 1e-12, torch.float32: 1e-5}.get(d, 2e-2) for d in (act, adapter, autocast or act))
+    assert torch.allclose(gx, wx, rtol=tol, atol=tol * wx.abs().max().item())

@@ -50,18 +50,22 @@ def event_positions(n: int, q: float, generator: torch.Generator | None = None) 
     return positions[: int(torch.searchsorted(positions, float(n)))].long()  # (sorted: the ones below n lead)
 
 
-def drop(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def drop(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x·s with the dropped elements zero, as a new contiguous tensor; the positions `dropped_grad` needs):
-    the dropped positions for p <= 1/2, the kept ones above."""
+    the dropped positions for p <= 1/2, the kept ones above.
+
+    dtype: the result's, if not x's: x·s is computed in x's dtype and rounded to `dtype` as it is written,
+    the numbers of `drop(x, p)[0].to(dtype)` in one pass."""
     scale = 1.0 / (1.0 - p)
+    y = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
     if p <= 0.5:
         positions = event_positions(x.numel(), p)
-        y = torch.mul(x, scale).contiguous()
+        torch.mul(x, scale, out=y)
         y.view(-1).index_fill_(0, positions, 0)
     else:
         positions = event_positions(x.numel(), 1.0 - p)
-        y = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-        y.view(-1)[positions] = x.reshape(-1)[positions] * scale
+        y.zero_()
+        y.view(-1)[positions] = (x.reshape(-1)[positions] * scale).to(y.dtype)
     return y, positions
 
 

@@ -71,16 +71,31 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---- x·wᵀ in w's dtype, keeping x narrow; dropout on x ------------------------------------------------
+def _gemm_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The dtype x enters F.linear(x.to(w.dtype), w) in: w's, or autocast's where autocast casts x.to(w.dtype)
+    again and the cast to w's dtype is exact (w fp32, or x's own dtype), so that x may go straight in."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or torch.float64 in (x.dtype, w.dtype) or w.dtype not in (torch.float32, x.dtype):
+        return w.dtype
+    return torch.get_autocast_dtype(device)
+
+
 class _WidenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, p: float):
         ctx.autocast = _autocast_state(x)
+        ctx.x_dtype = x.dtype
+        # x goes into the GEMM in w's dtype, or straight in autocast's (the same numbers as through w's:
+        # the casts up and back are exact), and the backward keeps it so: one pass, no fp32 copy
+        gemm_dtype = _gemm_dtype(x, w)
         positions = None
-        if p:
-            x, positions = drop(x, p)  # the dropped input is what the backward keeps, as nn.Dropout + linear would
+        if p:  # the dropped input is what the backward keeps, as nn.Dropout + linear would
+            x, positions = drop(x, p, dtype=gemm_dtype if gemm_dtype != w.dtype else None)
+        elif gemm_dtype != w.dtype:
+            x = x.to(gemm_dtype)
         ctx.p = p
         ctx.save_for_backward(x, w, positions)
-        return F.linear(x.to(w.dtype), w)
+        return F.linear(x.to(w.dtype) if gemm_dtype == w.dtype else x, w)
 
     @staticmethod
     def backward(ctx, grad_u):
@@ -92,10 +107,10 @@ class _WidenLinear(torch.autograd.Function):
         with _autocast(ctx.autocast):
             if ctx.needs_input_grad[0]:
                 if ctx.p:  # dropout's scale rides in the [r, in] factor; its zeros are written in place
-                    grad_x = (grad_u @ (w * (1.0 / (1.0 - ctx.p))).to(grad_u.dtype)).to(x.dtype)
+                    grad_x = (grad_u @ (w * (1.0 / (1.0 - ctx.p))).to(grad_u.dtype)).to(ctx.x_dtype)
                     grad_x = dropped_grad(grad_x, positions, ctx.p, scaled=True)
                 else:
-                    grad_x = (grad_u @ w.to(grad_u.dtype)).to(x.dtype)
+                    grad_x = (grad_u @ w.to(grad_u.dtype)).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 grad_w = (_rows(grad_u).T @ _rows(x).to(grad_u.dtype)).to(w.dtype)
         return grad_x, grad_w, None
