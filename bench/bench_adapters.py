@@ -140,6 +140,9 @@ def _write_json_atomic(path: Path, data) -> None:
 
 
 def _setup_torch(threads: int):
+    from dora_cli.allocator import tune_allocator
+
+    tune_allocator()  # every configuration, the floor and PEFT's included, as `dora train` runs (DORA_CLI_MALLOC=system: off)
     import torch
 
     torch.set_num_threads(threads)
@@ -683,6 +686,7 @@ def parent_main(args) -> int:
                      "output requiring grad (a forward hook), the same batch, loss and precision; its step = "
                      "forward + loss + backward (input gradients of every layer, no weight gradient), no optimizer",
             "omp_wait_policy": args.omp_wait_policy or "unset",
+            "allocator": os.environ.get("DORA_CLI_MALLOC") or "dora_cli.allocator: glibc malloc without mmap, trimmed past 1 GiB (every configuration)",
             "timing": "wall clock (time.perf_counter) per step, median over all timed steps of all rounds; targets "
                       "use it. cpu-time = time.process_time() per step (all threads of the worker), reported "
                       "alongside: it does not count time the worker spends descheduled by other jobs",

@@ -312,6 +312,9 @@ def run_floor(spec: dict, probe: Probe) -> tuple[int, dict]:
     from dora_cli.recipe import load_recipe
     from dora_cli.train import make_plan, micro_batch_seed
 
+    from dora_cli.allocator import tune_allocator
+
+    tune_allocator()  # as `dora train` (cli.main) does: the floor runs under the allocator ours runs under
     recipe = load_recipe(spec["recipe"], spec["overrides"])
     t = recipe.train
     set_threads(t.threads, "cpu")
@@ -632,6 +635,7 @@ def settings(args) -> dict:
         "methods": args.methods,
         "configs": {c: {"ours_overrides": list(parse_config(c).ours), "hf": parse_config(c).hf} for c in args.configs},
         "omp_wait_policy": args.omp_wait_policy or "unset",
+        "allocator": os.environ.get("DORA_CLI_MALLOC") or "dora_cli.allocator (glibc malloc without mmap, trimmed past 1 GiB) for ours (cli.main) and the floor; HF Trainer + PEFT with the defaults its users have",
         "order": "every round: workload > method > configuration > ours, HF; each a fresh process",
         "step_time": "end of optimizer step k minus end of step k-1 (global optimizer post-hook), steps after "
                      "the warm-up; median per process; figures over rounds are medians of the per-process ones",

@@ -217,6 +217,9 @@ def analyze(
 
 
 def main() -> None:
+    from dora_cli.allocator import tune_allocator
+
+    tune_allocator()
     note_user_paths(*_path_arguments(sys.argv[1:]))
     run_main(lambda: sys.exit(_invoke()))
 
