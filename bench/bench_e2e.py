@@ -304,6 +304,7 @@ def run_floor(spec: dict, probe: Probe) -> tuple[int, dict]:
 
     import torch
 
+    from dora_cli.allocator import tune_allocator
     from dora_cli.batching import make_collate, make_order
     from dora_cli.datasets import build_datasets, trained_labels
     from dora_cli.launch import set_threads
@@ -311,8 +312,6 @@ def run_floor(spec: dict, probe: Probe) -> tuple[int, dict]:
     from dora_cli.models import load_model
     from dora_cli.recipe import load_recipe
     from dora_cli.train import make_plan, micro_batch_seed
-
-    from dora_cli.allocator import tune_allocator
 
     tune_allocator()  # as `dora train` (cli.main) does: the floor runs under the allocator ours runs under
     recipe = load_recipe(spec["recipe"], spec["overrides"])
