@@ -125,3 +125,26 @@ def test_the_low_rank_add_with_dropout_is_the_previous_dropout_then_add(act, ada
     assert got[4].dtype == want[4].dtype and torch.equal(gx == 0, wx == 0)
     tol = max({torch.float64: 1e-12, torch.float32: 1e-5}.get(d, 2e-2) for d in (act, adapter, autocast or act))
     assert torch.allclose(gx, wx, rtol=tol, atol=tol * wx.abs().max().item())
+
+
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=_name)
+@pytest.mark.parametrize("act, adapter", list(itertools.product(DTYPES, DTYPES)), ids=lambda d: _name(d))
+def test_widen_linear_without_dropout_keeps_x_itself_and_its_double_backward(act, adapter, autocast):
+    """Without dropout the backward keeps what the previous code kept (the caller's x, not a copy in the dtype the
+    GEMM reads it in), so x stays in the graph: a create_graph backward gives its d(grad_w)/dx bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.randn(5, D_IN, generator=gen).to(act)
+    w0 = torch.randn(R, D_IN, generator=gen).to(adapter)
+    results, copies = [], []
+    for module in (before, functional):
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                u = module.widen_linear(x, w)
+        copies.append(sorted(str(t.dtype) for t in kept if t.shape == x.shape and t.data_ptr() != x.data_ptr()))
+        (gw,) = torch.autograd.grad(u.double().pow(2).sum(), w, create_graph=True)
+        (gx,) = torch.autograd.grad(gw.sum(), x)
+        results.append([u.detach(), gw.detach(), gx])
+    assert copies[1] == copies[0]  # [tokens, in] tensors kept besides x itself
+    _same(results[1], results[0], "u, grad w, d(sum grad w)/dx")

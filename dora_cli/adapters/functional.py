@@ -86,16 +86,15 @@ class _WidenLinear(torch.autograd.Function):
         ctx.autocast = _autocast_state(x)
         ctx.x_dtype = x.dtype
         # x goes into the GEMM in w's dtype, or straight in autocast's (the same numbers as through w's:
-        # the casts up and back are exact), and the backward keeps it so: one pass, no fp32 copy
+        # the casts up and back are exact); the backward keeps x itself, or with dropout the dropped x in x's
+        # dtype, under autocast in autocast's (drawn there in one pass: no fp32 copy)
         gemm_dtype = _gemm_dtype(x, w)
         positions = None
         if p:  # the dropped input is what the backward keeps, as nn.Dropout + linear would
-            x, positions = drop(x, p, dtype=gemm_dtype if gemm_dtype != w.dtype else None)
-        elif gemm_dtype != w.dtype:
-            x = x.to(gemm_dtype)
+            x, positions = drop(x, p, dtype=None if gemm_dtype == w.dtype else gemm_dtype)
         ctx.p = p
         ctx.save_for_backward(x, w, positions)
-        return F.linear(x.to(w.dtype) if gemm_dtype == w.dtype else x, w)
+        return F.linear(x.to(gemm_dtype), w)
 
     @staticmethod
     def backward(ctx, grad_u):
