@@ -140,9 +140,6 @@ def _write_json_atomic(path: Path, data) -> None:
 
 
 def _setup_torch(threads: int):
-    from dora_cli.allocator import tune_allocator
-
-    tune_allocator()  # every configuration, the floor and PEFT's included, as `dora train` runs (DORA_CLI_MALLOC=system: off)
     import torch
 
     torch.set_num_threads(threads)
@@ -242,6 +239,9 @@ def _trainable(model) -> tuple[int, int]:
 
 
 def run_worker(args) -> dict:
+    from dora_cli.allocator import tune_allocator
+
+    allocator = tune_allocator()  # every configuration, the floor and PEFT's included, as `dora train` runs
     torch = _setup_torch(args.threads)
     impl, method, quantized = CONFIGS[args.worker]
     floor = impl == "floor"
@@ -290,6 +290,7 @@ def run_worker(args) -> dict:
     trainable, total = _trainable(model)
     return {
         "config": args.worker,
+        "allocator": allocator,
         "implementation": impl,
         "method": method,
         "base": "nf4" if quantized else "fp32",
@@ -686,7 +687,8 @@ def parent_main(args) -> int:
                      "output requiring grad (a forward hook), the same batch, loss and precision; its step = "
                      "forward + loss + backward (input gradients of every layer, no weight gradient), no optimizer",
             "omp_wait_policy": args.omp_wait_policy or "unset",
-            "allocator": os.environ.get("DORA_CLI_MALLOC") or "dora_cli.allocator: glibc malloc without mmap, trimmed past 1 GiB (every configuration)",
+            "allocator": "dora_cli.allocator.tune_allocator() in every worker, as `dora train` runs (glibc: mmap from "
+                         "32 MiB, heap top kept up to 1 GiB); each run records what it ran with",
             "timing": "wall clock (time.perf_counter) per step, median over all timed steps of all rounds; targets "
                       "use it. cpu-time = time.process_time() per step (all threads of the worker), reported "
                       "alongside: it does not count time the worker spends descheduled by other jobs",

@@ -634,7 +634,9 @@ def settings(args) -> dict:
         "methods": args.methods,
         "configs": {c: {"ours_overrides": list(parse_config(c).ours), "hf": parse_config(c).hf} for c in args.configs},
         "omp_wait_policy": args.omp_wait_policy or "unset",
-        "allocator": os.environ.get("DORA_CLI_MALLOC") or "dora_cli.allocator (glibc malloc without mmap, trimmed past 1 GiB) for ours (cli.main) and the floor; HF Trainer + PEFT with the defaults its users have",
+        "allocator": "dora_cli.allocator.tune_allocator() for ours (cli.main) and the floor (glibc: mmap from 32 MiB, heap "
+                     "top kept up to 1 GiB; DORA_CLI_MALLOC=system: glibc's defaults); HF Trainer + PEFT with the "
+                     "defaults its users have",
         "order": "every round: workload > method > configuration > ours, HF; each a fresh process",
         "step_time": "end of optimizer step k minus end of step k-1 (global optimizer post-hook), steps after "
                      "the warm-up; median per process; figures over rounds are medians of the per-process ones",

@@ -1,15 +1,17 @@
-"""The C allocator's settings for tensor work: large blocks reused from the heap, not fresh pages each time.
+"""The C allocator's settings for tensor work: large freed blocks kept for reuse, not faulted in afresh.
 
-glibc serves a large malloc (from 128 KiB, raised adaptively up to 32 MiB) with its own mmap and gives the
-pages back to the kernel on free; the heap's free top is given back too once it passes a threshold. A
-training step allocates and frees the same large activations, gradients and temporaries every time, so
-each one comes back as fresh pages the kernel must fault in and zero: measured on SmolLM2-135M (2 cores,
-bf16 autocast, 6 layers), 15-20 % of a step's wall time, more for the methods with more temporaries (the
-same elementwise product took 7.7 ms on fresh pages and under 1 ms on reused ones). With mmap off and
-trimming past 1 GiB only, the freed blocks are reused: the peak resident memory is the same (it is the
-high-water mark of what is live), the process keeps up to 1 GiB of it after the peak.
+glibc starts by serving every malloc from 128 KiB up with its own mmap, and raises that threshold only as
+such blocks are freed (up to 32 MiB); it gives the free top of its heap back to the kernel past twice the
+threshold. A training step allocates and frees the same activations, gradients and temporaries every
+time, many of them live at once: each given back comes again as fresh pages the kernel must fault in and
+zero. On SmolLM2-135M (2 cores, 6 layers) that was 11-43 thousand page faults per step, most of them the
+adapters' temporaries, and steps 10-20 % slower. Here the threshold starts at its 32 MiB maximum and the
+heap keeps up to 1 GiB of free top for the next step: a few hundred to a few thousand faults per step
+(the blocks above 32 MiB, as the bf16 cast of a large embedding, still come and go), and the same resident
+memory as glibc's defaults otherwise (tests/test_allocator.py).
 
-`DORA_CLI_MALLOC=system` keeps glibc's defaults; other C libraries are left alone.
+`DORA_CLI_MALLOC=system` keeps glibc's defaults; other C libraries (an LD_PRELOAD-ed jemalloc or tcmalloc
+included) are left alone.
 """
 
 from __future__ import annotations
@@ -18,18 +20,33 @@ import ctypes
 import os
 import platform
 
+from dora_cli.errors import UserError
+
 M_TRIM_THRESHOLD = -1
-M_MMAP_MAX = -4
+M_MMAP_THRESHOLD = -3
+MMAP_BYTES = 32 << 20  # glibc's largest (half its 64 MiB heap size)
 TRIM_BYTES = 1 << 30
+CHOICES = ("tuned", "system")
 
 
-def tune_allocator() -> bool:
-    """Apply the settings above to this process (glibc only; from now on); whether they were applied."""
-    if os.environ.get("DORA_CLI_MALLOC", "").strip().lower() == "system" or platform.libc_ver()[0] != "glibc":
-        return False
+def tune_allocator() -> str:
+    """Apply the settings above to this process from now on, unless DORA_CLI_MALLOC=system; what it runs with:
+    "tuned", "system" or why it was left alone. UserError for another DORA_CLI_MALLOC value."""
+    choice = os.environ.get("DORA_CLI_MALLOC", "").strip().lower() or "tuned"
+    if choice not in CHOICES:
+        raise UserError(f"DORA_CLI_MALLOC: expected one of {', '.join(CHOICES)}, got {os.environ['DORA_CLI_MALLOC']!r}")
+    if choice == "system":
+        return "system"
+    if platform.libc_ver()[0] != "glibc":
+        return "system: not glibc"
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    if "malloc" in preloaded or "jemalloc" in preloaded:
+        return "system: another allocator is preloaded"
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
+        return "system: no mallopt"
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_BYTES))
+    if mallopt(M_MMAP_THRESHOLD, MMAP_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_BYTES):
+        return "tuned"
+    return "system: mallopt refused"

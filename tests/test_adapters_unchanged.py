@@ -139,7 +139,7 @@ def test_widen_linear_without_dropout_keeps_x_itself_and_its_double_backward(act
     for module in (before, functional):
         x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
         kept = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, kept=kept: kept.append(t) or t, lambda t: t):
             with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                 u = module.widen_linear(x, w)
         copies.append(sorted(str(t.dtype) for t in kept if t.shape == x.shape and t.data_ptr() != x.data_ptr()))

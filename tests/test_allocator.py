@@ -1,5 +1,7 @@
-"""dora_cli.allocator: after tune_allocator() a large tensor freed and allocated again reuses its pages (no
-page faults), where glibc's defaults map fresh ones each time; DORA_CLI_MALLOC=system keeps the defaults."""
+"""dora_cli.allocator: with tune_allocator() the blocks a step frees together are reused by the next step
+(almost no page faults) where glibc's defaults give them back and fault them in again; resident memory
+under a hostile mix of sizes stays where the defaults keep it; DORA_CLI_MALLOC chooses, one way or the
+other, and anything else is refused."""
 
 from __future__ import annotations
 
@@ -11,52 +13,90 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+from dora_cli.allocator import tune_allocator
+from dora_cli.errors import UserError
+
+glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 
 PROBE = r"""
-import json, resource, sys
+import json, random, resource, sys
 import torch
 from dora_cli.allocator import tune_allocator
-applied = tune_allocator() if sys.argv[1] == "tune" else False
+torch.set_num_threads(1)
+ran = tune_allocator() if sys.argv[1] == "tune" else "system"
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):  # warm up: the heap grows by a few blocks first (small objects split the freed one)
-    torch.ones(48 << 20 >> 2)  # 48 MiB: above glibc's largest adaptive mmap threshold (32 MiB)
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+def step():  # a step's activations: several 12 MiB blocks live at once, all freed at its end
+    a = torch.ones(12 << 18); b = torch.ones(12 << 18); c = a * b; d = c + a
+for _ in range(10):
+    step()
 before = faults()
 for _ in range(20):
-    torch.ones(48 << 20 >> 2)
-print(json.dumps({"applied": applied, "faults_per_alloc": (faults() - before) / 20}))
+    step()
+per_step = (faults() - before) / 20
+rng, live, kept, peak = random.Random(3), [], [], 0
+for _ in range(150):  # 1-100 MiB tensors, 1-4 live, one small tensor kept per step between them
+    live.append(torch.ones(rng.randint(1, 100) << 18))
+    kept.append(torch.zeros(()))
+    while len(live) > rng.randint(1, 4):
+        live.pop(rng.randrange(len(live)))
+    peak = max(peak, rss_mb())
+print(json.dumps({"ran": ran, "faults_per_step": per_step, "peak_rss_mb": peak}))
 """
+
+CLEAN = ("DORA_CLI_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
 
 
 def _probe(mode: str, **env) -> dict:
+    base = {k: v for k, v in os.environ.items() if k not in CLEAN and not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env})
+                         env={**base, **env})
     return json.loads(out.stdout)
 
 
-def test_tuned_allocator_reuses_the_pages_of_a_freed_large_tensor():
-    pages = (48 << 20) // os.sysconf("SC_PAGE_SIZE")
-    default = _probe("default")
-    tuned = _probe("tune")
-    assert tuned["applied"] is True
-    assert default["faults_per_alloc"] > pages / 2  # the defaults fault the block in every time
-    assert tuned["faults_per_alloc"] < pages / 20  # 20 blocks: less than one block's pages in all
+@glibc
+def test_a_steps_freed_blocks_are_reused_and_memory_stays_where_the_defaults_keep_it():
+    step_pages = 4 * (12 << 20) // os.sysconf("SC_PAGE_SIZE")
+    default, tuned = _probe("default"), _probe("tune")
+    assert tuned["ran"] == "tuned"
+    assert default["faults_per_step"] > step_pages / 10  # the defaults give freed blocks back and fault them in again
+    assert tuned["faults_per_step"] < step_pages / 100
+    assert tuned["peak_rss_mb"] < 1.2 * default["peak_rss_mb"] + 50  # no heap that only grows (mmap stays on)
 
 
+@glibc
 def test_system_keeps_glibcs_defaults():
-    kept = _probe("tune", DORA_CLI_MALLOC="system")
-    assert kept["applied"] is False
-    assert kept["faults_per_alloc"] > (48 << 20) // os.sysconf("SC_PAGE_SIZE") / 2
+    kept = _probe("tune", DORA_CLI_MALLOC=" System ")
+    assert kept["ran"] == "system"
+    assert kept["faults_per_step"] > 4 * (12 << 20) // os.sysconf("SC_PAGE_SIZE") / 10
 
 
-def test_the_command_line_tunes_it(monkeypatch):
-    """cli.main applies it before any command runs (the workers of a multi-process launch run cli.main too)."""
+@pytest.mark.parametrize("value", ["off", "0", "default", "sytem"])
+def test_another_value_is_refused_in_one_line(monkeypatch, value):
+    monkeypatch.setenv("DORA_CLI_MALLOC", value)
+    with pytest.raises(UserError, match=r"DORA_CLI_MALLOC: expected one of tuned, system, got"):
+        tune_allocator()
+
+
+def test_a_preloaded_allocator_is_left_alone(monkeypatch):
+    monkeypatch.delenv("DORA_CLI_MALLOC", raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert tune_allocator().startswith("system")
+
+
+def test_the_command_line_tunes_it_first(monkeypatch):
+    """cli.main applies it before the command runs (the workers of a multi-process launch run cli.main too),
+    and a bad DORA_CLI_MALLOC is one error line with status 2."""
     from dora_cli import allocator, cli
 
     calls = []
-    monkeypatch.setattr(allocator, "tune_allocator", lambda: calls.append(1) or True)
+    monkeypatch.setattr(allocator, "tune_allocator", lambda: calls.append(1) or "tuned")
     monkeypatch.setattr(sys, "argv", ["dora", "--version"])
     with pytest.raises(SystemExit):
         cli.main()
     assert calls == [1]
+    out = subprocess.run([sys.executable, "-m", "dora_cli.cli", "--version"], capture_output=True, text=True,
+                         env={**os.environ, "DORA_CLI_MALLOC": "off"})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "DORA_CLI_MALLOC" in out.stderr
