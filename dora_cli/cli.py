@@ -218,14 +218,7 @@ def analyze(
 
 def main() -> None:
     note_user_paths(*_path_arguments(sys.argv[1:]))
-    run_main(_tuned_invoke)
-
-
-def _tuned_invoke() -> None:
-    from dora_cli.allocator import tune_allocator
-
-    tune_allocator()  # before any tensor: the allocator every command (and every launched worker) runs with
-    sys.exit(_invoke())
+    run_main(lambda: sys.exit(_invoke()))
 
 
 def _path_arguments(argv: list[str]) -> list[str]:

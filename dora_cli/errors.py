@@ -191,15 +191,18 @@ def _terminate(signum, _frame) -> None:
 
 
 def run_main(body: Callable[[], object], interrupted: str = "interrupted") -> None:
-    """Run a command-line entry point: a UserError (or an OSError that is the user's, see `user_os_error`)
-    is one line on stderr and its exit status, Ctrl-C 130 and SIGTERM 143 after cleaning up what was
-    half-written; anything else keeps its traceback."""
+    """Run a command-line entry point under the tuned C allocator (allocator.py): a UserError (or an OSError
+    that is the user's, see `user_os_error`) is one line on stderr and its exit status, Ctrl-C 130 and
+    SIGTERM 143 after cleaning up what was half-written; anything else keeps its traceback."""
     import signal
+
+    from dora_cli.allocator import tune_allocator
 
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # our own one-line errors say what failed
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        tune_allocator()  # before any tensor: every entry point (and every launched worker) runs with it
         body()
     except UserError as err:
         _fail(str(err), err.exit_code)
