@@ -195,7 +195,10 @@ def run_ours(spec: dict, probe: Probe) -> tuple[int, dict]:
             if "loss" in rec:
                 losses[rec["step"]] = rec["loss"]
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
-    return code, probe.record(micro_per_step=None, losses=losses, counted_factories=patched,
+    from dora_cli.allocator import tune_allocator
+
+    allocator = tune_allocator()  # what run_main applied (the same settings again): for the record
+    return code, probe.record(micro_per_step=None, losses=losses, counted_factories=patched, allocator=allocator,
                               tokens_seen_by_dora=metrics.get("tokens"))
 
 
@@ -313,7 +316,7 @@ def run_floor(spec: dict, probe: Probe) -> tuple[int, dict]:
     from dora_cli.recipe import load_recipe
     from dora_cli.train import make_plan, micro_batch_seed
 
-    tune_allocator()  # as `dora train` (cli.main) does: the floor runs under the allocator ours runs under
+    allocator = tune_allocator()  # as `dora train` (errors.run_main) does: the floor runs under ours's allocator
     recipe = load_recipe(spec["recipe"], spec["overrides"])
     t = recipe.train
     set_threads(t.threads, "cpu")
@@ -340,7 +343,7 @@ def run_floor(spec: dict, probe: Probe) -> tuple[int, dict]:
                 loss = total / count
             (loss / len(chunks)).backward()
         probe.stamp()
-    return 0, probe.record(micro_per_step=None, losses={})
+    return 0, probe.record(micro_per_step=None, losses={}, allocator=allocator)
 
 
 def worker_main(spec_json: str) -> int:
@@ -634,7 +637,7 @@ def settings(args) -> dict:
         "methods": args.methods,
         "configs": {c: {"ours_overrides": list(parse_config(c).ours), "hf": parse_config(c).hf} for c in args.configs},
         "omp_wait_policy": args.omp_wait_policy or "unset",
-        "allocator": "dora_cli.allocator.tune_allocator() for ours (cli.main) and the floor (glibc: mmap from 32 MiB, heap "
+        "allocator": "dora_cli.allocator.tune_allocator() for ours (errors.run_main) and the floor (glibc: mmap from 32 MiB, heap "
                      "top kept up to 1 GiB; DORA_CLI_MALLOC=system: glibc's defaults); HF Trainer + PEFT with the "
                      "defaults its users have",
         "order": "every round: workload > method > configuration > ours, HF; each a fresh process",

@@ -216,3 +216,22 @@ def test_widen_linear_with_dropout_refuses_a_double_backward_it_would_get_wrong(
     u = widen_linear(x, w, 0.3)
     (gw,) = torch.autograd.grad(u.sum(), w)  # a first-order backward is unchanged
     assert gw.shape == w.shape
+
+
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_under_autocast_the_dropped_input_is_kept_in_the_gemms_dtype(x_dtype, autocast):
+    """With dropout under autocast the backward keeps the dropped x as the GEMM reads it, in autocast's dtype:
+    no [tokens, in] copy in fp32 (nor in x's dtype when that differs) is kept besides it."""
+    from dora_cli.adapters.functional import widen_linear
+
+    x = torch.randn(4, 50, 24).to(x_dtype).requires_grad_(True)
+    w = torch.randn(3, 24, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=autocast):
+            u = widen_linear(x, w, 0.1)
+    inputs = [t for t in kept if t.shape == x.shape]
+    assert [t.dtype for t in inputs] == [autocast]
+    u.float().sum().backward()
+    assert x.grad.dtype == x_dtype

@@ -54,8 +54,8 @@ def drop(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> tuple[t
     """(x·s with the dropped elements zero, as a new contiguous tensor; the positions `dropped_grad` needs):
     the dropped positions for p <= 1/2, the kept ones above.
 
-    dtype: the result's, if not x's: x·s is computed in x's dtype and rounded to `dtype` as it is written,
-    the numbers of `drop(x, p)[0].to(dtype)` in one pass."""
+    dtype: the result's, if not x's: x·s computed in x's dtype, then rounded to `dtype` (the numbers of
+    `drop(x, p)[0].to(dtype)`; x's-dtype product is a temporary, freed at once)."""
     scale = 1.0 / (1.0 - p)
     y = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
     if p <= 0.5:

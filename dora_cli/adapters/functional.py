@@ -1,9 +1,9 @@
 """The adapter arithmetic that autograd alone would do imprecisely or wastefully: two autograd functions.
 
 `widen_linear(x, w, p)`: drop(x)·wᵀ computed in w's dtype (the adapter's fp32, as PEFT casts its input)
-while the backward keeps x in its own, possibly 16-bit, dtype: the numbers of
-`F.linear(dropout(x, p).float(), w)` (dropout.py's masks) without keeping an fp32 copy of every adapted layer's input, and
-with the dropout's backward folded into its own.
+while the backward keeps x in its own, possibly 16-bit, dtype (the dropped x under autocast in autocast's):
+the numbers of `F.linear(dropout(x, p).float(), w)` (dropout.py's masks) without keeping an fp32 copy of
+every adapted layer's input, and with the dropout's backward folded into its own.
 
 `rescale(...)`: the magnitude of DoRA, DVoRA and magnitude-only layers, added to the base layer's own
 output as a correction that is exactly zero at initialisation (PEFT's formulation):
@@ -87,7 +87,7 @@ class _WidenLinear(torch.autograd.Function):
         ctx.x_dtype = x.dtype
         # x goes into the GEMM in w's dtype, or straight in autocast's (the same numbers as through w's:
         # the casts up and back are exact); the backward keeps x itself, or with dropout the dropped x in x's
-        # dtype, under autocast in autocast's (drawn there in one pass: no fp32 copy)
+        # dtype, under autocast in autocast's (the GEMM's input: no fp32 copy kept, none cast back)
         gemm_dtype = _gemm_dtype(x, w)
         positions = None
         if p:  # the dropped input is what the backward keeps, as nn.Dropout + linear would
@@ -116,7 +116,8 @@ class _WidenLinear(torch.autograd.Function):
 
 
 def widen_linear(x: torch.Tensor, w: torch.Tensor, p: float = 0.0) -> torch.Tensor:
-    """dropout(x, p)·wᵀ in w's dtype (autocast permitting); the backward keeps x (dropped) as it is.
+    """dropout(x, p)·wᵀ in w's dtype (autocast permitting); the backward keeps x, or the dropped x in x's dtype
+    (under autocast in autocast's, the dtype the GEMM reads it in).
 
     p: inverted dropout on x first (training), its mask from adapters/dropout.py on the CPU (F.dropout
     elsewhere); its backward shares this one's [tokens, in] gradient instead of a pass of its own."""
