@@ -686,7 +686,7 @@ def parent_main(args) -> int:
             "floor": "the base model alone: every parameter frozen (requires_grad False), the input embeddings' "
                      "output requiring grad (a forward hook), the same batch, loss and precision; its step = "
                      "forward + loss + backward (input gradients of every layer, no weight gradient), no optimizer",
-            "omp_wait_policy": args.omp_wait_policy or "unset",
+            "omp_wait_policy": args.omp_wait_policy or os.environ.get("OMP_WAIT_POLICY") or "unset",
             "allocator": "dora_cli.allocator.tune_allocator() in every worker, as `dora train` runs (glibc: mmap from "
                          "32 MiB, heap top kept up to 1 GiB); each run records what it ran with",
             "timing": "wall clock (time.perf_counter) per step, median over all timed steps of all rounds; targets "
