@@ -17,7 +17,10 @@ adapter method can train faster. `--precisions fp32,bf16` runs every configurati
 around forward + loss, as `train.mixed_precision: bf16`), and the ratios ours / floor per precision.
 
     .venv/bin/python bench/bench_adapters.py --configs floor,ours_lora,ours_dora --precisions fp32,bf16 \
-        --batch 8 --seq 128 --trained 8 --fused --rounds 3 --no-sanity --out bench/results/floor.json
+        --batch 8 --seq 128 --trained 8 --fused --rounds 2 --steps 4 --warmup 2 --no-sanity --omp-wait-policy '' \
+        --out bench/results/floor.json
+
+(`--omp-wait-policy ''`: OpenMP threads as a user's shell leaves them, as `dora train` runs; see bench/README.md.)
 """
 
 from __future__ import annotations
