@@ -12,6 +12,7 @@ floor, ours, HF, floor, ...) so that load from other jobs hits all of them.
     .venv/bin/python bench/bench_e2e.py                                   # full run, see bench/README.md
     .venv/bin/python bench/bench_e2e.py --quick --out /tmp/e2e.json       # the harness on a tiny random model
     .venv/bin/python bench/bench_e2e.py --workloads demo --methods dora --configs baseline --rounds 3
+    .venv/bin/python bench/bench_e2e.py --workloads demo --configs fp32,bf16 --omp-wait-policy ''   # the floor (issue 22)
 
 Both workers measure the same way, from outside the training loops: a global optimizer-step hook
 (`torch.optim.optimizer.register_optimizer_step_post_hook`) timestamps the end of every optimizer step,
@@ -89,7 +90,7 @@ LEVERS = {
     "fp32": Lever(both=("train.mixed_precision=no",)),
     "bf16": Lever(both=("train.mixed_precision=bf16",)),
 }
-PRECISION_CONFIGS = {"fp32": "", "bf16": " (bf16)"}
+PRECISION_CONFIGS = {"fp32": " (fp32)", "bf16": " (bf16)"}
 """The configurations whose ours / floor ratios are issue 22's targets, and their tags in the ratio names."""
 DEFAULT_CONFIGS = "baseline,group_by_length,packing,compile,threads1"
 METHODS = ("lora", "dora")
@@ -111,7 +112,10 @@ def parse_config(name: str) -> Lever:
             raise ValueError(f"unknown configuration {part!r} (expected one of {', '.join(LEVERS)}, threadsN, "
                              "or a recipe override key=value; join several with +)")
     hf = None if any(p.hf is None for p in parts) else {k: v for p in parts for k, v in p.hf.items()}
-    return Lever(tuple(o for p in parts for o in p.ours), hf, tuple(o for p in parts for o in p.both))
+    both = tuple(o for p in parts for o in p.both)
+    if len(both) != len({o.split("=", 1)[0] for o in both}):
+        raise ValueError(f"configuration {name!r} sets the same key twice ({', '.join(both)})")
+    return Lever(tuple(o for p in parts for o in p.ours), hf, both)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -594,9 +598,9 @@ def compute_ratio(runs: dict, spec: RatioSpec) -> dict:
             "numerator": num, "denominator": den}
 
 
-def tokens_match(runs: dict) -> list[bool] | None:
-    """Per round: did HF's baseline train on exactly the real and padded tokens per step of ours?"""
-    ours, hf = runs.get("ours/baseline", {}).get("rounds", []), runs.get("hf/baseline", {}).get("rounds", [])
+def tokens_match(runs: dict, config: str = "baseline") -> list[bool] | None:
+    """Per round: did HF train on exactly the real and padded tokens per step of ours, in this configuration?"""
+    ours, hf = runs.get(f"ours/{config}", {}).get("rounds", []), runs.get(f"hf/{config}", {}).get("rounds", [])
     pairs = [(a, b) for a, b in zip(ours, hf) if a["status"] == b["status"] == "ok"]
     if not pairs:
         return None
@@ -644,12 +648,13 @@ def settings(args) -> dict:
         "workloads": {w: {"recipe": WORKLOADS[w].recipe, "mixed_lengths": WORKLOADS[w].mixed_lengths,
                           "note": WORKLOADS[w].note} for w in args.workloads},
         "methods": args.methods,
-        "configs": {c: {"ours_overrides": list(parse_config(c).ours), "hf": parse_config(c).hf} for c in args.configs},
+        "configs": {c: {"ours_overrides": list(parse_config(c).ours), "hf": parse_config(c).hf,
+                        "every_side_overrides": list(parse_config(c).both)} for c in args.configs},
         "omp_wait_policy": worker_env(args).get("OMP_WAIT_POLICY", "unset"),
         "allocator": "dora_cli.allocator.tune_allocator() for ours (errors.run_main) and the floor (glibc: mmap from 32 MiB, heap "
                      "top kept up to 1 GiB; DORA_CLI_MALLOC=system: glibc's defaults); HF Trainer + PEFT with the "
                      "defaults its users have",
-        "order": "every round: workload > method > configuration > ours, HF; each a fresh process",
+        "order": "every round: workload > method > configuration > ours, HF, the floor; each a fresh process",
         "step_time": "end of optimizer step k minus end of step k-1 (global optimizer post-hook), steps after "
                      "the warm-up; median per process; figures over rounds are medians of the per-process ones",
         "tokens": "real = lengths of the tokenised examples given to the collator (no padding); padded = "
@@ -723,14 +728,15 @@ def parent_main(args) -> int:
                              if (WORKLOADS[wl].mixed_lengths or not s.mixed_only)
                              and {s.numerator[1].split("/")[1], s.denominator[1].split("/")[1]} <= configs]
                         for wl in args.workloads if wl not in skipped}
-    report["tokens_match"] = {wl: {m: tokens_match(runs[wl][m]) for m in args.methods}
+    same_order = [c for c in args.configs if parse_config(c).hf is not None and not parse_config(c).hf.get("group_by_length")]
+    report["tokens_match"] = {wl: {m: {c: tokens_match(runs[wl][m], c) for c in same_order} for m in args.methods}
                               for wl in args.workloads if wl not in skipped}
     report["environment"]["load_average_end"] = os.getloadavg()
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     report["complete"] = True
     _write_json_atomic(out, report)
-    mismatched = [f"{wl} {m}" for wl, per in report["tokens_match"].items() for m, ok in per.items()
-                  if ok is not None and not all(ok)]
+    mismatched = [f"{wl} {m} {c}" for wl, per in report["tokens_match"].items() for m, by in per.items()
+                  for c, ok in by.items() if ok is not None and not all(ok)]
     if mismatched:
         log(f"WARNING: HF did not train on our tokens per step ({', '.join(mismatched)}): the comparison is off")
     log("\n" + ratio_table(report["ratios"]) + f"\n\nwrote {out}")
@@ -788,9 +794,9 @@ def parse_args(argv=None):
     p.add_argument("--workloads", default=None, help=f"comma-separated of {','.join(WORKLOADS)} (default all; quick demo)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated of lora,dora")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help="comma-separated configurations: baseline, group_by_length, packing, compile, threadsN, a "
-                        "recipe override key=value, or several joined by + (HF runs those it has: baseline, "
-                        "group_by_length)")
+                   help="comma-separated configurations: baseline (the recipe as written), fp32, bf16, "
+                        "group_by_length, packing, compile, threadsN, a recipe override key=value, or several joined "
+                        "by + (HF runs those it has: baseline, fp32, bf16, group_by_length)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true", help="the tiny random model of recipes/smoke.yaml, 3 steps, 1 round")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")

@@ -38,6 +38,8 @@ def test_report_structure(quick_report):
     r = quick_report
     assert r["complete"] is True
     assert r["settings"]["timed_steps"] == 3 and r["settings"]["warmup_steps"] == 1 and r["settings"]["rounds"] == 1
+    assert r["settings"]["configs"]["baseline"] == {"ours_overrides": [], "hf": {}, "every_side_overrides": []}
+    assert r["settings"]["omp_wait_policy"] == "PASSIVE"  # the default, as the workers ran
     env = r["environment"]
     assert env["cpu_count"] >= 1 and len(env["load_average_start"]) == 3 and len(env["load_average_end"]) == 3
     assert all(env["versions"][pkg] for pkg in ("torch", "transformers", "peft"))
@@ -72,7 +74,7 @@ def test_both_sides_train_on_the_same_tokens_per_step(quick_report):
     assert ours["padded_tokens_per_step"] == hf["padded_tokens_per_step"]
     assert len(set(ours["real_tokens_per_step"])) > 1  # distinct batches: a shifted order would show
     assert sum(ours["real_tokens_per_step"]) == ours["tokens_seen_by_dora"]  # dora train's own count agrees
-    assert quick_report["tokens_match"] == {"demo": {"lora": [True]}}
+    assert quick_report["tokens_match"] == {"demo": {"lora": {"baseline": [True]}}}
     floor = runs["floor/baseline"]["rounds"][0]
     assert floor["real_tokens_per_step"] == ours["real_tokens_per_step"]
     assert floor["padded_tokens_per_step"] == ours["padded_tokens_per_step"]
@@ -153,6 +155,36 @@ def test_precision_reaches_every_side(e2e, tmp_path, config, precision):
         spec = e2e.worker_spec(e2e.Job("demo", "lora", config, side), args, "recipes/smollm2_demo.yaml", tmp_path)
         set_to = [o.split("=", 1)[1] for o in spec["overrides"] if o.startswith("train.mixed_precision=")]
         assert set_to == ([precision] if precision else []), (side, spec["overrides"])
+
+
+def test_ratio_names_are_unique(e2e):
+    """Each ratio names one pair of runs: a report keyed by name (as the README's tables read it) loses none."""
+    names = [s.name for s in e2e.ratio_specs()]
+    assert len(names) == len(set(names))
+
+
+def test_two_precisions_in_one_configuration_are_refused(e2e):
+    with pytest.raises(ValueError, match="sets the same key twice"):
+        e2e.parse_config("fp32+bf16")
+
+
+def test_hf_precision_follows_the_recipe(e2e):
+    """HF's bf16 / fp16 flags come from the recipe's train.mixed_precision, which a precision configuration
+    sets on the HF side too (test_precision_reaches_every_side): so fp32 is fp32 on both sides."""
+    from types import SimpleNamespace
+
+    from dora_cli.recipe import load_recipe
+
+    pytest.importorskip("transformers")
+    plan = SimpleNamespace(micro=8, accumulation=1, total_steps=3)
+    for precision, flags in (("no", (False, False)), ("bf16", (True, False)), ("fp16", (False, True))):
+        recipe = load_recipe(str(ROOT / "recipes" / "smollm2_demo.yaml"), [f"train.mixed_precision={precision}"])
+        try:
+            args = e2e.hf_training_arguments(recipe, plan, False, "/tmp/unused-e2e-hf-args")
+        except ValueError as err:  # transformers refuses fp16 without a GPU on some versions
+            assert precision == "fp16", err
+            continue
+        assert (args.bf16, args.fp16) == flags
 
 
 def test_floor_targets_are_on_the_precision_configurations(e2e):
