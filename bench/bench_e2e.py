@@ -598,7 +598,7 @@ def compute_ratio(runs: dict, spec: RatioSpec) -> dict:
             "numerator": num, "denominator": den}
 
 
-def tokens_match(runs: dict, config: str = "baseline") -> list[bool] | None:
+def tokens_match(runs: dict, config: str) -> list[bool] | None:
     """Per round: did HF train on exactly the real and padded tokens per step of ours, in this configuration?"""
     ours, hf = runs.get(f"ours/{config}", {}).get("rounds", []), runs.get(f"hf/{config}", {}).get("rounds", [])
     pairs = [(a, b) for a, b in zip(ours, hf) if a["status"] == b["status"] == "ok"]
@@ -728,7 +728,8 @@ def parent_main(args) -> int:
                              if (WORKLOADS[wl].mixed_lengths or not s.mixed_only)
                              and {s.numerator[1].split("/")[1], s.denominator[1].split("/")[1]} <= configs]
                         for wl in args.workloads if wl not in skipped}
-    same_order = [c for c in args.configs if parse_config(c).hf is not None and not parse_config(c).hf.get("group_by_length")]
+    levers = {c: parse_config(c) for c in args.configs}
+    same_order = [c for c, lever in levers.items() if lever.hf is not None and not lever.hf.get("group_by_length")]
     report["tokens_match"] = {wl: {m: {c: tokens_match(runs[wl][m], c) for c in same_order} for m in args.methods}
                               for wl in args.workloads if wl not in skipped}
     report["environment"]["load_average_end"] = os.getloadavg()
