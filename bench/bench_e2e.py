@@ -112,10 +112,10 @@ def parse_config(name: str) -> Lever:
             raise ValueError(f"unknown configuration {part!r} (expected one of {', '.join(LEVERS)}, threadsN, "
                              "or a recipe override key=value; join several with +)")
     hf = None if any(p.hf is None for p in parts) else {k: v for p in parts for k, v in p.hf.items()}
-    both = tuple(o for p in parts for o in p.both)
-    if len(both) != len({o.split("=", 1)[0] for o in both}):
-        raise ValueError(f"configuration {name!r} sets the same key twice ({', '.join(both)})")
-    return Lever(tuple(o for p in parts for o in p.ours), hf, both)
+    ours, both = tuple(o for p in parts for o in p.ours), tuple(o for p in parts for o in p.both)
+    if len(ours + both) != len({o.split("=", 1)[0] for o in ours + both}):
+        raise ValueError(f"configuration {name!r} sets the same key twice ({', '.join(ours + both)})")
+    return Lever(ours, hf, both)
 
 
 # ----------------------------------------------------------------------------------------------------

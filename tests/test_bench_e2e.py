@@ -163,9 +163,12 @@ def test_ratio_names_are_unique(e2e):
     assert len(names) == len(set(names))
 
 
-def test_two_precisions_in_one_configuration_are_refused(e2e):
+@pytest.mark.parametrize("name", ["fp32+bf16", "fp32+train.mixed_precision=bf16", "optim.lr=0.1+optim.lr=0.2",
+                                  "group_by_length+data.group_by_length=false"])
+def test_a_key_set_twice_in_one_configuration_is_refused(e2e, name):
+    """Sides would disagree (HF reads only the every-side overrides) or the last value would win silently."""
     with pytest.raises(ValueError, match="sets the same key twice"):
-        e2e.parse_config("fp32+bf16")
+        e2e.parse_config(name)
 
 
 def test_hf_precision_follows_the_recipe(e2e):
