@@ -171,7 +171,7 @@ def test_a_key_set_twice_in_one_configuration_is_refused(e2e, name):
         e2e.parse_config(name)
 
 
-def test_hf_precision_follows_the_recipe(e2e):
+def test_hf_precision_follows_the_recipe(e2e, tmp_path):
     """HF's bf16 / fp16 flags come from the recipe's train.mixed_precision, which a precision configuration
     sets on the HF side too (test_precision_reaches_every_side): so fp32 is fp32 on both sides."""
     from types import SimpleNamespace
@@ -183,7 +183,7 @@ def test_hf_precision_follows_the_recipe(e2e):
     for precision, flags in (("no", (False, False)), ("bf16", (True, False)), ("fp16", (False, True))):
         recipe = load_recipe(str(ROOT / "recipes" / "smollm2_demo.yaml"), [f"train.mixed_precision={precision}"])
         try:
-            args = e2e.hf_training_arguments(recipe, plan, False, "/tmp/unused-e2e-hf-args")
+            args = e2e.hf_training_arguments(recipe, plan, False, str(tmp_path / "hf"))
         except ValueError as err:  # transformers refuses fp16 without a GPU on some versions
             assert precision == "fp16", err
             continue
