@@ -53,8 +53,11 @@ def fsync_path(path: str | Path) -> None:
 def atomic_file(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Create `path` whole or not at all: `write(tmp)` fills a temporary sibling, which is renamed over it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f"{temporary_sibling(path).name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f"{temporary_sibling(path).name}.", dir=path.parent)
+    except OSError as err:  # a place the checks could not rule out (root on /proc, a full or read-only mount)
+        raise UserError(f"{path}: cannot be written ({_path_problem(err)})") from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -84,13 +87,19 @@ def temporary_sibling(target: Path, tag: str = "") -> Path:
 def atomic_directory(target: str | Path, fill: Callable[[Path], None], *, replace: bool = True) -> Path:
     """Create `target` whole or not at all: `fill(tmp)` writes into a temporary sibling directory, which
     is renamed into place. An existing `target` is replaced (renamed away first, deleted last) when
-    `replace`, else a UserError."""
+    `replace`, else a UserError. A symbolic link in its place is the user's: never replaced (a UserError,
+    before `fill` runs)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink():
+        raise UserError(f"{target}: is a symbolic link; it is never replaced (give the real directory)")
     tmp = temporary_sibling(target)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as err:  # a place the checks could not rule out (root on /proc, a full or read-only mount)
+        raise UserError(f"{target}: cannot be written ({_path_problem(err)})") from None
     os.chmod(tmp, 0o777 & ~umask())
     old = None
     try:

@@ -381,10 +381,25 @@ def load_model(cfg: ModelConfig, *, for_training: bool = True, padding_side: Pad
         _LABEL.reset(token)
 
 
-def _load_model(cfg: ModelConfig, *, for_training: bool, padding_side: PaddingSide | None):
-    source = resolve_source(cfg.name_or_path)
+def _check_dir_source(cfg: ModelConfig, source: ModelSource) -> None:
     if source.kind == "dir" and not (Path(source.location) / "config.json").is_file():
         raise UserError(f"{cfg.name_or_path!r} is a directory without config.json", where=_LABEL.get())
+
+
+def _source_config(cfg: ModelConfig, source: ModelSource):
+    """(config, location, hub access) of a pretrained source, its failures one line each (the real load's and the
+    dry run's alike)."""
+    location = str(cached_gguf_dir(source.location)) if source.kind == "gguf" else source.location
+    access = hub.access() if source.kind == "hub" else None
+    with _source_errors(source, cfg, f"{location}: config.json cannot be loaded", access):
+        config = _pretrained_config(location, trust_remote_code=cfg.trust_remote_code,
+                                    **(access.from_pretrained_kwargs() if access else {}))
+    return config, location, access
+
+
+def _load_model(cfg: ModelConfig, *, for_training: bool, padding_side: PaddingSide | None):
+    source = resolve_source(cfg.name_or_path)
+    _check_dir_source(cfg, source)
     if cfg.trust_remote_code:
         say(f"model.trust_remote_code is on: the model's own Python code from {cfg.name_or_path or cfg.tokenizer} will run")
     tokenizer = load_tokenizer(cfg, padding_side=padding_side or ("right" if for_training else "left"))
@@ -397,11 +412,7 @@ def _load_model(cfg: ModelConfig, *, for_training: bool, padding_side: PaddingSi
         with loading("a model of this architecture cannot be built", where="model.config"):
             model = _random_model(config, seed=seed, dtype=dtype, quant=quant)
     else:
-        location = str(cached_gguf_dir(source.location)) if source.kind == "gguf" else source.location
-        access = hub.access() if source.kind == "hub" else None
-        with _source_errors(source, cfg, f"{location}: config.json cannot be loaded", access):
-            config = _pretrained_config(location, trust_remote_code=cfg.trust_remote_code,
-                                        **(access.from_pretrained_kwargs() if access else {}))
+        config, location, access = _source_config(cfg, source)
         check_vocabulary(tokenizer, config, cfg)
         with _source_errors(source, cfg, f"{location}: the model weights cannot be loaded", access):
             model = _from_pretrained(location, dtype=dtype, quant=quant, trust_remote_code=cfg.trust_remote_code,
@@ -650,19 +661,12 @@ def build_meta_model(config):
 
 
 def model_config(cfg: ModelConfig):
-    """The architecture config of the recipe's model, without loading weights."""
-    from transformers import AutoConfig
-
+    """The architecture config of the recipe's model, without loading weights (refused as the real load refuses it)."""
     source = resolve_source(cfg.name_or_path)
     if source.kind == "random":
         return build_config(cfg.config, tokenizer=load_tokenizer(cfg))[0]
-    location = str(cached_gguf_dir(source.location)) if source.kind == "gguf" else source.location
-    if source.kind != "hub":
-        return AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
-    access = hub.access()
-    with hub.loading(cfg.name_or_path, _LABEL.get(), access):
-        return AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code,
-                                          **access.from_pretrained_kwargs())
+    _check_dir_source(cfg, source)
+    return _source_config(cfg, source)[0]
 
 
 def meta_model(cfg: ModelConfig):

@@ -162,6 +162,20 @@ def prompts_with(template: str, per_name: dict[str, str] | None = None) -> list[
 
 
 DUPLICATE_LAUNCH = "launch: {num_processes: 1}\nlaunch: {strategy: ddp}\n"
+BAD_MODEL_DIRS = {"empty": {}, "config-not-json": {"config.json": "{"}, "config-a-list": {"config.json": "[1, 2]"},
+                  "no-model-type": {"config.json": "{}"}, "unknown-model-type": {"config.json": '{"model_type": "no_such_arch"}'}}
+BAD_JUDGE_URLS = {"port-not-a-number": "http://u:SECRET@127.0.0.1:notaport/v1", "port-too-large": "http://h:70000/v1",
+                  "no-scheme": "127.0.0.1:8000/v1", "ftp": "ftp://127.0.0.1/v1", "no-host": "http:///v1"}
+
+
+def judge_url_case(url: str) -> Build:
+    templates = prompts_with("{question}{answer}", {"single-v1-multi-turn": "{question_1}",
+                                                   "single-math-v1-multi-turn": "{question_1}"})
+    return lambda k: ["eval", str(k.run()), *judge_files(k, templates), f"eval.mt_bench.judge_url={url}"]
+
+
+def dry_run_model_case(files: dict[str, str]) -> Build:
+    return lambda k: ["train", k.recipe(), "--dry-run", f"model.name_or_path={model_dir_with(k, files)}"]
 
 
 def child_of(base: str, k: Kit) -> str:
@@ -410,9 +424,32 @@ CASES: dict[str, Build] = {
             "single-v1": "{question}{answer}", "single-math-v1": "{question}{answer}{ref_answer_1}",
             "single-math-v1-multi-turn": "{question_1}{answer_1}{ref_answer_1}{ref_answer_2}"}),
         refs=[{"question_id": 2, "choices": [{"turns": ["4"]}]}], question={**QUESTION, "question_id": 2, "category": "math"})],
+    # a judge URL the HTTP client cannot use is refused before any answer is generated (its credentials unshown)
+    **{f"judge-url-{name}": judge_url_case(url) for name, url in BAD_JUDGE_URLS.items()},
+    # dora merge writes its --out whole: a user's link there is refused, never replaced
+    "merge-out-a-link-to-an-empty-folder": lambda k: [
+        "merge", str(k.run()), "--out", str(link_to(k, k.tmp / "target", k.tmp / "link"))],
+    "merge-out-a-link-to-an-empty-folder-force": lambda k: [
+        "merge", str(k.run()), "--force", "--out", str(link_to(k, k.tmp / "target", k.tmp / "link"))],
+    # a dry run refuses a model as the run does (model_config shares the load's checks)
+    **{f"dry-run-model-{name}": dry_run_model_case(files) for name, files in BAD_MODEL_DIRS.items()},
     "judge-model-missing": lambda k: ["eval", str(k.run()), *judge_files(k, prompts_with("{question}{answer}", {
         "single-v1-multi-turn": "{question_1}", "single-math-v1-multi-turn": "{question_1}"})), "eval.mt_bench.judge_model=null"],
 }
+
+
+def link_to(k: Kit, target: Path, link: Path) -> Path:
+    target.mkdir()
+    link.symlink_to(target)
+    return link
+
+
+def model_dir_with(k: Kit, files: dict[str, str]) -> Path:
+    model = k.tmp / "model"
+    model.mkdir()
+    for name, text in files.items():
+        (model / name).write_text(text)
+    return model
 
 
 def user_file_in(directory: Path, name: str = "notes.txt") -> Path:

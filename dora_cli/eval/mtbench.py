@@ -27,6 +27,7 @@ import json
 import os
 import re
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -93,6 +94,7 @@ def mt_bench_inputs(cfg, limit: int | None = None) -> tuple[list[dict], tuple[di
         return questions, None
     if not cfg.judge_model:
         raise UserError("eval.mt_bench.judge_model: not set; the judge at judge_url needs the name of its model")
+    check_judge_url(cfg.judge_url)
     prompts_file = cfg.judge_prompts or qpath.parent / "judge_prompts.jsonl"
     prompts = load_judge_prompts(prompts_file)
     refs = {}
@@ -100,6 +102,20 @@ def mt_bench_inputs(cfg, limit: int | None = None) -> tuple[list[dict], tuple[di
         refs = load_reference_answers(cfg.reference_answers or qpath.parent / "reference_answer" / "gpt-4.jsonl")
     check_judge_inputs(questions, None, prompts, refs, prompts_file)
     return questions, (prompts, refs)
+
+
+def check_judge_url(url: str) -> None:
+    """Refuse a judge URL the HTTP client could not use (before any answer is generated); the message shows it
+    without credentials, query or fragment, where keys travel."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - a port that is not a number in 0-65535 raises here
+    except ValueError:
+        raise UserError(f"{public_url(url)!r}: its port is not a number from 0 to 65535",
+                        where="eval.mt_bench.judge_url") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"{public_url(url)!r}: expected an http:// or https:// URL with a host (an OpenAI-compatible "
+                        "endpoint, e.g. http://127.0.0.1:8000/v1)", where="eval.mt_bench.judge_url")
 
 
 def conversation_prompt(tokenizer, questions: list[str], answers: list[str]) -> tuple[str, bool]:
