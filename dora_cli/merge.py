@@ -119,7 +119,8 @@ def run_merge(
         resolved = ckpt.path.resolve()
         out = resolved.with_name(resolved.name + "-merged")
     out = Path(out)
-    _check_out(out, force, protected=[ckpt.path])
+    given_base = [Path(base)] if base is not None and Path(base).is_dir() else []  # a local --base, checked at once
+    _check_out(out, force, protected=[ckpt.path, *given_base])
     clean_stale(out.parent, out.name)  # what an interrupted merge into the same --out left behind
 
     ms = resolve_merge(ckpt, base=base, quantized_base=quantized_base)
@@ -393,6 +394,8 @@ def _check_out(out: Path, force: bool, protected: list[Path]) -> None:
     for p in protected:
         if _inside(out, p):
             raise UserError(f"--out {out}: is (or contains) {p}, which the merge reads; choose another directory")
+        if _inside(p, out):
+            raise UserError(f"--out {out}: lies inside {p}, which the merge reads; choose a directory outside it")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out}: already holds a merged model; pass --force to replace it")
 

@@ -359,6 +359,7 @@ CASES: dict[str, Build] = {
     "eval-out-below-a-file": lambda k: ["eval", str(k.run()), "--tasks", "boolq", "--limit", "1",
                                         "--out", str(k.write("afile", "x") / "out")],
     "merge-out-is-a-file": lambda k: ["merge", str(k.run()), "--out", str(k.write("afile", "x"))],
+    "merge-out-inside-its-base": lambda k: ["merge", str(k.run()), "--base", k.model(), "--out", str(k.tmp / "model" / "m")],
     "merge-truncated-adapter": lambda k: ["merge", str(truncate_adapter(k.run())), "--out", str(k.tmp / "merged")],
     "analyze-missing-checkpoint": lambda k: ["analyze", str(k.tmp / "nope"), "--out", str(k.tmp / "analysis")],
     "analyze-out-is-a-file": lambda k: ["analyze", str(k.run()), "--out", str(k.write("afile", "x"))],
