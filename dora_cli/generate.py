@@ -73,6 +73,10 @@ class Talker:
         recipe = target_recipe(found, [], base, UNUSED_BY_CHECKPOINT_READERS)  # --template: this command's, not data.template
         has_recipe = found.checkpoint is not None and found.checkpoint.recipe is not None
         self.model, self.tokenizer = load_for_eval(found, recipe, base)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(context, int) and self.sampling.max_new_tokens > context:  # it would generate until killed
+            raise UserError(f"--max-new-tokens: {self.sampling.max_new_tokens} is more than the model's context of "
+                            f"{context} tokens (max_position_embeddings in its config.json)")
         if template or has_recipe:
             self.template = template or recipe.data.template
         else:

@@ -410,6 +410,8 @@ CASES: dict[str, Build] = {
         "eval", str(k.run()), "--tasks", "boolq", "--limit", "1", "--overwrite",
         "--out", str(user_file_in(eval_output(k), "commonsense/predictions/old/boolq.jsonl"))],
     "chat-stdin-closed": lambda k: ["chat", str(close_stdin(k, k.run()))],
+    "generate-more-new-tokens-than-the-context": lambda k: ["generate", str(k.run()), "q", "--max-new-tokens", "99999999"],
+    "chat-more-new-tokens-than-the-context": lambda k: ["chat", str(k.run()), "--max-new-tokens", "257"],
     "dry-run-every-response-cut-off": lambda k: ["train", k.recipe(), "--dry-run", "data.cutoff_len=8",
                                                  "data.train_on_inputs=false"],
     "dry-run-batch-larger-than-the-data": lambda k: ["train", k.recipe(), "--dry-run", "train.batch_size=512"],
