@@ -387,10 +387,8 @@ def _inside(path: Path, other: Path) -> bool:
 
 
 def _check_out(out: Path, force: bool, protected: list[Path]) -> None:
-    check_output(out, MERGE_OUTPUT.name, label=f"--out {out}", replace=force)
-    if out.is_symlink():  # the merged model replaces --out whole (files.atomic_directory): never a user's link
-        raise UserError(f"--out {out}: is a symbolic link; dora merge writes its output directory whole, never "
-                        "through a link (give the real directory)")
+    # replace: the merged model replaces --out whole (files.atomic_directory), an empty one too: never a link
+    check_output(out, MERGE_OUTPUT.name, label=f"--out {out}", replace=True)
     for p in protected:
         if _inside(out, p):
             raise UserError(f"--out {out}: is (or contains) {p}, which the merge reads; choose another directory")
