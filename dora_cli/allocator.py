@@ -6,8 +6,9 @@ then past twice the raised threshold. A training step allocates and frees the sa
 gradients and temporaries every time, many of them live at once: each given back comes again as fresh
 pages the kernel must fault in and zero. Here the threshold starts at its 32 MiB maximum and the heap
 keeps up to 1 GiB of free top for the next step (blocks above 32 MiB, as the bf16 cast of a large
-embedding, still come and go): the same peak resident memory as glibc's defaults, and up to 1 GiB more
-held after a peak (tests/test_allocator.py measures both, and the faults). The whole model's floor step
+embedding, still come and go): up to 1 GiB of freed heap more than the defaults stays resident after a
+peak (tests/test_allocator.py measures both, and the faults; as under the defaults, a block still in use
+above freed ones keeps them from going back). The whole model's floor step
 (README, "Against the floor") went from 2.82 to 2.66 s in fp32; in bf16 it did not move (1.30, 1.29).
 
 `DORA_CLI_MALLOC=tuned` (the default) or `system` (glibc's defaults). errors.run_main, the entry of every

@@ -1,7 +1,7 @@
 """dora_cli.allocator: with tune_allocator() the blocks a step frees together are reused by the next step
-(almost no page faults) where glibc's defaults give them back and fault them in again; resident memory
-under a hostile mix of sizes stays where the defaults keep it; DORA_CLI_MALLOC chooses, one way or the
-other, and anything else is refused."""
+(almost no page faults) where glibc's defaults give them back and fault them in again; a block above 32 MiB
+still goes back to the system when freed, and at most 1 GiB of freed heap is kept; DORA_CLI_MALLOC
+chooses, one way or the other, and anything else is refused."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dora_cli.errors import UserError
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 
 PROBE = r"""
-import json, os, random, resource, sys
+import ctypes, json, os, resource, sys
 import torch
 from dora_cli.allocator import tune_allocator
 torch.set_num_threads(1)
@@ -28,42 +28,55 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def rss_mb():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
-def step():  # a step's activations: 6 x 12 MiB live at once (past glibc's largest trim threshold), all freed at its end
-    a = torch.ones(12 << 18); b = torch.ones(12 << 18); c = a * b; d = c + a; e = d * b; f = e + c
-for _ in range(10):
-    step()
-before = faults()
-for _ in range(20):
-    step()
-per_step = (faults() - before) / 20
-rng, live, kept, peak = random.Random(3), [], [], 0
-for _ in range(150):  # 1-100 MiB tensors, 1-4 live, one small tensor kept per step between them
-    live.append(torch.ones(rng.randint(1, 100) << 18))
-    kept.append(torch.zeros(()))
-    while len(live) > rng.randint(1, 4):
-        live.pop(rng.randrange(len(live)))
-    peak = max(peak, rss_mb())
-print(json.dumps({"ran": ran, "faults_per_step": per_step, "peak_rss_mb": peak}))
+if sys.argv[2] == "faults":
+    def step():  # a step's activations: 6 x 12 MiB live at once (past glibc's largest trim threshold), all freed at its end
+        a = torch.ones(12 << 18); b = torch.ones(12 << 18); c = a * b; d = c + a; e = d * b; f = e + c
+    for _ in range(10):
+        step()
+    before = faults()
+    for _ in range(20):
+        step()
+    per_step = (faults() - before) / 20
+    print(json.dumps({"ran": ran, "faults_per_step": per_step}))
+else:  # on a fresh heap, C blocks (no tensor's own small allocations between them)
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    def touched(mib):
+        block = libc.malloc(mib << 20); ctypes.memset(block, 1, mib << 20); return block
+    base = rss_mb()  # a block above the mmap threshold: its own mapping, given back when freed
+    big = touched(48); big_mb = rss_mb() - base; libc.free(big); big_kept_mb = rss_mb() - base
+    heap = [touched(24) for _ in range(60)]  # 1.4 GiB in blocks below it: the heap, freed top down
+    heap_mb = rss_mb() - base
+    for block in reversed(heap):
+        libc.free(block)
+    heap_kept_mb = rss_mb() - base
+    print(json.dumps({"ran": ran, "big_mb": big_mb, "big_kept_mb": big_kept_mb, "heap_mb": heap_mb,
+                      "heap_kept_mb": heap_kept_mb}))
 """
 
 CLEAN = ("DORA_CLI_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
 
 
-def _probe(mode: str, **env) -> dict:
+def _probe(mode: str, part: str = "faults", **env) -> dict:
     base = {k: v for k, v in os.environ.items() if k not in CLEAN and not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", PROBE, mode, part], capture_output=True, text=True, check=True,
                          env={**base, **env})
     return json.loads(out.stdout)
 
 
 @glibc
-def test_a_steps_freed_blocks_are_reused_and_memory_stays_where_the_defaults_keep_it():
+def test_a_steps_freed_blocks_are_reused_and_only_a_bounded_heap_is_kept():
     step_pages = 6 * (12 << 20) // os.sysconf("SC_PAGE_SIZE")
     default, tuned = _probe("default"), _probe("tune")
     assert tuned["ran"] == "tuned"
     assert default["faults_per_step"] > step_pages / 10  # the defaults give freed blocks back and fault them in again
     assert tuned["faults_per_step"] < step_pages / 100
-    assert tuned["peak_rss_mb"] < 1.2 * default["peak_rss_mb"] + 50  # no heap that only grows (mmap stays on)
+    default, tuned = _probe("default", "memory"), _probe("tune", "memory")
+    for run in (default, tuned):
+        assert run["big_mb"] >= 40 and run["big_kept_mb"] <= 8, run  # mmap stays on above 32 MiB
+        assert run["heap_mb"] >= 1300, run
+    assert default["heap_kept_mb"] <= 64, default
+    assert 24 <= tuned["heap_kept_mb"] <= 1024 + 32, tuned  # freed heap kept for reuse, trimmed past 1 GiB
 
 
 @glibc
