@@ -54,8 +54,10 @@ def train(
     nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Processes (overrides launch.num_processes).")] = None,
 ) -> None:
     """Train a causal LM from a recipe (LoRA, DoRA, VeRA, DVoRA, full; 4-bit or not)."""
+    from dora_cli.recipe import refuse_set_twice
     from dora_cli.train import run_train
 
+    refuse_set_twice(overrides or [], {"launch.num_processes": "--nproc"} if nproc is not None else {})
     run_train(recipe, overrides or [], dry_run=dry_run, resume=resume, overwrite=overwrite, nproc=nproc)
 
 
@@ -90,16 +92,19 @@ def eval_(
     Example: dora eval runs/x/final eval.mode=loglik eval.limit=100
     """
     from dora_cli.evaluate import run_eval
+    from dora_cli.recipe import refuse_set_twice
 
-    flags = {
-        "eval.suite": suite, "eval.mode": mode, "eval.limit": limit, "eval.data_dir": data_dir,
-        "eval.batch_size": batch_size, "eval.lm_eval.num_fewshot": num_fewshot, "eval.lm_eval.tasks_dir": tasks_dir,
-        "eval.lm_eval.samples": True if samples else None, "eval.mt_bench.questions": questions,
-        "eval.mt_bench.judge_url": judge_url, "eval.mt_bench.judge_model": judge_model,
+    flags = {  # recipe key: (flag, value)
+        "eval.suite": ("--suite", suite), "eval.mode": ("--mode", mode), "eval.limit": ("--limit", limit),
+        "eval.data_dir": ("--data-dir", data_dir), "eval.batch_size": ("--batch-size", batch_size),
+        "eval.lm_eval.num_fewshot": ("--num-fewshot", num_fewshot), "eval.lm_eval.tasks_dir": ("--tasks-dir", tasks_dir),
+        "eval.lm_eval.samples": ("--samples", True if samples else None), "eval.mt_bench.questions": ("--questions", questions),
+        "eval.mt_bench.judge_url": ("--judge-url", judge_url), "eval.mt_bench.judge_model": ("--judge-model", judge_model),
+        "eval.tasks": ("--tasks", f"[{','.join(_csv(tasks) or [])}]" if tasks else None),
     }
-    extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    if tasks:
-        extra.append(f"eval.tasks=[{','.join(_csv(tasks) or [])}]")
+    given = {key: (flag, value) for key, (flag, value) in flags.items() if value is not None}
+    refuse_set_twice(overrides or [], {key: flag for key, (flag, _) in given.items()})
+    extra = [f"{key}={value}" for key, (_, value) in given.items()]
     run_eval(target, [*extra, *(overrides or [])], base=base, out=out, overwrite=overwrite)
 
 

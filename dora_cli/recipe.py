@@ -47,7 +47,6 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
@@ -55,7 +54,7 @@ from pydantic import (
     model_validator,
 )
 
-from dora_cli.adapters.config import AdapterConfig
+from dora_cli.adapters.config import AdapterConfig, Schema
 from dora_cli.errors import UserError, absent, clip, did_you_mean, note_user_paths, one_of, problem_of
 
 MAX_VALUES = 10_000
@@ -169,10 +168,6 @@ LOCAL_OR_HUB = {"path": "local_or_hub"}
 """A local path or a hub id: made absolute when it exists on disk."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
 INT32_MAX = 2**31 - 1
 SEED_MAX = 2**32 - 1
 Count = Annotated[int, Field(gt=0, le=INT32_MAX)]
@@ -183,13 +178,13 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 """An Adam beta: torch.optim.AdamW takes 0 <= beta < 1."""
 
 
-class QuantizationConfig(_Section):
+class QuantizationConfig(Schema):
     mode: Literal["none", "nf4", "fp4", "int8"] = "none"
     double_quant: bool = True
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
 
-class ModelConfig(_Section):
+class ModelConfig(Schema):
     name_or_path: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
     """Hub id, local directory, or a .gguf file. When null, `config` builds a tiny random model."""
     tokenizer: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
@@ -208,7 +203,7 @@ class ModelConfig(_Section):
         return self
 
 
-class DataSource(_Section):
+class DataSource(Schema):
     path: str = Field(json_schema_extra=LOCAL_OR_HUB)
     """A local .json / .jsonl / .parquet file, a directory of them, a `datasets.save_to_disk` directory, or a
     hub dataset name."""
@@ -221,7 +216,7 @@ CONVERSATION_FORMATS = ("messages", "sharegpt")
 """Record layouts that hold whole conversations, rendered by the tokenizer's chat template."""
 
 
-class DataConfig(_Section):
+class DataConfig(Schema):
     format: Literal["commonsense", "alpaca", "orca_math", "messages", "sharegpt"] = "commonsense"
     """Record layout: commonsense (LLM-Adapters: instruction/input/output/answer), alpaca
     (instruction/input/output), orca_math (question/answer), messages (OpenAI-style
@@ -258,7 +253,7 @@ class DataConfig(_Section):
         return self
 
 
-class OptimConfig(_Section):
+class OptimConfig(Schema):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[Beta, Beta] = (0.9, 0.999)
@@ -269,7 +264,7 @@ class OptimConfig(_Section):
     DDP, off under FSDP and DeepSpeed (they step their own way); true / false forces it."""
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(Schema):
     type: Literal["linear", "cosine", "constant"] = "linear"
     warmup_steps: int | None = Field(None, ge=0, le=INT32_MAX)
     warmup_ratio: float | None = Field(None, ge=0, le=1)
@@ -281,7 +276,7 @@ class ScheduleConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
+class TrainConfig(Schema):
     epochs: float | None = Field(None, gt=0, le=1e6)
     max_steps: Count | None = None
     """Optimizer steps; wins over `epochs` when both are set."""
@@ -314,7 +309,7 @@ class TrainConfig(_Section):
         return self
 
 
-class LaunchConfig(_Section):
+class LaunchConfig(Schema):
     """How many processes train and how the model is spread over them (launch.py builds Accelerate's
     setup from it). Strategy settings left unset keep their defaults; nothing else is set."""
 
@@ -391,7 +386,7 @@ def launch_problems(launch: LaunchConfig) -> list[str]:
     return problems
 
 
-class MTBenchConfig(_Section):
+class MTBenchConfig(Schema):
     questions: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
     """question.jsonl of MT-Bench (FastChat layout)."""
     reference_answers: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
@@ -403,7 +398,7 @@ class MTBenchConfig(_Section):
     max_new_tokens: Count = 1024
 
 
-class LMEvalConfig(_Section):
+class LMEvalConfig(Schema):
     """The lm_eval suite (EleutherAI's lm-evaluation-harness, `pip install 'dora_cli[lm_eval]'`)."""
 
     tasks_dir: str | None = Field(None, json_schema_extra=LOCAL_PATH)
@@ -414,7 +409,7 @@ class LMEvalConfig(_Section):
     """Also write every example's requests and answers (samples/<task>.jsonl)."""
 
 
-class EvalConfig(_Section):
+class EvalConfig(Schema):
     suite: Literal["commonsense", "mt_bench", "math", "lm_eval"] = "commonsense"
     tasks: list[str] = Field(
         default_factory=lambda: [
@@ -435,7 +430,7 @@ class EvalConfig(_Section):
     lm_eval: LMEvalConfig = Field(default_factory=LMEvalConfig)
 
 
-class Recipe(_Section):
+class Recipe(Schema):
     base: str | None = None
     model: ModelConfig
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
@@ -820,6 +815,17 @@ def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     except ValueError as err:
         raise UserError(f"malformed YAML value: {problem_of(err)}", where=label) from None
     return parts, _copy_tree(value, label, parts)
+
+
+def refuse_set_twice(overrides: Sequence[str], options: dict[str, str]) -> None:
+    """A key that an option of the command sets (`options`: dotted key -> the option, e.g. `--limit`) and an
+    override sets too (itself, or in a mapping value of a section above it) is a UserError: one value per key."""
+    for text in overrides:
+        parts, value = _parse_override(text)
+        for key, option in options.items():
+            below = tuple(key.split("."))
+            if below[:len(parts)] == parts and value_at(value, below[len(parts):])[0]:
+                raise UserError(f"{key}: set by both {option} and this override; give one", where=_override_label(text))
 
 
 def _override_label(text: str) -> str:

@@ -64,7 +64,7 @@ from dora_cli.files import (
     write_output_marker,
     write_text,
 )
-from dora_cli.recipe import Recipe, check_batch, load_recipe
+from dora_cli.recipe import Recipe, check_batch, load_recipe, refuse_set_twice
 from dora_cli.rundir import LOG_NAME, RunDir, RunLock
 from dora_cli.sweep_report import chosen_at, document, plot, render_table
 
@@ -135,7 +135,7 @@ def run_sweep(
 # Inputs: checked before anything is trained or written
 # ==================================================================================================
 def parse_ranks(values: list[str]) -> list[int]:
-    """Positive integers, ascending, without repeats; anything else is a UserError naming --ranks."""
+    """Positive integers, listed once each, in ascending order; anything else is a UserError naming --ranks."""
     ranks: list[int] = []
     for value in values:
         text = str(value).strip()
@@ -144,22 +144,29 @@ def parse_ranks(values: list[str]) -> list[int]:
         ranks.append(int(text))
     if not ranks:
         raise UserError("--ranks: expected at least one rank (e.g. --ranks 4,8,16,32,64)")
-    return sorted(set(ranks))
+    _refuse_repeats("--ranks", "rank", ranks)
+    return sorted(ranks)
 
 
 def parse_methods(values: list[str]) -> list[str]:
-    """Adapter methods (those with a rank) in the order given, without repeats."""
+    """Adapter methods (those with a rank) in the order given, listed once each."""
     known = recipe_methods()
     methods: list[str] = []
     for value in values:
         method = str(value).strip().lower()
         if method not in known:
             raise UserError(f"--methods: unknown method {value!r}{did_you_mean(method, known)}; expected {one_of(known)}")
-        if method not in methods:
-            methods.append(method)
+        methods.append(method)
     if not methods:
         raise UserError(f"--methods: expected at least one of {one_of(known)}")
+    _refuse_repeats("--methods", "method", methods)
     return methods
+
+
+def _refuse_repeats(option: str, what: str, values: list) -> None:
+    repeated = [v for i, v in enumerate(values) if v in values[:i]]
+    if repeated:
+        raise UserError(f"{option}: {what} {repeated[0]} is listed twice")
 
 
 def parse_seeds(text: str | None, default: int) -> list[int]:
@@ -184,9 +191,7 @@ def parse_seeds(text: str | None, default: int) -> list[int]:
             )
         return list(range(1, count + 1))
     seeds = [int(w) for w in words]
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    if repeated:
-        raise UserError(f"--seeds: seed {repeated[0]} is listed twice")
+    _refuse_repeats("--seeds", "seed", seeds)
     return seeds
 
 
@@ -413,6 +418,9 @@ def plan_sweep(
     shard_kn = parse_shard(shard)
     recipe_path = Path(recipe) if recipe is not None else default_recipe()
     overrides = list(overrides)
+    refuse_set_twice(overrides, {"adapter.method": "--methods", "adapter.r": "--ranks",
+                                 **({"train.seed": "--seeds"} if seeds is not None else {}),
+                                 **({"adapter.alpha": "--alpha-rule 2r (alpha = 2r)"} if rule == "2r" else {})})
     base = load_recipe(recipe_path, overrides)
     if suite_of(base).compared is None:
         raise UserError(f"eval.suite: the rank study compares per-task accuracies (commonsense or lm_eval), got {base.eval.suite!r}",

@@ -412,6 +412,23 @@ CASES: dict[str, Build] = {
     "chat-stdin-closed": lambda k: ["chat", str(close_stdin(k, k.run()))],
     "generate-more-new-tokens-than-the-context": lambda k: ["generate", str(k.run()), "q", "--max-new-tokens", "99999999"],
     "chat-more-new-tokens-than-the-context": lambda k: ["chat", str(k.run()), "--max-new-tokens", "257"],
+    # --- a value of the wrong kind that pydantic would convert, and one key given twice on the command line ---
+    "recipe-rank-true": lambda k: ["train", k.recipe(), "--dry-run", "adapter.r=true"],
+    "recipe-rank-true-in-the-file": lambda k: ["train", k.recipe(text=SMOKE.replace("  r: 8\n", "  r: true\n")), "--dry-run"],
+    "recipe-lr-false": lambda k: ["train", k.recipe(), "--dry-run", "optim.lr=false"],
+    "recipe-flag-a-number": lambda k: ["train", k.recipe(), "--dry-run", "model.gradient_checkpointing=1"],
+    "recipe-alpha-negative": lambda k: ["train", k.recipe(), "--dry-run", "adapter.alpha=-16"],
+    "recipe-alpha-zero": lambda k: ["train", k.recipe(), "--dry-run", "adapter.alpha=0"],
+    "train-nproc-and-its-override": lambda k: ["train", k.recipe(), "--dry-run", "--nproc", "2", "launch.num_processes=1"],
+    "eval-limit-and-its-override": lambda k: ["eval", str(k.run()), "--limit", "3", "eval.limit=2", *k.eval_out()],
+    "eval-tasks-and-a-section-override": lambda k: ["eval", str(k.run()), "--tasks", "boolq", "eval={tasks: [piqa]}",
+                                                    *k.eval_out()],
+    "eval-judge-url-and-its-override": lambda k: ["eval", str(k.run()), "--judge-url", "http://127.0.0.1:9/v1",
+                                                  "eval.mt_bench.judge_url=http://127.0.0.1:8/v1", *k.eval_out()],
+    "sweep-rank-repeated": lambda k: ["sweep-rank", k.recipe(), "--ranks", "4,4"],
+    "sweep-method-repeated": lambda k: ["sweep-rank", k.recipe(), "--methods", "lora,lora"],
+    "sweep-override-of-the-rank": lambda k: ["sweep-rank", k.recipe(), "--ranks", "2", "adapter.r=8"],
+    "sweep-override-of-alpha-under-2r": lambda k: ["sweep-rank", k.recipe(), "--ranks", "2", "adapter.alpha=8"],
     "dry-run-every-response-cut-off": lambda k: ["train", k.recipe(), "--dry-run", "data.cutoff_len=8",
                                                  "data.train_on_inputs=false"],
     "dry-run-batch-larger-than-the-data": lambda k: ["train", k.recipe(), "--dry-run", "train.batch_size=512"],
@@ -593,6 +610,28 @@ def assert_refused(build: Build, kit: Kit, monkeypatch, capfd) -> str:
 @pytest.mark.parametrize("case", list(CASES))
 def test_refused_with_one_line_and_nothing_written(case, kit, monkeypatch, capfd):
     assert_refused(CASES[case], kit, monkeypatch, capfd)
+
+
+SAYS = {  # what some cases' line says: refused for the reason the case is about, not another one on the way
+    "recipe-rank-true": "override adapter.r=true: adapter.r: expected a number, got true",
+    "recipe-rank-true-in-the-file": "adapter.r: expected a number, got true",
+    "recipe-lr-false": "optim.lr: expected a number, got false",
+    "recipe-flag-a-number": "model.gradient_checkpointing: expected true or false, got 1",
+    "recipe-alpha-zero": "adapter.alpha: expected a value > 0.0, got 0",
+    "train-nproc-and-its-override": "launch.num_processes: set by both --nproc and this override; give one",
+    "eval-limit-and-its-override": "override eval.limit=2: eval.limit: set by both --limit and this override",
+    "eval-tasks-and-a-section-override": "override eval={tasks: [piqa]}: eval.tasks: set by both --tasks",
+    "eval-judge-url-and-its-override": "eval.mt_bench.judge_url: set by both --judge-url",
+    "sweep-rank-repeated": "--ranks: rank 4 is listed twice",
+    "sweep-method-repeated": "--methods: method lora is listed twice",
+    "sweep-override-of-the-rank": "adapter.r: set by both --ranks and this override",
+}
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("case", list(SAYS))
+def test_the_line_names_the_reason(case, kit, monkeypatch, capfd):
+    assert SAYS[case] in assert_refused(CASES[case], kit, monkeypatch, capfd)
 
 
 @pytest.mark.usefixtures("one_thread")

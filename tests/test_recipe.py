@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from dora_cli import cli
+from dora_cli.adapters.config import _scalar_kinds
 from dora_cli.errors import UserError
 from dora_cli.recipe import Recipe, check_batch, dump_recipe, load_recipe, recipe_from_dict
 
@@ -477,6 +479,54 @@ def test_override_into_a_non_mapping_value():
     assert user_error("x.yaml", ["model.config.hidden_size=3"]) == (
         "override model.config.hidden_size=3: model.config: is 3, not a mapping"
     )
+
+
+def _scalar_fields(model=Recipe, prefix=()):
+    """(dotted key, kinds) of every scalar field of the schema, through nested sections (not lists of them)."""
+    for name, field in model.model_fields.items():
+        kinds = _scalar_kinds(field.annotation)
+        nested = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+        if nested:
+            yield from _scalar_fields(nested[0], (*prefix, name))
+        elif kinds & {int, float, bool}:
+            yield ".".join((*prefix, name)), kinds
+
+
+NUMBERS = [key for key, kinds in _scalar_fields() if bool not in kinds]
+BOOLEANS = [key for key, kinds in _scalar_fields() if not kinds & {int, float}]
+
+
+def test_the_field_lists_cover_the_schema():
+    assert {"adapter.r", "adapter.alpha", "optim.lr", "train.micro_batch_size", "train.max_steps"} <= set(NUMBERS)
+    assert {"adapter.rslora", "model.trust_remote_code"} <= set(BOOLEANS)
+
+
+@pytest.mark.parametrize("key", NUMBERS)
+def test_a_boolean_is_not_taken_for_a_number(key):
+    """pydantic's lax mode reads true as 1: `adapter.r=true` would train at rank 1."""
+    write("x.yaml", MINIMAL)
+    assert user_error("x.yaml", [f"{key}=true"]) == f"override {key}=true: {key}: expected a number, got true"
+
+
+@pytest.mark.parametrize("key", BOOLEANS)
+@pytest.mark.parametrize("value", ["1", "0", "0.0"])
+def test_a_number_is_not_taken_for_true_or_false(key, value):
+    write("x.yaml", MINIMAL)
+    assert user_error("x.yaml", [f"{key}={value}"]) == f"override {key}={value}: {key}: expected true or false, got {value}"
+
+
+def test_a_string_from_the_environment_still_converts(monkeypatch):
+    monkeypatch.setenv("DORA_TEST_R", "4")
+    monkeypatch.setenv("DORA_TEST_FLAG", "true")
+    write("x.yaml", MINIMAL + "adapter: {r: '${env:DORA_TEST_R}', rslora: '${env:DORA_TEST_FLAG}'}\n")
+    adapter = load_recipe("x.yaml").adapter
+    assert (adapter.r, adapter.rslora) == (4, True)
+
+
+@pytest.mark.parametrize("alpha", ["0", "-1", "-16.0"])
+def test_alpha_must_be_positive(alpha):
+    write("x.yaml", MINIMAL)
+    assert user_error("x.yaml", [f"adapter.alpha={alpha}"]).endswith(f"adapter.alpha: expected a value > 0.0, got {alpha}")
 
 
 # --------------------------------------------------------------------------------------------------

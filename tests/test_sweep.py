@@ -260,6 +260,12 @@ BAD = {
     "seed count zero": (["--seeds", "0"], "--seeds: 0 is a number of seeds: expected 1 .. 10"),
     "seed count meant a seed": (["--seeds", "42"], "for the one seed 42 write --seeds 42,"),
     "seed repeated": (["--seeds", "1,2,1"], "--seeds: seed 1 is listed twice"),
+    "rank repeated": (["--ranks", "4,8,04"], "--ranks: rank 4 is listed twice"),
+    "method repeated": (["--methods", "dora,lora,DoRA"], "--methods: method dora is listed twice"),
+    "override of the rank": (["adapter.r=8"], "override adapter.r=8: adapter.r: set by both --ranks and this override"),
+    "override of the method in a mapping": (["adapter={method: vera}"], "adapter.method: set by both --methods"),
+    "override of alpha under 2r": (["adapter.alpha=8"], "adapter.alpha: set by both --alpha-rule 2r"),
+    "override of the seed beside --seeds": (["--seeds", "1,2", "train.seed=3"], "train.seed: set by both --seeds"),
     "grid without values": (["--grid", "optim.lr"], "--grid: expected KEY=v1,v2,..."),
     "grid unknown key": (["--grid", "optim.llr=1e-4,2e-4"], '--grid optim.llr=1e-4: optim.llr: unknown key (did you mean "lr"?)'),
     "grid value of the wrong type": (["--grid", "optim.lr=1e-4,fast"], "--grid optim.lr=fast: optim.lr: expected a number, got 'fast'"),
@@ -503,6 +509,9 @@ def test_alpha_rules_and_each_trials_expected_numbers(tmp_path, monkeypatch):
     # The recipe's own row (dora, r 8, alpha 16) keeps its paper numbers; the other rows have none.
     assert by_name["dora-r8-s42"].recipe.expected == {"avg": 50.0}
     assert by_name["lora-r8-s42"].recipe.expected == {} and by_name["dora-r16-s42"].recipe.expected == {}
+    seeded = sweep.plan_sweep("recipes/smoke.yaml", [*common, "train.seed=7", "adapter.alpha=4"], ranks=["4"],
+                              methods=["lora"], alpha_rule="fixed")  # no --seeds: the recipe's seed, as overridden
+    assert [(t.seed, t.recipe.adapter.alpha) for t in seeded.trials.values()] == [(7, 4)]
     fixed = sweep.plan_sweep("recipes/smoke.yaml", common, ranks=["4", "32"], methods=["lora"], alpha_rule="fixed",
                              grid=["adapter.alpha=16,8"], seeds="2")
     assert sorted((t.rank, t.seed, t.recipe.adapter.alpha) for t in fixed.trials.values()) == [

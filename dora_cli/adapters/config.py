@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from dora_cli.adapters.variants import recipe_methods
 from dora_cli.errors import did_you_mean, one_of
@@ -19,7 +20,34 @@ def method_names() -> tuple[str, ...]:
     return (*recipe_methods(), FULL)
 
 
-class AdapterConfig(BaseModel):
+class Schema(BaseModel):
+    """Base of the adapter config and of every recipe section: an unknown key, inf / nan and a boolean
+    where a number is expected (or a number where true / false is) are refused. pydantic alone reads
+    `r: true` as 1 and `rslora: 1` as true; a string still converts (`${env:R}` gives "8")."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        if type(value) in (int, float) and bool in kinds and not kinds & {int, float}:
+            raise ValueError(f"expected true or false, got {value}")
+        return value
+
+
+def _scalar_kinds(annotation: Any) -> set[Any]:
+    """The types a field takes, through Annotated, Optional and unions (`Count | None` -> {int, NoneType})."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return set().union(*map(_scalar_kinds, get_args(annotation)))
+    if get_origin(annotation) is Annotated:
+        return _scalar_kinds(get_args(annotation)[0])
+    return {annotation}
+
+
+class AdapterConfig(Schema):
     """The adapter of a run, with PEFT-familiar names.
 
     method: lora | dora | vera | dvora | full (method_names()).
@@ -29,11 +57,9 @@ class AdapterConfig(BaseModel):
     magnitude_only_modules: patterns of modules that train only the DoRA magnitude (paper Table 6).
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
     method: str = "dora"
     r: int = Field(8, gt=0, le=65536)
-    alpha: float = 16.0
+    alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], min_length=1
