@@ -332,7 +332,8 @@ def test_log_records_of_the_network_libraries_are_redacted(judge, monkeypatch):
     assert not [r for r in records if KEY in r or KEY[8:20] in r]
 
 
-def test_missing_reference_is_refused_before_any_answer(model, tok, bench_files, tmp_path, judge):
+def test_missing_reference_is_refused_before_any_answer(model, tok, bench_files, tmp_path, judge, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
     write_jsonl(bench_files / "reference_answer" / "gpt-4.jsonl", [])
     with pytest.raises(UserError, match="question 111 .math. has no reference answer"):
         evaluate_mt_bench(model, tok, tmp_path / "out", config(bench_files, judge.url), model_id="m", progress=False)
@@ -416,3 +417,24 @@ def test_a_judge_answering_200_with_what_is_not_a_chat_completion_is_one_line(bo
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_a_named_key_variable_that_is_unset_or_empty_is_refused_before_any_answer(model, tok, bench_files, tmp_path, judge,
+                                                                                    monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv(KEY_ENV, raising=False)
+    else:
+        monkeypatch.setenv(KEY_ENV, value)
+    with pytest.raises(UserError, match=f"eval.mt_bench.judge_api_key_env: the environment variable '{KEY_ENV}'.* is not set"):
+        evaluate_mt_bench(model, tok, tmp_path / "out", config(bench_files, judge.url), model_id="m", progress=False)
+    assert not (tmp_path / "out").exists() and judge.count == 0
+
+
+def test_the_default_key_variable_unset_calls_the_judge_without_a_key_and_says_so(model, tok, bench_files, tmp_path, judge,
+                                                                                  monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cfg = config(bench_files, judge.url).model_copy(update={"judge_api_key_env": "OPENAI_API_KEY"})
+    m = evaluate_mt_bench(model, tok, tmp_path / "out", cfg, model_id="m", progress=False, judge_options=FAST_JUDGE)
+    assert m["scores"]["judged_turns"] == 6 and {r["auth"] for r in judge.requests} == {""}
+    assert "note: OPENAI_API_KEY is not set: the judge at http://127.0.0.1" in capsys.readouterr().err

@@ -553,7 +553,9 @@ def _refusal_cases(tmp: Path, checkpoints: dict[str, Path]) -> dict[str, tuple[l
         "missing target": ([tmp / "nothing", "--gguf", tmp / "o.gguf"], "does not exist"),
         "no --gguf": ([ckpt], "missing option '--gguf'"),
         "--gguf named as its own Modelfile": ([ckpt, "--gguf", tmp / "m.Modelfile", "--ollama"],
-                                             "the Modelfile --ollama writes beside it has the same name"),
+                                             "expected a file name ending in .gguf, such as m.gguf"),
+        "--gguf not a .gguf": ([ckpt, "--gguf", tmp / "o.txt"], "--gguf " + str(tmp / "o.txt") + ": expected a file name ending in .gguf"),
+        "--gguf without a suffix": ([ckpt, "--gguf", tmp / "model"], "such as model.gguf"),
     }
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from dora_cli.console import progress_bar
+from dora_cli.console import progress_bar, say
 from dora_cli.errors import UserError, reading
 from dora_cli.eval.judge import (
     NEED_REF_CATS,
@@ -95,6 +95,7 @@ def mt_bench_inputs(cfg, limit: int | None = None) -> tuple[list[dict], tuple[di
     if not cfg.judge_model:
         raise UserError("eval.mt_bench.judge_model: not set; the judge at judge_url needs the name of its model")
     check_judge_url(cfg.judge_url)
+    judge_api_key(cfg)
     prompts_file = cfg.judge_prompts or qpath.parent / "judge_prompts.jsonl"
     prompts = load_judge_prompts(prompts_file)
     refs = {}
@@ -102,6 +103,18 @@ def mt_bench_inputs(cfg, limit: int | None = None) -> tuple[list[dict], tuple[di
         refs = load_reference_answers(cfg.reference_answers or qpath.parent / "reference_answer" / "gpt-4.jsonl")
     check_judge_inputs(questions, None, prompts, refs, prompts_file)
     return questions, (prompts, refs)
+
+
+def judge_api_key(cfg) -> str | None:
+    """The judge's API key from the variable `eval.mt_bench.judge_api_key_env` names. The default variable unset
+    (a local endpoint that takes none) goes on without a key; another name that is unset or empty was meant
+    to give one: a UserError before any answer is generated."""
+    name = cfg.judge_api_key_env
+    key = os.environ.get(name) or None
+    if key is None and name != type(cfg).model_fields["judge_api_key_env"].default:
+        raise UserError(f"the environment variable {name!r} that should hold the judge's API key is not set",
+                        where="eval.mt_bench.judge_api_key_env")
+    return key
 
 
 def check_judge_url(url: str) -> None:
@@ -205,7 +218,9 @@ def evaluate_mt_bench(
     judging = judge_inputs is not None
     if judging:
         prompts, refs = judge_inputs
-        api_key = os.environ.get(cfg.judge_api_key_env) or None
+        api_key = judge_api_key(cfg)
+        if api_key is None:
+            say(f"note: {cfg.judge_api_key_env} is not set: the judge at {public_url(cfg.judge_url)} is called without an API key")
 
     out = Path(out_dir)
     answer_file = out / "model_answer" / f"{_file_name(model_id)}.jsonl"

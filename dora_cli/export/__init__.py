@@ -61,10 +61,9 @@ def run_export(
     if type_ not in TYPES:
         raise UserError(f"--type: expected one of {', '.join(TYPES)}, got {type_!r}{did_you_mean(type_, TYPES)}")
     out = Path(gguf_out)
+    if out.suffix.lower() != ".gguf":  # what `dora eval` / `generate`, llama.cpp and Ollama take a GGUF file by
+        raise UserError(f"--gguf {out}: expected a file name ending in .gguf, such as {out.stem or 'model'}.gguf")
     modelfile = out.with_name(out.stem + ".Modelfile") if ollama_modelfile else None
-    if modelfile is not None and modelfile.name == out.name:
-        raise UserError(f"--gguf {out}: the Modelfile --ollama writes beside it has the same name; name the GGUF "
-                        f"file {out.stem}.gguf")
     ckpt = inspect_checkpoint(target)
     check_outputs(out, modelfile, overwrite=overwrite, protected=[ckpt.path])
     ms = resolve_merge(ckpt, base=base)
