@@ -438,3 +438,21 @@ def test_the_default_key_variable_unset_calls_the_judge_without_a_key_and_says_s
     m = evaluate_mt_bench(model, tok, tmp_path / "out", cfg, model_id="m", progress=False, judge_options=FAST_JUDGE)
     assert m["scores"]["judged_turns"] == 6 and {r["auth"] for r in judge.requests} == {""}
     assert "note: OPENAI_API_KEY is not set: the judge at http://127.0.0.1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("missing", "setting", "says"), [
+    ("question.jsonl", None, "eval.mt_bench.questions: {path} does not exist"),
+    ("judge_prompts.jsonl", None, "eval.mt_bench.judge_prompts (unset: beside eval.mt_bench.questions): {path} does not exist"),
+    ("judge_prompts.jsonl", "judge_prompts", "eval.mt_bench.judge_prompts: {path} does not exist"),
+    ("reference_answer/gpt-4.jsonl", None, "eval.mt_bench.reference_answers (unset: beside eval.mt_bench.questions): {path}"),
+    ("reference_answer/gpt-4.jsonl", "reference_answers", "eval.mt_bench.reference_answers: {path} does not exist"),
+])
+def test_a_missing_input_is_named_by_its_recipe_key(bench_files, missing, setting, says):
+    path = bench_files / missing
+    path.unlink()
+    cfg = config(bench_files, "http://127.0.0.1:9/v1").model_copy(update={"judge_api_key_env": "OPENAI_API_KEY"})
+    if setting:
+        cfg = cfg.model_copy(update={setting: str(path)})
+    with pytest.raises(UserError) as info:
+        mtbench.mt_bench_inputs(cfg)
+    assert str(info.value).startswith(says.format(path=path))

@@ -194,10 +194,10 @@ class JudgeClient:
         return self.redact(" ".join(body.split()))
 
 
-def load_judge_prompts(path: str | Path) -> dict[str, dict]:
-    """judge_prompts.jsonl by name; the four single-answer templates must be there."""
+def load_judge_prompts(path: str | Path, what: str = "judge prompts") -> dict[str, dict]:
+    """judge_prompts.jsonl by name; the four single-answer templates must be there. `what` names it when absent."""
     with reading(path):
-        prompts = {p.get("name"): p for p in read_jsonl(path, "judge prompts")}
+        prompts = {p.get("name"): p for p in read_jsonl(path, what)}
     missing = [n for n in TEMPLATES.values() if n not in prompts]
     if missing:
         raise UserError(f"missing judge templates {one_of(missing)}", where=str(path))
@@ -222,11 +222,11 @@ def _check_template(template: dict, path: str | Path) -> None:
         ) from None
 
 
-def load_reference_answers(path: str | Path) -> dict[int, dict]:
-    """Reference answers (FastChat model_answer format) by question_id."""
+def load_reference_answers(path: str | Path, what: str = "reference answers") -> dict[int, dict]:
+    """Reference answers (FastChat model_answer format) by question_id. `what` names the file when absent."""
     refs = {}
     with reading(path):
-        records = read_jsonl(path, "reference answers")
+        records = read_jsonl(path, what)
     for i, rec in enumerate(records):
         try:
             turns = rec["choices"][0]["turns"]

@@ -67,7 +67,7 @@ DEFAULT_TEMPERATURE = 0.7
 def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
     """MT-Bench questions (FastChat question.jsonl): question_id, category, turns; checked."""
     with reading(path):
-        questions = read_jsonl(path, "questions")
+        questions = read_jsonl(path, "eval.mt_bench.questions")
     seen = set()
     for i, q in enumerate(questions):
         turns = q.get("turns")
@@ -96,11 +96,13 @@ def mt_bench_inputs(cfg, limit: int | None = None) -> tuple[list[dict], tuple[di
         raise UserError("eval.mt_bench.judge_model: not set; the judge at judge_url needs the name of its model")
     check_judge_url(cfg.judge_url)
     judge_api_key(cfg)
+    beside = " (unset: beside eval.mt_bench.questions)"
     prompts_file = cfg.judge_prompts or qpath.parent / "judge_prompts.jsonl"
-    prompts = load_judge_prompts(prompts_file)
+    prompts = load_judge_prompts(prompts_file, "eval.mt_bench.judge_prompts" + ("" if cfg.judge_prompts else beside))
     refs = {}
     if any(q["category"] in NEED_REF_CATS for q in questions):
-        refs = load_reference_answers(cfg.reference_answers or qpath.parent / "reference_answer" / "gpt-4.jsonl")
+        refs = load_reference_answers(cfg.reference_answers or qpath.parent / "reference_answer" / "gpt-4.jsonl",
+                                      "eval.mt_bench.reference_answers" + ("" if cfg.reference_answers else beside))
     check_judge_inputs(questions, None, prompts, refs, prompts_file)
     return questions, (prompts, refs)
 
