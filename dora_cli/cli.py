@@ -54,10 +54,10 @@ def train(
     nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Processes (overrides launch.num_processes).")] = None,
 ) -> None:
     """Train a causal LM from a recipe (LoRA, DoRA, VeRA, DVoRA, full; 4-bit or not)."""
-    from dora_cli.recipe import refuse_set_twice
+    from dora_cli.recipe import refuse_set_twice, set_by_both
     from dora_cli.train import run_train
 
-    refuse_set_twice(overrides or [], {"launch.num_processes": "--nproc"} if nproc is not None else {})
+    refuse_set_twice(overrides or [], {"launch.num_processes": set_by_both("--nproc")} if nproc is not None else {})
     run_train(recipe, overrides or [], dry_run=dry_run, resume=resume, overwrite=overwrite, nproc=nproc)
 
 
@@ -92,7 +92,7 @@ def eval_(
     Example: dora eval runs/x/final eval.mode=loglik eval.limit=100
     """
     from dora_cli.evaluate import run_eval
-    from dora_cli.recipe import refuse_set_twice
+    from dora_cli.recipe import refuse_set_twice, set_by_both
 
     flags = {  # recipe key: (flag, value)
         "eval.suite": ("--suite", suite), "eval.mode": ("--mode", mode), "eval.limit": ("--limit", limit),
@@ -103,7 +103,7 @@ def eval_(
         "eval.tasks": ("--tasks", f"[{','.join(_csv(tasks) or [])}]" if tasks else None),
     }
     given = {key: (flag, value) for key, (flag, value) in flags.items() if value is not None}
-    refuse_set_twice(overrides or [], {key: flag for key, (flag, _) in given.items()})
+    refuse_set_twice(overrides or [], {key: set_by_both(flag) for key, (flag, _) in given.items()})
     extra = [f"{key}={value}" for key, (_, value) in given.items()]
     run_eval(target, [*extra, *(overrides or [])], base=base, out=out, overwrite=overwrite)
 

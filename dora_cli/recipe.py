@@ -393,8 +393,9 @@ class MTBenchConfig(Schema):
     judge_prompts: str | None = Field(None, json_schema_extra=LOCAL_OR_HUB)
     judge_url: str | None = None
     judge_model: str | None = None
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable that holds the judge's API key (never the key itself)."""
+    judge_api_key_env: str | None = "OPENAI_API_KEY"
+    """Name of the environment variable that holds the judge's API key (never the key itself); null: the judge
+    takes no key. Unset or empty, only a judge on this machine (localhost) is called without one."""
     max_new_tokens: Count = 1024
 
 
@@ -818,14 +819,20 @@ def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
 
 
 def refuse_set_twice(overrides: Sequence[str], options: dict[str, str]) -> None:
-    """A key that an option of the command sets (`options`: dotted key -> the option, e.g. `--limit`) and an
-    override sets too (itself, or in a mapping value of a section above it) is a UserError: one value per key."""
+    """A key that an option of the command sets and an override sets too (itself, or in a mapping value of a
+    section above it) is a UserError: one value per key. `options`: dotted key -> what the message says after
+    it (`set by both --limit and this override; give one`)."""
     for text in overrides:
         parts, value = _parse_override(text)
-        for key, option in options.items():
+        for key, says in options.items():
             below = tuple(key.split("."))
             if below[:len(parts)] == parts and value_at(value, below[len(parts):])[0]:
-                raise UserError(f"{key}: set by both {option} and this override; give one", where=_override_label(text))
+                raise UserError(f"{key}: {says}", where=_override_label(text))
+
+
+def set_by_both(option: str) -> str:
+    """What `refuse_set_twice` says of a key that `option` sets."""
+    return f"set by both {option} and this override; give one"
 
 
 def _override_label(text: str) -> str:

@@ -81,6 +81,7 @@ SEED_MAX = 2**32 - 1
 
 # Keys the sweep sets itself, and the option that sets them.
 SWEPT = {"adapter.method": "--methods", "adapter.r": "--ranks", "train.seed": "--seeds", "output_dir": "the recipe's output_dir"}
+ALPHA_IS_2R = "alpha is 2r under --alpha-rule 2r; pass --alpha-rule fixed"
 REPORT_NAMES = ("sweep.json", "sweep.md", "sweep.png")
 SWEEP_OUTPUT = register_output_kind(OutputKind(
     "sweep", "dora sweep-rank", entries=(*REPORT_NAMES, REPORTS_LOCK, "*" + CLAIM_SUFFIX), nested=(("*-r*", "train"),),
@@ -258,10 +259,9 @@ def split_values(text: str) -> list[str]:
     return values
 
 
-def parse_grid(terms: list[str], overrides: list[str], alpha_rule: str) -> list[list[GridValue]]:
+def parse_grid(terms: list[str], alpha_rule: str) -> list[list[GridValue]]:
     """Each --grid term as its values (typed later, by the schema); keys the sweep sets, eval keys, a key
-    given twice or also as an override, and repeated or empty values are refused."""
-    given = {o.partition("=")[0].strip() for o in overrides}
+    given twice, and repeated or empty values are refused."""
     grid: list[list[GridValue]] = []
     for term in terms:
         key, eq, rest = str(term).partition("=")
@@ -271,7 +271,7 @@ def parse_grid(terms: list[str], overrides: list[str], alpha_rule: str) -> list[
         if key in SWEPT:
             raise UserError(f"--grid {key}: the sweep sets it ({SWEPT[key]}); grid other keys")
         if key == "adapter.alpha" and alpha_rule != "fixed":
-            raise UserError("--grid adapter.alpha: alpha is 2r under --alpha-rule 2r; pass --alpha-rule fixed to grid it")
+            raise UserError(f"--grid adapter.alpha: {ALPHA_IS_2R} to grid it")
         if key.split(".")[0] in ("eval", "expected"):
             raise UserError(f"--grid {key}: every trial is scored the same way; set {key} as an override instead")
         if key in ("train", "train.mixed_precision"):
@@ -279,14 +279,10 @@ def parse_grid(terms: list[str], overrides: list[str], alpha_rule: str) -> list[
                             "precision; run one sweep per train.mixed_precision")
         if any(key == g[0].key for g in grid):
             raise UserError(f"--grid {key}: given twice; list all its values in one --grid {key}=v1,v2,...")
-        if key in given:
-            raise UserError(f"--grid {key}: also set by the override {key}=...; keep one of them")
         values = split_values(rest)
         if not all(values):
             raise UserError(f"--grid {key}: an empty value in {clip(repr(rest), 80)} (e.g. --grid {key}=v1,v2)")
-        repeated = [v for i, v in enumerate(values) if v in values[:i]]
-        if repeated:
-            raise UserError(f"--grid {key}: the value {repeated[0]!r} is listed twice")
+        _refuse_repeats(f"--grid {key}", "the value", values)
         grid.append([GridValue(key, v) for v in values])
     return grid
 
@@ -418,15 +414,19 @@ def plan_sweep(
     shard_kn = parse_shard(shard)
     recipe_path = Path(recipe) if recipe is not None else default_recipe()
     overrides = list(overrides)
-    refuse_set_twice(overrides, {"adapter.method": "--methods", "adapter.r": "--ranks",
-                                 **({"train.seed": "--seeds"} if seeds is not None else {}),
-                                 **({"adapter.alpha": "--alpha-rule 2r (alpha = 2r)"} if rule == "2r" else {})})
+    swept = {key: f"the sweep sets it ({option}); give it there, not as an override" for key, option in SWEPT.items()
+             if key != "output_dir" and (key != "train.seed" or seeds is not None)}  # the recipe's seed and root are
+    if rule == "2r":                                                                 # the user's to override
+        swept["adapter.alpha"] = f"{ALPHA_IS_2R} to set it"
+    refuse_set_twice(overrides, swept)
     base = load_recipe(recipe_path, overrides)
     if suite_of(base).compared is None:
         raise UserError(f"eval.suite: the rank study compares per-task accuracies (commonsense or lm_eval), got {base.eval.suite!r}",
                         where=str(recipe_path))
     seed_list = parse_seeds(seeds, base.train.seed)
-    grid_values = parse_grid(list(grid or []), overrides, rule)
+    grid_values = parse_grid(list(grid or []), rule)
+    refuse_set_twice(overrides, {values[0].key: f"also set by --grid {values[0].key}=...; keep one of them"
+                                 for values in grid_values})
     for values in grid_values:  # each value typed by the schema, named as the user gave it
         for value in values:
             _typed(recipe_path, overrides, value)

@@ -435,6 +435,9 @@ CASES: dict[str, Build] = {
     "dry-run-into-a-folder-of-the-user-s": lambda k: [
         "train", k.recipe(), "--dry-run", f"output_dir={k.write('mine/notes.txt', 'x').parent}"],
     "peft-adapter-whose-base-is-missing": lambda k: ["generate", str(peft_copy(k, base=k.tmp / "gone")), "q"],
+    "peft-adapter-alpha-zero": lambda k: ["export", str(peft_edited(k, lora_alpha=0)), "--gguf", str(k.tmp / "o.gguf")],
+    "peft-adapter-rank-true": lambda k: ["merge", str(peft_edited(k, r=True)), "--out", str(k.tmp / "merged")],
+    "our-adapter-alpha-negative": lambda k: ["generate", str(ours_edited(k, alpha=-1.0)), "q"],
     "eval-peft-adapter-whose-base-is-missing": lambda k: ["eval", str(peft_copy(k, base=k.tmp / "gone")), *eval_flags(k)],
     "generate-chat-template-of-a-conversation-run-without-one": lambda k: ["generate", str(conversation_run(k)), "q"],
     "judge-template-single-turn-uses-a-second-answer": lambda k: ["eval", str(k.run()), *judge_files(
@@ -526,6 +529,25 @@ def peft_copy(k: Kit, base: Path | None = None) -> Path:
     if base is not None:
         edit_json(peft_dir / "adapter_config.json", base_model_name_or_path=str(base))
     return peft_dir
+
+
+def peft_edited(k: Kit, **fields) -> Path:
+    """A bare PEFT copy of the run's adapter with `fields` set in its adapter_config.json."""
+    peft_dir = peft_copy(k)
+    edit_json(peft_dir / "adapter_config.json", **fields)
+    return peft_dir
+
+
+def ours_edited(k: Kit, **fields) -> Path:
+    """The run's final checkpoint with `fields` set in its own adapter config (dora_cli_adapter.json), resealed."""
+    from dora_cli import rundir
+    from dora_cli.adapters.checkpoint import OURS_NAME
+
+    final = k.run()
+    ours = json.loads((final / OURS_NAME).read_text())
+    (final / OURS_NAME).write_text(json.dumps({**ours, "adapter": {**ours["adapter"], **fields}}))
+    rundir.write_manifest(final)
+    return final
 
 
 def conversation_run(k: Kit) -> Path:
@@ -624,7 +646,10 @@ SAYS = {  # what some cases' line says: refused for the reason the case is about
     "eval-judge-url-and-its-override": "eval.mt_bench.judge_url: set by both --judge-url",
     "sweep-rank-repeated": "--ranks: rank 4 is listed twice",
     "sweep-method-repeated": "--methods: method lora is listed twice",
-    "sweep-override-of-the-rank": "adapter.r: set by both --ranks and this override",
+    "sweep-override-of-the-rank": "adapter.r: the sweep sets it (--ranks); give it there, not as an override",
+    "peft-adapter-alpha-zero": "adapter_config.json: adapter alpha: Input should be greater than 0, got 0",
+    "peft-adapter-rank-true": "adapter_config.json: adapter r: expected a number, got true",
+    "our-adapter-alpha-negative": "dora_cli_adapter.json: adapter alpha: Input should be greater than 0, got -1.0",
 }
 
 

@@ -420,24 +420,31 @@ def test_a_judge_answering_200_with_what_is_not_a_chat_completion_is_one_line(bo
 
 
 @pytest.mark.parametrize("value", [None, ""])
-def test_a_named_key_variable_that_is_unset_or_empty_is_refused_before_any_answer(model, tok, bench_files, tmp_path, judge,
-                                                                                    monkeypatch, value):
+@pytest.mark.parametrize("variable", [KEY_ENV, "OPENAI_API_KEY"])
+def test_no_key_for_a_judge_elsewhere_is_refused_before_any_answer(model, tok, bench_files, tmp_path, monkeypatch,
+                                                                    variable, value):
     if value is None:
-        monkeypatch.delenv(KEY_ENV, raising=False)
+        monkeypatch.delenv(variable, raising=False)
     else:
-        monkeypatch.setenv(KEY_ENV, value)
-    with pytest.raises(UserError, match=f"eval.mt_bench.judge_api_key_env: the environment variable '{KEY_ENV}'.* is not set"):
-        evaluate_mt_bench(model, tok, tmp_path / "out", config(bench_files, judge.url), model_id="m", progress=False)
-    assert not (tmp_path / "out").exists() and judge.count == 0
+        monkeypatch.setenv(variable, value)
+    cfg = config(bench_files, "https://judge.example/v1").model_copy(update={"judge_api_key_env": variable})
+    with pytest.raises(UserError, match=f"^eval.mt_bench.judge_api_key_env: {variable} is not set or is empty, and the "
+                                        "judge at https://judge.example/v1 is not on this machine"):
+        evaluate_mt_bench(model, tok, tmp_path / "out", cfg, model_id="m", progress=False)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv(variable, KEY)
+    assert mtbench.mt_bench_inputs(cfg)[1][2] == KEY
+    assert mtbench.mt_bench_inputs(cfg.model_copy(update={"judge_api_key_env": None}))[1][2] is None  # null: no key
 
 
-def test_the_default_key_variable_unset_calls_the_judge_without_a_key_and_says_so(model, tok, bench_files, tmp_path, judge,
-                                                                                  monkeypatch, capsys):
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_no_key_for_a_judge_on_this_machine_calls_it_without_one_and_says_so(model, tok, bench_files, tmp_path, judge,
+                                                                            monkeypatch, capsys, host):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    cfg = config(bench_files, judge.url).model_copy(update={"judge_api_key_env": "OPENAI_API_KEY"})
+    cfg = config(bench_files, judge.url.replace("127.0.0.1", host)).model_copy(update={"judge_api_key_env": "OPENAI_API_KEY"})
     m = evaluate_mt_bench(model, tok, tmp_path / "out", cfg, model_id="m", progress=False, judge_options=FAST_JUDGE)
     assert m["scores"]["judged_turns"] == 6 and {r["auth"] for r in judge.requests} == {""}
-    assert "note: OPENAI_API_KEY is not set: the judge at http://127.0.0.1" in capsys.readouterr().err
+    assert f"note: OPENAI_API_KEY is not set: the judge at http://{host}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("missing", "setting", "says"), [

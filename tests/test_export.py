@@ -555,7 +555,8 @@ def _refusal_cases(tmp: Path, checkpoints: dict[str, Path]) -> dict[str, tuple[l
         "--gguf named as its own Modelfile": ([ckpt, "--gguf", tmp / "m.Modelfile", "--ollama"],
                                              "expected a file name ending in .gguf, such as m.gguf"),
         "--gguf not a .gguf": ([ckpt, "--gguf", tmp / "o.txt"], "--gguf " + str(tmp / "o.txt") + ": expected a file name ending in .gguf"),
-        "--gguf without a suffix": ([ckpt, "--gguf", tmp / "model"], "such as model.gguf"),
+        "--gguf without a suffix": ([ckpt, "--gguf", tmp / "weights"], "such as weights.gguf"),
+        "--gguf a hidden .gguf": ([ckpt, "--gguf", tmp / ".gguf"], "such as model.gguf"),
     }
 
 

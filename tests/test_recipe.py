@@ -497,7 +497,7 @@ BOOLEANS = [key for key, kinds in _scalar_fields() if not kinds & {int, float}]
 
 
 def test_the_field_lists_cover_the_schema():
-    assert {"adapter.r", "adapter.alpha", "optim.lr", "train.micro_batch_size", "train.max_steps"} <= set(NUMBERS)
+    assert {"adapter.r", "adapter.alpha", "optim.lr", "train.micro_batch_size", "train.max_steps", "launch.zero_stage"} <= set(NUMBERS)
     assert {"adapter.rslora", "model.trust_remote_code"} <= set(BOOLEANS)
 
 
@@ -513,6 +513,18 @@ def test_a_boolean_is_not_taken_for_a_number(key):
 def test_a_number_is_not_taken_for_true_or_false(key, value):
     write("x.yaml", MINIMAL)
     assert user_error("x.yaml", [f"{key}={value}"]) == f"override {key}={value}: {key}: expected true or false, got {value}"
+
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("optim.betas=[false, 0.9]", "optim.betas: expected a number, got false"),
+    ("expected={avg: true}", "expected: expected a number, got true"),
+    ("data.sources=[{path: a.json, weight: true}]", "data.sources[0].weight: expected a number, got true"),
+    ("eval.tasks=[true]", None),  # a list of strings: pydantic refuses a boolean itself
+])
+def test_inside_lists_and_mappings_too(override, says):
+    write("x.yaml", MINIMAL)
+    message = user_error("x.yaml", [override])
+    assert says is None or message == f"override {override}: {says}"
 
 
 def test_a_string_from_the_environment_still_converts(monkeypatch):

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -135,7 +136,18 @@ def _from_peft(raw: dict, where: str) -> AdapterConfig:
     except ValueError as err:
         raise UserError(f"{where}: {err}") from None
     method = compose(direction, magnitude=bool(raw.get("use_dora")))
-    return AdapterConfig(method=method.name, target_modules=targets, **fields)
+    return _adapter_config(where, dict(method=method.name, target_modules=targets, **fields))
+
+
+def _adapter_config(where: str, fields: dict) -> AdapterConfig:
+    """AdapterConfig of `fields`; a value it refuses (`lora_alpha: 0`, `r: true`) is a UserError naming `where`."""
+    try:
+        return AdapterConfig.model_validate(fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        said = (first["msg"].removeprefix("Value error, ") if first["type"] == "value_error"
+                else f"{first['msg']}, got {_short(first.get('input'))}")
+        raise UserError(f"{where}: adapter {'.'.join(map(str, first['loc']))}: {said}") from None
 
 
 def _short(value) -> str:
@@ -153,9 +165,10 @@ def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig, dict[str,
     if (directory / OURS_NAME).is_file():
         ours = read_json_object(directory / OURS_NAME)
         try:
-            return AdapterConfig(**ours["adapter"]), dict(ours["modules"])
+            fields, modules = dict(ours["adapter"]), dict(ours["modules"])
         except (TypeError, ValueError, KeyError) as err:
             raise UserError(f"{directory / OURS_NAME}: invalid ({str(err).splitlines()[0]})") from None
+        return _adapter_config(str(directory / OURS_NAME), fields), modules
     if raw.get("peft_type") == EXTENSION_TYPE:
         raise UserError(f"{directory}: peft_type DORA_CLI needs {OURS_NAME}, which is missing")
     return _from_peft(raw, str(path)), None

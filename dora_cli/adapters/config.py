@@ -22,28 +22,54 @@ def method_names() -> tuple[str, ...]:
 
 class Schema(BaseModel):
     """Base of the adapter config and of every recipe section: an unknown key, inf / nan and a boolean
-    where a number is expected (or a number where true / false is) are refused. pydantic alone reads
-    `r: true` as 1 and `rslora: 1` as true; a string still converts (`${env:R}` gives "8")."""
+    where a number is expected (or a number where true / false is, in lists and mappings too) are refused.
+    pydantic alone reads `r: true` as 1 and `rslora: 1` as true; a string still converts (`${env:R}` gives
+    "8")."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
-        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
-        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
-            raise ValueError(f"expected a number, got {str(value).lower()}")
-        if type(value) in (int, float) and bool in kinds and not kinds & {int, float}:
-            raise ValueError(f"expected true or false, got {value}")
+        problem = _misfit(cls.model_fields[info.field_name].annotation, value)
+        if problem:
+            raise ValueError(problem)
         return value
 
 
+def _misfit(annotation: Any, value: Any) -> str | None:
+    """Why `value` does not fit `annotation` although pydantic would convert it: a boolean where only numbers
+    go, or a number where only true / false go, looking inside lists, tuples and mappings; else None."""
+    kinds = _scalar_kinds(annotation)
+    numbers = bool(kinds & {int, float})
+    if isinstance(value, bool):
+        return f"expected a number, got {str(value).lower()}" if numbers and bool not in kinds else None
+    if type(value) in (int, float):
+        return f"expected true or false, got {value}" if bool in kinds and not numbers else None
+    for kind in kinds:
+        origin, args = get_origin(kind), [a for a in get_args(kind) if a is not Ellipsis]
+        if origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
+            items, element = value, Union[tuple(args)]  # noqa: UP007 - a union built at run time
+        elif origin is dict and isinstance(value, dict) and len(args) == 2:
+            items, element = value.values(), args[1]
+        else:
+            continue
+        problem = next(filter(None, (_misfit(element, item) for item in items)), None)
+        if problem:
+            return problem
+    return None
+
+
 def _scalar_kinds(annotation: Any) -> set[Any]:
-    """The types a field takes, through Annotated, Optional and unions (`Count | None` -> {int, NoneType})."""
-    if get_origin(annotation) in (Union, types.UnionType):
+    """The types a field takes, through Annotated, Optional, unions and Literal (`Count | None` -> {int,
+    NoneType}, `Literal[1, 2]` -> {int})."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
         return set().union(*map(_scalar_kinds, get_args(annotation)))
-    if get_origin(annotation) is Annotated:
+    if origin is Annotated:
         return _scalar_kinds(get_args(annotation)[0])
+    if origin is Literal:
+        return {type(choice) for choice in get_args(annotation)}
     return {annotation}
 
 

@@ -194,7 +194,7 @@ class JudgeClient:
         return self.redact(" ".join(body.split()))
 
 
-def load_judge_prompts(path: str | Path, what: str = "judge prompts") -> dict[str, dict]:
+def load_judge_prompts(path: str | Path, what: str = "eval.mt_bench.judge_prompts") -> dict[str, dict]:
     """judge_prompts.jsonl by name; the four single-answer templates must be there. `what` names it when absent."""
     with reading(path):
         prompts = {p.get("name"): p for p in read_jsonl(path, what)}
@@ -222,7 +222,7 @@ def _check_template(template: dict, path: str | Path) -> None:
         ) from None
 
 
-def load_reference_answers(path: str | Path, what: str = "reference answers") -> dict[int, dict]:
+def load_reference_answers(path: str | Path, what: str = "eval.mt_bench.reference_answers") -> dict[int, dict]:
     """Reference answers (FastChat model_answer format) by question_id. `what` names the file when absent."""
     refs = {}
     with reading(path):

@@ -23,6 +23,7 @@ FastChat's `reorg_answer_file` does.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -83,8 +84,8 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
     return questions[:limit] if limit else questions
 
 
-def mt_bench_inputs(cfg, limit: int | None = None) -> tuple[list[dict], tuple[dict, dict] | None]:
-    """(questions, (judge prompts, reference answers) when a judge is set), every file read and checked:
+def mt_bench_inputs(cfg, limit: int | None = None) -> tuple[list[dict], tuple[dict, dict, str | None] | None]:
+    """(questions, (judge prompts, reference answers, API key) when a judge is set), every file read and checked:
     what `dora eval` checks before it loads the model, and what the run then uses."""
     if not cfg.questions:
         raise UserError("eval.mt_bench.questions is not set (FastChat question.jsonl)")
@@ -95,7 +96,7 @@ def mt_bench_inputs(cfg, limit: int | None = None) -> tuple[list[dict], tuple[di
     if not cfg.judge_model:
         raise UserError("eval.mt_bench.judge_model: not set; the judge at judge_url needs the name of its model")
     check_judge_url(cfg.judge_url)
-    judge_api_key(cfg)
+    api_key = judge_api_key(cfg)
     beside = " (unset: beside eval.mt_bench.questions)"
     prompts_file = cfg.judge_prompts or qpath.parent / "judge_prompts.jsonl"
     prompts = load_judge_prompts(prompts_file, "eval.mt_bench.judge_prompts" + ("" if cfg.judge_prompts else beside))
@@ -104,19 +105,28 @@ def mt_bench_inputs(cfg, limit: int | None = None) -> tuple[list[dict], tuple[di
         refs = load_reference_answers(cfg.reference_answers or qpath.parent / "reference_answer" / "gpt-4.jsonl",
                                       "eval.mt_bench.reference_answers" + ("" if cfg.reference_answers else beside))
     check_judge_inputs(questions, None, prompts, refs, prompts_file)
-    return questions, (prompts, refs)
+    return questions, (prompts, refs, api_key)
 
 
 def judge_api_key(cfg) -> str | None:
-    """The judge's API key from the variable `eval.mt_bench.judge_api_key_env` names. The default variable unset
-    (a local endpoint that takes none) goes on without a key; another name that is unset or empty was meant
-    to give one: a UserError before any answer is generated."""
+    """The judge's API key, from the environment variable `eval.mt_bench.judge_api_key_env` names; None when
+    that is null (a judge that takes no key) or the variable is unset or empty and the judge is on this machine
+    (a local server). Unset or empty for a judge elsewhere: a UserError, before any answer is generated."""
     name = cfg.judge_api_key_env
-    key = os.environ.get(name) or None
-    if key is None and name != type(cfg).model_fields["judge_api_key_env"].default:
-        raise UserError(f"the environment variable {name!r} that should hold the judge's API key is not set",
+    key = (os.environ.get(name) or None) if name is not None else None
+    if key is None and name is not None and not _on_this_machine(cfg.judge_url):
+        raise UserError(f"{name} is not set or is empty, and the judge at {public_url(cfg.judge_url)} is not on this "
+                        "machine: export the key, or set judge_api_key_env to null for a judge that takes none",
                         where="eval.mt_bench.judge_api_key_env")
     return key
+
+
+def _on_this_machine(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_judge_url(url: str) -> None:
@@ -219,9 +229,8 @@ def evaluate_mt_bench(
     questions, judge_inputs = mt_bench_inputs(cfg, limit)
     judging = judge_inputs is not None
     if judging:
-        prompts, refs = judge_inputs
-        api_key = judge_api_key(cfg)
-        if api_key is None:
+        prompts, refs, api_key = judge_inputs
+        if api_key is None and cfg.judge_api_key_env is not None:
             say(f"note: {cfg.judge_api_key_env} is not set: the judge at {public_url(cfg.judge_url)} is called without an API key")
 
     out = Path(out_dir)
