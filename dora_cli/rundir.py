@@ -78,8 +78,9 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 VOLATILE = {
     "output_dir", "eval", "expected", "launch",
-    "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.max_steps", "train.epochs",
+    "train.log_every", "train.eval_every", "train.save_every", "train.keep_last",
     "train.skip_nonfinite", "train.report_to",
+    # (not train.max_steps / train.epochs: the learning-rate schedule spans the run's length)
     # how the same computation runs: the same batches, dropout masks and losses, within float rounding
     # (not data.packing or train.compile: with dropout they draw other masks)
     "train.threads", "optim.fused",
@@ -642,6 +643,10 @@ class RunDir:
             return None
         mine, theirs = identity(recipe), identity(previous)
         return first_difference(mine, theirs) if mine != theirs else None
+
+    def finished(self) -> bool:
+        """Whether the run ended: its final/ is complete and intact."""
+        return self.final.is_dir() and verify(self.final) is None
 
     def is_a_run(self) -> bool:
         """A directory a run of ours made (its marker, or the files of an earlier version's run)."""

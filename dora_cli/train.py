@@ -35,7 +35,7 @@ import torch
 
 from dora_cli import trackers
 from dora_cli.batching import real_tokens
-from dora_cli.console import duration
+from dora_cli.console import duration, say
 from dora_cli.errors import RunFailure, Terminated, UserError
 from dora_cli.launch import (
     check_launch,
@@ -96,6 +96,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, npro
     """Train `recipe` into its output_dir (in `nproc` processes); returns output_dir/final."""
     recipe = absolute_paths(recipe)  # as saved with the run: its checkpoints work from any directory
     run_dir, processes = check_run(recipe, nproc, resume=resume, overwrite=overwrite)
+    if resume and not inside_launch() and run_dir.finished():  # its final/ is never written again
+        say(f"{run_dir.final}: the run is finished; nothing to resume (--overwrite starts it over)")
+        return run_dir.final
     if not inside_launch() and needs_launch(recipe, processes):
         relaunch(recipe, processes, ["--resume"] * resume + ["--overwrite"] * overwrite)
         return run_dir.final

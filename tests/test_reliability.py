@@ -75,6 +75,30 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(sig, code, smoke_run, tmp_p
     assert_bitwise_equal(out, smoke_run)
 
 
+def test_resuming_a_finished_run_changes_nothing(smoke_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert train_inproc(out, resume=True) == out / "final"
+    assert "the run is finished; nothing to resume" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.parametrize("change", ["train.max_steps=20", "train.max_steps=40", "train.max_steps=null train.epochs=2"])
+@pytest.mark.parametrize("finished", [True, False])
+def test_resuming_with_another_length_is_another_run(change, finished, smoke_run, tmp_path):
+    """The schedule spans the run's length: another max_steps or epochs is refused (the finished run kept)."""
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    if not finished:
+        shutil.rmtree(out / "final")
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    key = "train.epochs" if "epochs" in change else "train.max_steps"
+    with pytest.raises(UserError, match=rf"holds a run of a different recipe \({key} differs\)"):
+        train_inproc(out, *change.split(), resume=True)
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
 # ---- 2. corruption -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("victim", ["adapter_model.safetensors", "trainer_state/optimizer.pt", "recipe.yaml"])
 def test_damaged_checkpoint_is_named_and_resume_falls_back(victim, smoke_run, tmp_path, capsys):
