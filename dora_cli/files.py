@@ -484,6 +484,8 @@ def looks_local(name: str, suffixes: tuple[str, ...] = ()) -> bool:
 def read_json_object(path: str | Path) -> dict:
     """A JSON file holding an object; anything else (unreadable, not JSON, not an object) is a UserError."""
     path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a device or a named pipe: never read
+        raise UserError(f"{path}: is not a regular file (a device, a pipe or a socket)")
     with reading(path):
         raw = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(raw, dict):

@@ -63,6 +63,10 @@ recipe, far below a "billion laughs" document (a few hundred bytes of nested ali
 billions of values)."""
 
 
+MAX_RECIPE_BYTES = 1 << 20
+"""The largest recipe file read (1 MiB: a recipe is a few kB)."""
+
+
 class DuplicateKeyError(yaml.constructor.ConstructorError):
     """A mapping names the same key twice (YAML requires unique keys; PyYAML keeps the last silently)."""
 
@@ -662,7 +666,8 @@ def _read_layers(path: Path, chain: tuple[tuple[str, Path], ...]) -> list[tuple[
         cycle = [name for name, _ in chain[seen.index(base_path.resolve()):]] + [str(base_path)]
         raise UserError(f"base: cycle {' -> '.join(cycle)}", where=str(path))
     if not base_path.is_file():
-        raise UserError(f"base: no such file {base_path}", where=str(path))
+        kind = "a directory" if base_path.is_dir() else "not a regular file (a device, a pipe or a socket)"
+        raise UserError(f"base: {base_path} is {kind}, not a recipe file", where=str(path))
     return [*_read_layers(base_path, chain), (str(path), data)]
 
 
@@ -674,6 +679,10 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         raise UserError("no such file" if problem == "does not exist" else problem, where=where)
     if path.is_dir():
         raise UserError("is a directory, not a recipe file", where=where)
+    if not path.is_file():  # /dev/zero would be read until memory runs out, a named pipe until a writer comes
+        raise UserError("is not a regular file (a device, a pipe or a socket), not a recipe file", where=where)
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise UserError(f"is {path.stat().st_size:,} bytes; a recipe file is at most {MAX_RECIPE_BYTES:,}", where=where)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -266,6 +266,27 @@ def test_dump_of_defaults_round_trips():
 # Bad input: one line, the file (or override), the key, what was expected
 
 
+@pytest.mark.parametrize("kind", ["device", "named pipe", "link to a device", "base a device", "too large"])
+def test_a_recipe_that_is_not_a_small_regular_file_is_refused_unread(kind):
+    """/dev/zero would be read until memory runs out, a named pipe would wait for a writer forever."""
+    path = Path("x.yaml")
+    if kind == "device":
+        path = Path("/dev/zero")
+    elif kind == "named pipe":
+        os.mkfifo(path)
+    elif kind == "link to a device":
+        path.symlink_to("/dev/zero")
+    elif kind == "base a device":
+        write("x.yaml", "base: /dev/zero\n" + MINIMAL)
+    else:
+        write("x.yaml", MINIMAL + "# " + "x" * (1 << 20) + "\n")
+    message = user_error(path)
+    if kind == "too large":
+        assert message == f"x.yaml: is {path.stat().st_size:,} bytes; a recipe file is at most 1,048,576"
+    else:
+        assert message.endswith("not a regular file (a device, a pipe or a socket), not a recipe file"), message
+
+
 def test_malformed_yaml_names_file_and_line():
     write("x.yaml", "model:\n  name_or_path: a\nadapter: {r: 4\ntrain:\n  max_steps: 3\n")
     message = user_error("x.yaml")
