@@ -76,9 +76,10 @@ class AliasBombError(yaml.constructor.ConstructorError):
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader with YAML 1.2's plain scalars: `1e-4` is a float and only true / false are
-    booleans (`mixed_precision: no` stays the string "no"). Only resolvers change; no tag constructs
-    anything beyond plain data.
+    """yaml.SafeLoader with YAML 1.2's plain scalars (its core schema): `1e-4` is a float, only true /
+    false are booleans (`mixed_precision: no` stays the string "no"), `010` is ten and `1:30` or
+    `2024-01-01` a string. Only resolvers and the number constructors change; no tag constructs anything
+    beyond plain data.
 
     Two refusals on top: a key repeated in one mapping (`<<` merges may still be overridden) and a
     document whose aliases expand past MAX_VALUES values, counted on the node graph before anything
@@ -147,18 +148,45 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
+_YAML11 = {f"tag:yaml.org,2002:{name}" for name in ("bool", "int", "float", "timestamp")}
 RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML11]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+# YAML 1.2's core schema: `010` is ten (1.1: eight), `1:30` and `2024-01-01` are strings (1.1: 90 and a date).
 RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
 RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
 )
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"),
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0) if text[:2] in ("0o", "0x") else int(text, 10)
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    text = loader.construct_scalar(node).lower()
+    return float(text.replace(".inf", "inf").replace(".nan", "nan"))
+
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+RecipeLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """Writes what RecipeLoader reads back as written: a string it would read as a number or a boolean
+    (`0o17`, `1e5`, `true`) is quoted."""
+
+
+RecipeDumper.yaml_implicit_resolvers = RecipeLoader.yaml_implicit_resolvers
 
 
 def safe_load(text: str):
@@ -575,7 +603,7 @@ def dump_recipe(recipe: Recipe, *, resolved: bool = False) -> str:
                 _set_at(data, loc, text)
             elif _made_absolute(loc, value, current):
                 _set_at(data, loc, os.path.join(os.getcwd(), text))
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return yaml.dump(data, Dumper=RecipeDumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
 def _made_absolute(loc: tuple, value: Any, current: Any) -> bool:

@@ -548,6 +548,26 @@ def test_inside_lists_and_mappings_too(override, says):
     assert says is None or message == f"override {override}: {says}"
 
 
+@pytest.mark.parametrize(("override", "get", "expected"), [
+    ("adapter.r=010", lambda r: r.adapter.r, 10),  # YAML 1.1: octal 8
+    ("adapter.r=0x10", lambda r: r.adapter.r, 16),
+    ("output_dir=2024-01-01", lambda r: r.output_dir, "2024-01-01"),  # YAML 1.1: a date
+    ("output_dir=1:30", lambda r: r.output_dir, "1:30"),  # YAML 1.1: 90
+    ("output_dir='0o17'", lambda r: r.output_dir, "0o17"),  # a string read as a number once saved unquoted
+])
+def test_numbers_are_read_as_yaml_1_2_and_saved_as_read(override, get, expected):
+    write("x.yaml", MINIMAL)
+    recipe = load_recipe("x.yaml", [override])
+    assert get(recipe) == expected
+    write("saved.yaml", dump_recipe(recipe))
+    assert get(load_recipe("saved.yaml")) == expected
+
+
+def test_sexagesimal_is_not_a_number():
+    write("x.yaml", MINIMAL + "adapter: {r: 1:30}\n")
+    assert user_error("x.yaml") == "x.yaml: adapter.r: expected an integer, got '1:30'"
+
+
 def test_a_string_from_the_environment_still_converts(monkeypatch):
     monkeypatch.setenv("DORA_TEST_R", "4")
     monkeypatch.setenv("DORA_TEST_FLAG", "true")
