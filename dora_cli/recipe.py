@@ -856,15 +856,25 @@ def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
 
 
 def refuse_set_twice(overrides: Sequence[str], options: dict[str, str]) -> None:
-    """A key that an option of the command sets and an override sets too (itself, or in a mapping value of a
-    section above it) is a UserError: one value per key. `options`: dotted key -> what the message says after
-    it (`set by both --limit and this override; give one`)."""
+    """A key set twice on the command line is a UserError: by an option of the command and an override, or by
+    two overrides (itself, or in a mapping value of a section above it). `options`: dotted key -> what the
+    message says after it (`set by both --limit and this override; give one`)."""
+    seen = [(tuple(key.split(".")), says) for key, says in options.items()]
     for text in overrides:
-        parts, value = _parse_override(text)
-        for key, says in options.items():
-            below = tuple(key.split("."))
-            if below[:len(parts)] == parts and value_at(value, below[len(parts):])[0]:
-                raise UserError(f"{key}: {says}", where=_override_label(text))
+        leaves = _leaves(*_parse_override(text))
+        for leaf in leaves:
+            for earlier, says in seen:
+                if leaf[:len(earlier)] == earlier or earlier[:len(leaf)] == leaf:
+                    key = max(leaf, earlier, key=len)
+                    raise UserError(f"{'.'.join(key)}: {says}", where=_override_label(text))
+        seen += [(leaf, f"also set by the override {clip(text, 60)}; give it once") for leaf in leaves]
+
+
+def _leaves(parts: tuple[str, ...], value: Any) -> list[tuple[str, ...]]:
+    """The keys an override sets: its own, or those of its mapping value (which merges into the section)."""
+    if isinstance(value, dict):
+        return [leaf for key, item in value.items() for leaf in _leaves((*parts, str(key)), item)]
+    return [parts]
 
 
 def set_by_both(option: str) -> str:

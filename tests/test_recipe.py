@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from dora_cli import cli
 from dora_cli.adapters.config import _scalar_kinds
 from dora_cli.errors import UserError
-from dora_cli.recipe import Recipe, check_batch, dump_recipe, load_recipe, recipe_from_dict
+from dora_cli.recipe import Recipe, check_batch, dump_recipe, load_recipe, recipe_from_dict, refuse_set_twice
 
 MINIMAL = "model: {name_or_path: some/model}\n"
 
@@ -566,6 +566,24 @@ def test_numbers_are_read_as_yaml_1_2_and_saved_as_read(override, get, expected)
 def test_sexagesimal_is_not_a_number():
     write("x.yaml", MINIMAL + "adapter: {r: 1:30}\n")
     assert user_error("x.yaml") == "x.yaml: adapter.r: expected an integer, got '1:30'"
+
+
+@pytest.mark.parametrize(("overrides", "options", "says"), [
+    (["adapter.r=4", "adapter.r=16"], {}, "override adapter.r=16: adapter.r: also set by the override adapter.r=4; give it once"),
+    (["adapter.r=4", "adapter={r: 16}"], {}, "override adapter={r: 16}: adapter.r: also set by the override adapter.r=4"),
+    (["model.config={seed: 1}", "model.config=null"], {}, "override model.config=null: model.config.seed: also set by"),
+    (["eval={limit: 2}"], {"eval.limit": "set by both --limit and this override; give one"},
+     "override eval={limit: 2}: eval.limit: set by both --limit and this override; give one"),
+    ([" adapter.r =4"], {"adapter.r": "X"}, "override adapter.r =4: adapter.r: X"),
+    (["adapter={r: 4, alpha: 8}", "adapter.dropout=0.1", "adapter={}", "eval.limit=2"], {"eval.mode": "X"}, None),
+])
+def test_a_key_set_twice_on_the_command_line_is_refused(overrides, options, says):
+    if says is None:
+        refuse_set_twice(overrides, options)
+        return
+    with pytest.raises(UserError) as info:
+        refuse_set_twice(overrides, options)
+    assert str(info.value).startswith(says)
 
 
 def test_a_string_from_the_environment_still_converts(monkeypatch):

@@ -57,8 +57,14 @@ def numbers(doc: dict) -> dict:
     return {"trials": trials, "groups": groups, "differences": doc["differences"], "selection": doc["selection"]}
 
 
+def fast(*args: str) -> list[str]:
+    """FAST, then `args`: a key that `args` set is left out of FAST (a key set twice is refused)."""
+    given = {a.partition("=")[0] for a in args if "=" in a}
+    return [f for f in FAST if f.partition("=")[0] not in given] + list(args)
+
+
 def sweep_args(out: Path, *extra: str) -> list[str]:
-    return ["sweep-rank", "recipes/smoke.yaml", "--ranks", "4,2", "--methods", "lora,dora", *SEEDS, f"output_dir={out}", *FAST, *extra]
+    return ["sweep-rank", "recipes/smoke.yaml", "--ranks", "4,2", "--methods", "lora,dora", *SEEDS, f"output_dir={out}", *fast(*extra)]
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +303,7 @@ BAD = {
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
     args, expected = BAD[case]
     out = tmp_path / "out"
-    code, _, err = dora_in_process(["sweep-rank", "recipes/smoke.yaml", "--ranks", "2,4", f"output_dir={out}", *FAST, *args],
+    code, _, err = dora_in_process(["sweep-rank", "recipes/smoke.yaml", "--ranks", "2,4", f"output_dir={out}", *fast(*args)],
                                    monkeypatch, capsys)
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
