@@ -28,7 +28,7 @@ from dora_cli.checkpoints import (
     inspect_checkpoint,
     resolve_base,
 )
-from dora_cli.errors import UserError
+from dora_cli.errors import UserError, clip
 from dora_cli.eval.suites import SUITES, SuiteRun, suite_of
 from dora_cli.files import (
     OutputKind,
@@ -39,7 +39,10 @@ from dora_cli.files import (
     unclaim_if_unused,
     write_output_marker,
 )
-from dora_cli.recipe import ModelConfig, Recipe, load_recipe, recipe_from_dict
+from dora_cli.recipe import ModelConfig, Recipe, load_recipe, override_keys, recipe_from_dict
+
+READ_IN_EVAL = (("eval",), ("model",), ("data", "template"), ("expected",))
+"""What `dora eval` reads of a recipe: an override of anything else (adapter.r, train.*) would change nothing."""
 
 
 def _legacy_eval(directory: Path) -> bool:
@@ -178,6 +181,11 @@ def run_eval(
     progress: bool = True,
 ) -> dict:
     """`dora eval`: the target's recipe (or the defaults) with the overrides, then `evaluate`."""
+    for text in overrides or []:
+        for key in override_keys(text):
+            if not any(key[:len(read)] == read for read in READ_IN_EVAL):
+                raise UserError(f"{'.'.join(key)}: dora eval does not read it (it reads "
+                                f"{', '.join('.'.join(r) for r in READ_IN_EVAL)})", where=f"override {clip(text, 120)}")
     found = find_target(target, list(overrides or []))
     recipe = target_recipe(found, list(overrides or []), base)
     return evaluate(found, recipe, base=base, out=out, overwrite=overwrite, progress=progress)

@@ -861,13 +861,18 @@ def refuse_set_twice(overrides: Sequence[str], options: dict[str, str]) -> None:
     message says after it (`set by both --limit and this override; give one`)."""
     seen = [(tuple(key.split(".")), says) for key, says in options.items()]
     for text in overrides:
-        leaves = _leaves(*_parse_override(text))
+        leaves = override_keys(text)
         for leaf in leaves:
             for earlier, says in seen:
                 if leaf[:len(earlier)] == earlier or earlier[:len(leaf)] == leaf:
                     key = max(leaf, earlier, key=len)
                     raise UserError(f"{'.'.join(key)}: {says}", where=_override_label(text))
         seen += [(leaf, f"also set by the override {clip(text, 60)}; give it once") for leaf in leaves]
+
+
+def override_keys(text: str) -> list[tuple[str, ...]]:
+    """The keys the override `text` sets (checked against the schema): its own, or those of its mapping value."""
+    return _leaves(*_parse_override(text))
 
 
 def _leaves(parts: tuple[str, ...], value: Any) -> list[tuple[str, ...]]:
