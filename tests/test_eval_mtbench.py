@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from dora_cli.errors import UserError
 from dora_cli.eval import mtbench
 from dora_cli.eval.judge import (
     JudgeClient,
+    JudgeUnavailable,
     judge_request,
     load_judge_prompts,
     load_reference_answers,
@@ -104,14 +106,15 @@ class StubJudge:
                 failing = (stub.fail_every and stub.count % stub.fail_every == 0) or (
                     stub.down_after is not None and stub.count > stub.down_after
                 )
-                if self.path != "/v1/chat/completions":
+                path, _, query = self.path.partition("?")
+                if path != "/v1/chat/completions":
                     self._send(404, {"error": "no such route"})
                     return
                 if failing:
-                    self._send(500 if stub.down_after is None else 503, {"error": f"boom, your header was {auth}"},
+                    self._send(500 if stub.down_after is None else 503, {"error": f"boom, your header was {auth}, query {query}"},
                                {"retry-after-ms": "1"}, reason=f"Boom {auth}")
                     return
-                stub.requests.append({"body": body, "auth": auth})
+                stub.requests.append({"body": body, "auth": auth, "query": urllib.parse.parse_qs(query)})
                 user = body["messages"][1]["content"]
                 if "[Ref]" in user:
                     text = "Compared with the reference... Rating: [[3]]"
@@ -305,6 +308,17 @@ def test_without_a_key_no_authorization_is_sent_whatever_openai_api_key_holds(ju
     assert judge.requests[-1]["auth"] == ""
 
 
+def test_a_query_in_the_judge_url_goes_with_every_request_and_is_kept_out_of_messages(judge):
+    secret = "query-key-0123456789"
+    client = JudgeClient(f"{judge.url}?api_key={secret}&v=1", "stub", None, **FAST_JUDGE)
+    assert client.complete("s", "u") == "Good. Rating: [[8]]"
+    assert judge.requests[-1]["query"] == {"api_key": [secret], "v": ["1"]}
+    judge.down_after = 0
+    with pytest.raises(JudgeUnavailable) as info:
+        JudgeClient(f"{judge.url}?api_key={secret}", "stub", None, timeout=5, max_retries=0).complete("s", "u")
+    assert "your header was , query api_key=" in str(info.value) and secret not in str(info.value)
+
+
 def test_log_records_of_the_network_libraries_are_redacted(judge, monkeypatch):
     """With OPENAI_LOG=debug (or a caller's logging), httpx logs each reason phrase and openai each request:
     an endpoint that echoes the key there must not get it printed."""
@@ -343,7 +357,8 @@ def test_missing_reference_is_refused_before_any_answer(model, tok, bench_files,
 @pytest.mark.parametrize(
     ("text", "rating"),
     [("Rating: [[7]]", 7), ("[[8.5]] and later [[2]]", 8.5), ("Rating: [9]", 9), ("[[10]]", 10),
-     ("no rating", -1), ("Rating: [[x]]", -1), ("[[3]] [4]", 3)],
+     ("no rating", -1), ("Rating: [[x]]", -1), ("[[3]] [4]", 3), ("Rating: [[11]]", -1), ("[[0]]", -1),
+     ("[[10.5]]", -1), ("[[1]]", 1)],
 )
 def test_parse_rating_as_fastchat(text, rating):
     assert parse_rating(text) == rating

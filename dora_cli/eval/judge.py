@@ -30,6 +30,8 @@ score, stored or printed. Messages name the endpoint without user:password@.
 from __future__ import annotations
 
 import ast
+import functools
+import ipaddress
 import json
 import logging
 import re
@@ -65,11 +67,13 @@ TEMPLATE_FIELDS = {  # what each template is filled with (ref_answer_2: when the
 
 
 def parse_rating(judgment: str) -> float:
-    """FastChat's rating: `[[x]]`, else `[x]`; -1 when neither is there."""
+    """FastChat's rating: `[[x]]`, else `[x]`; -1 when neither is there, or (unlike FastChat, which would average
+    it in) when x is off the templates' scale of 1 to 10."""
     match = ONE_SCORE.search(judgment) or ONE_SCORE_BACKUP.search(judgment)
     if not match:
         return -1
-    return ast.literal_eval(match.group(1))
+    rating = ast.literal_eval(match.group(1))
+    return rating if 1 <= rating <= 10 else -1
 
 
 class JudgeUnavailable(Exception):
@@ -108,11 +112,15 @@ class JudgeClient:
 
     @property
     def endpoint(self) -> str:
-        return self.url.rstrip("/") + "/chat/completions"
+        return self.base_url.rstrip("/") + "/chat/completions"
 
     def __post_init__(self) -> None:
-        key, in_url = Redactor(self.api_key), Redactor(urllib.parse.urlsplit(self.url).password)
-        self.redact = lambda text: key(in_url(text))
+        parts = urllib.parse.urlsplit(self.url)
+        self.base_url = urllib.parse.urlunsplit(parts._replace(query="", fragment=""))
+        self.query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))  # sent with every request
+        secrets = (self.api_key, parts.password, *(v for v in self.query.values() if len(v) >= 8))  # a key, not `v=1`
+        redactors = [Redactor(secret) for secret in secrets]
+        self.redact = lambda text: functools.reduce(lambda done, redactor: redactor(done), redactors, text)
         self._openai = None  # made by the first request, then reused (one connection pool)
 
     @property
@@ -128,10 +136,9 @@ class JudgeClient:
         import openai
 
         if self._openai is None:
-            host = urllib.parse.urlsplit(self.url).hostname or ""
-            local = host in ("localhost", "127.0.0.1", "::1")
+            local = on_this_machine(self.url)
             self._openai = openai.OpenAI(
-                base_url=self.url, api_key=self.api_key or "no-key", timeout=self.timeout,
+                base_url=self.base_url, default_query=self.query or None, api_key=self.api_key or "no-key", timeout=self.timeout,
                 max_retries=self.max_retries, http_client=openai.DefaultHttpxClient(trust_env=False) if local else None,
             )
         return self._openai
@@ -192,6 +199,15 @@ class JudgeClient:
         except (ValueError, RecursionError):
             pass
         return self.redact(" ".join(body.split()))
+
+
+def on_this_machine(url: str) -> bool:
+    """Whether the URL's host is this machine (localhost, a loopback address)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_judge_prompts(path: str | Path, what: str = "eval.mt_bench.judge_prompts") -> dict[str, dict]:

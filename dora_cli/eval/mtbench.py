@@ -23,7 +23,6 @@ FastChat's `reorg_answer_file` does.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -43,6 +42,7 @@ from dora_cli.eval.judge import (
     judge_answers,
     load_judge_prompts,
     load_reference_answers,
+    on_this_machine,
     summarize_scores,
 )
 from dora_cli.eval.predict import answer_turn, describe_model
@@ -114,19 +114,12 @@ def judge_api_key(cfg) -> str | None:
     (a local server). Unset or empty for a judge elsewhere: a UserError, before any answer is generated."""
     name = cfg.judge_api_key_env
     key = (os.environ.get(name) or None) if name is not None else None
-    if key is None and name is not None and not _on_this_machine(cfg.judge_url):
+    if key is None and name is not None and not on_this_machine(cfg.judge_url):
         raise UserError(f"{name} is not set or is empty, and the judge at {public_url(cfg.judge_url)} is not on this "
                         "machine: export the key, or set judge_api_key_env to null for a judge that takes none",
                         where="eval.mt_bench.judge_api_key_env")
     return key
 
-
-def _on_this_machine(url: str) -> bool:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_judge_url(url: str) -> None:
