@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import ROOT, SHARED_DATA, TINY_TOKENIZER, dora_in_process, minimal_gguf, tiny_llama
 from test_eval_commonsense import make_root
-from test_sweep import FAST
+from test_sweep import fast
 
 from dora_cli.adapters import AdapterConfig, apply_adapters, save_adapter
 from dora_cli.eval.commonsense import evaluate_commonsense
@@ -581,7 +581,7 @@ def test_the_rank_sweep_takes_the_lm_eval_suite(synth, tmp_path, monkeypatch, ca
     from dora_cli.errors import UserError
 
     monkeypatch.chdir(ROOT)
-    overrides = [f"output_dir={tmp_path / 'out'}", *FAST, "eval.suite=lm_eval", f"eval.tasks=[{','.join(PAIR)}]", f"eval.data_dir={synth}", "eval.limit=3"]
+    overrides = [f"output_dir={tmp_path / 'out'}", *fast("eval.suite=lm_eval", f"eval.tasks=[{','.join(PAIR)}]", f"eval.data_dir={synth}", "eval.limit=3")]
     doc = sweep.run_sweep("recipes/smoke.yaml", overrides, ranks=["2"], methods=["lora", "dora"])
     assert doc["summary"] == {"ok": 2, "failed": 0, "pending": 0}
     for trial in doc["trials"]:
@@ -594,4 +594,5 @@ def test_the_rank_sweep_takes_the_lm_eval_suite(synth, tmp_path, monkeypatch, ca
     sweep.run_sweep("recipes/smoke.yaml", overrides, ranks=["2"], methods=["lora", "dora"])
     assert capsys.readouterr().err.count(": skipped (done") == 2
     with pytest.raises(UserError, match="compares per-task accuracies"):
-        sweep.plan_sweep("recipes/smoke.yaml", [*overrides, "eval.suite=math"], ranks=["2"], methods=["dora"])
+        sweep.plan_sweep("recipes/smoke.yaml", [o.replace("suite=lm_eval", "suite=math") for o in overrides], ranks=["2"],
+                         methods=["dora"])
