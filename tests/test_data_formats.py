@@ -253,7 +253,8 @@ NEVER = Path(tempfile.gettempdir()) / "dora-dry-run-never-written"
 
 
 def dry_run(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    return dora_in_process(["train", "recipes/smoke.yaml", "--dry-run", f"output_dir={NEVER}", *argv], monkeypatch, capsys)
+    default = [] if any(a.startswith("output_dir=") for a in argv) else [f"output_dir={NEVER}"]
+    return dora_in_process(["train", "recipes/smoke.yaml", "--dry-run", *default, *argv], monkeypatch, capsys)
 
 
 ONE_VALIDATION = {  # data or settings the run refuses: the dry run refuses them with the same line
