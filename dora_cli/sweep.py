@@ -49,6 +49,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dora_cli.adapters.variants import recipe_methods
 from dora_cli.console import say, stderr_is_terminal
@@ -64,7 +65,7 @@ from dora_cli.files import (
     write_output_marker,
     write_text,
 )
-from dora_cli.recipe import Recipe, check_batch, load_recipe, refuse_set_twice
+from dora_cli.recipe import Recipe, check_batch, load_recipe, refuse_set_twice, value_at
 from dora_cli.rundir import LOG_NAME, RunDir, RunLock
 from dora_cli.sweep_report import chosen_at, document, plot, render_table
 
@@ -428,8 +429,10 @@ def plan_sweep(
     refuse_set_twice(overrides, {values[0].key: f"also set by --grid {values[0].key}=...; keep one of them"
                                  for values in grid_values})
     for values in grid_values:  # each value typed by the schema, named as the user gave it
-        for value in values:
-            _typed(recipe_path, overrides, value)
+        typed = [_typed(recipe_path, overrides, value) for value in values]
+        for i, value in enumerate(values):
+            if typed[i] in typed[:i]:
+                raise UserError(f"--grid {value.key}: {values[typed.index(typed[i])].text} and {value.text} are the same value")
     settings = [tuple(v) for v in itertools.product(*grid_values)]
     if len(settings) > 1 and base.data.val_set_size == 0:
         raise UserError("--grid: each method's setting is chosen on the validation loss, and there is none: set "
@@ -460,10 +463,11 @@ def plan_sweep(
     return sweep
 
 
-def _typed(recipe_path: Path, overrides: list[str], value: GridValue) -> None:
-    """The recipe with one grid value, validated; its error names the --grid value."""
+def _typed(recipe_path: Path, overrides: list[str], value: GridValue) -> Any:
+    """The value as the schema types it, in the recipe with it, validated; its error names the --grid value."""
     try:
-        load_recipe(recipe_path, [*overrides, value.override])
+        recipe = load_recipe(recipe_path, [*overrides, value.override])
+        return value_at(recipe.model_dump(), tuple(value.key.split(".")))[1]
     except UserError as err:
         where = f"override {clip(value.override, 120)}"
         if err.where != where:

@@ -168,9 +168,10 @@ def all_bytes(directory: Path) -> bytes:
 # --- answers -----------------------------------------------------------------------------------------
 
 
-def test_answers_in_fastchat_format_and_resumed(model, tok, bench_files, tmp_path, monkeypatch):
+def test_answers_in_fastchat_format_and_resumed(model, tok, bench_files, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     m = evaluate_mt_bench(model, tok, out, config(bench_files, None), model_id="tiny/ckpt", progress=False)
+    assert "note: eval.mt_bench.judge_model is 'stub-judge' but no judge_url is set" in capsys.readouterr().err
     answer_file = out / "model_answer" / "tiny_ckpt.jsonl"
     rows = [json.loads(line) for line in answer_file.read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [81, 111, 131]
@@ -450,6 +451,13 @@ def test_no_key_for_a_judge_elsewhere_is_refused_before_any_answer(model, tok, b
     monkeypatch.setenv(variable, KEY)
     assert mtbench.mt_bench_inputs(cfg)[1][2] == KEY
     assert mtbench.mt_bench_inputs(cfg.model_copy(update={"judge_api_key_env": None}))[1][2] is None  # null: no key
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_key_variable_name_is_refused(bench_files, name):
+    cfg = config(bench_files, "http://127.0.0.1:9/v1").model_copy(update={"judge_api_key_env": name})
+    with pytest.raises(UserError, match="^eval.mt_bench.judge_api_key_env: empty: name the environment variable"):
+        mtbench.mt_bench_inputs(cfg)
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])

@@ -113,6 +113,9 @@ def judge_api_key(cfg) -> str | None:
     that is null (a judge that takes no key) or the variable is unset or empty and the judge is on this machine
     (a local server). Unset or empty for a judge elsewhere: a UserError, before any answer is generated."""
     name = cfg.judge_api_key_env
+    if name is not None and not name.strip():
+        raise UserError("empty: name the environment variable that holds the key, or null for a judge that takes none",
+                        where="eval.mt_bench.judge_api_key_env")
     key = (os.environ.get(name) or None) if name is not None else None
     if key is None and name is not None and not on_this_machine(cfg.judge_url):
         raise UserError(f"{name} is not set or is empty, and the judge at {public_url(cfg.judge_url)} is not on this "
@@ -221,6 +224,8 @@ def evaluate_mt_bench(
     """
     questions, judge_inputs = mt_bench_inputs(cfg, limit)
     judging = judge_inputs is not None
+    if not judging and cfg.judge_model:
+        say(f"note: eval.mt_bench.judge_model is {cfg.judge_model!r} but no judge_url is set: answers only, nothing judged")
     if judging:
         prompts, refs, api_key = judge_inputs
         if api_key is None and cfg.judge_api_key_env is not None:

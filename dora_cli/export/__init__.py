@@ -62,7 +62,7 @@ def run_export(
         raise UserError(f"--type: expected one of {', '.join(TYPES)}, got {type_!r}{did_you_mean(type_, TYPES)}")
     out = Path(gguf_out)
     if out.suffix.lower() != ".gguf":  # what `dora eval` / `generate`, llama.cpp and Ollama take a GGUF file by
-        stem = out.stem if out.stem.lower() != ".gguf" else "model"  # `.gguf` alone is a hidden file with no suffix
+        stem = out.stem if out.stem.lower() not in ("", ".gguf") else "model"  # `.gguf` alone: a hidden file, no suffix
         raise UserError(f"--gguf {out}: expected a file name ending in .gguf, such as {stem}.gguf")
     modelfile = out.with_name(out.stem + ".Modelfile") if ollama_modelfile else None
     ckpt = inspect_checkpoint(target)
