@@ -261,6 +261,11 @@ class Base:
     tokenizer_dir: Path | None = None  # a local directory to copy the tokenizer files from
     label: str = "model.name_or_path"  # how errors name it: --base, the recipe's key, adapter_config.json's
 
+    @property
+    def local_dirs(self) -> list[Path]:
+        """The local directories read from (weights, tokenizer): never a place to write an output."""
+        return [d for d in (self.directory, self.tokenizer_dir) if d is not None]
+
 
 def resolve_base(ckpt: Checkpoint, base: str | None = None, *, quantized_base: str = "dequantized",
                  recipe: Recipe | None = None) -> Base:

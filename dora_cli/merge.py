@@ -125,8 +125,8 @@ def run_merge(
 
     ms = resolve_merge(ckpt, base=base, quantized_base=quantized_base)
     adapter, src = ms.adapter, ms.src
-    if src.directory is not None:
-        _check_out(out, force, protected=[ckpt.path, src.directory])
+    if src.local_dirs:
+        _check_out(out, force, protected=[ckpt.path, *src.local_dirs])
     out_dtype = target if target is not None else src.cast  # auto: the dtype the trained forward saw
     record = _provenance(ckpt, adapter, src, out_dtype, quantized_base)
 

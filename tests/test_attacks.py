@@ -425,6 +425,9 @@ CASES: dict[str, Build] = {
                                                     *k.eval_out()],
     "eval-judge-url-and-its-override": lambda k: ["eval", str(k.run()), "--judge-url", "http://127.0.0.1:9/v1",
                                                   "eval.mt_bench.judge_url=http://127.0.0.1:8/v1", *k.eval_out()],
+    "export-into-the-tokenizer-it-reads": lambda k: ["export", str(run_with_own_tokenizer(k)), "--gguf",
+                                                     str(k.tmp / "tok" / "x.gguf")],
+    "merge-into-the-tokenizer-it-reads": lambda k: ["merge", str(run_with_own_tokenizer(k)), "--out", str(k.tmp / "tok" / "m")],
     "override-twice": lambda k: ["train", k.recipe(), "--dry-run", "adapter.r=4", "adapter={r: 16}"],
     "eval-override-twice": lambda k: ["eval", str(k.run()), "eval.limit=5", "eval.limit=6", *k.eval_out()],
     "eval-override-of-the-adapter": lambda k: ["eval", str(k.run()), "adapter.r=4", *k.eval_out()],
@@ -554,6 +557,18 @@ def ours_edited(k: Kit, **fields) -> Path:
     return final
 
 
+def run_with_own_tokenizer(k: Kit) -> Path:
+    """The tiny run's final checkpoint whose recipe reads its tokenizer from a copy under tmp (tok/)."""
+    from dora_cli import rundir
+
+    final = k.run()
+    shutil.copytree(TINY_TOKENIZER, k.tmp / "tok")
+    recipe = final / rundir.RECIPE_NAME
+    recipe.write_text(recipe.read_text().replace(str(TINY_TOKENIZER), str(k.tmp / "tok")))
+    rundir.write_manifest(final)
+    return final
+
+
 def conversation_run(k: Kit) -> Path:
     """The tiny run's final checkpoint as if trained on conversations (its recipe's data.format: messages)."""
     from dora_cli import rundir
@@ -651,6 +666,8 @@ SAYS = {  # what some cases' line says: refused for the reason the case is about
     "sweep-rank-repeated": "--ranks: rank 4 is listed twice",
     "sweep-method-repeated": "--methods: method lora is listed twice",
     "sweep-override-of-the-rank": "adapter.r: the sweep sets it (--ranks); give it there, not as an override",
+    "export-into-the-tokenizer-it-reads": "/tok, which the export reads",
+    "merge-into-the-tokenizer-it-reads": "/tok, which the merge reads",
     "override-twice": "override adapter={r: 16}: adapter.r: also set by the override adapter.r=4; give it once",
     "eval-override-twice": "eval.limit: also set by the override eval.limit=5",
     "eval-override-of-the-adapter": "override adapter.r=4: adapter.r: dora eval does not read it",

@@ -68,8 +68,8 @@ def run_export(
     ckpt = inspect_checkpoint(target)
     check_outputs(out, modelfile, overwrite=overwrite, protected=[ckpt.path])
     ms = resolve_merge(ckpt, base=base)
-    if ms.src.directory is not None:
-        check_outputs(out, modelfile, overwrite=overwrite, protected=[ckpt.path, ms.src.directory])
+    if ms.src.local_dirs:
+        check_outputs(out, modelfile, overwrite=overwrite, protected=[ckpt.path, *ms.src.local_dirs])
     where = str(ckpt.path)
 
     if ms.streamed:
