@@ -428,6 +428,10 @@ class MTBenchConfig(Schema):
     judge_api_key_env: str | None = "OPENAI_API_KEY"
     """Name of the environment variable that holds the judge's API key (never the key itself); null: the judge
     takes no key. Unset or empty, only a judge on this machine (localhost) is called without one."""
+    judge_timeout: float = Field(120.0, gt=0, le=3600)
+    """Seconds to wait for one answer of the judge."""
+    judge_max_retries: int = Field(8, ge=0, le=100)
+    """Retries of a request that failed for a reason that may pass (a timeout, a 429 or a 5xx), with backoff."""
     max_new_tokens: Count = 1024
 
 

@@ -157,7 +157,8 @@ FAST_JUDGE = {"max_retries": 3, "timeout": 10}
 def config(bench_files: Path, judge_url: str | None) -> MTBenchConfig:
     return MTBenchConfig(
         questions=str(bench_files / "question.jsonl"), judge_url=judge_url, judge_model="stub-judge",
-        judge_api_key_env=KEY_ENV, max_new_tokens=5,
+        judge_api_key_env=KEY_ENV, max_new_tokens=5, judge_timeout=FAST_JUDGE["timeout"],
+        judge_max_retries=FAST_JUDGE["max_retries"],
     )
 
 
@@ -223,7 +224,7 @@ def test_judged_scores_match_the_stub(model, tok, bench_files, tmp_path, judge, 
     monkeypatch.setenv(KEY_ENV, KEY)
     out = tmp_path / "out"
     m = evaluate_mt_bench(model, tok, out, config(bench_files, judge.url), model_id="m", progress=False,
-                          judge_options=FAST_JUDGE, expected={"mt_bench": 5.5})
+                          expected={"mt_bench": 5.5})
     # writing, extraction: 8 then 6; math: 3 and 3 (reference templates)
     assert m["scores"]["overall"] == pytest.approx((8 + 6 + 3 + 3 + 8 + 6) / 6, abs=1e-3)
     assert m["scores"]["turns"] == {"1": pytest.approx(19 / 3, abs=1e-3), "2": pytest.approx(5.0)}
@@ -251,7 +252,7 @@ def test_judged_scores_match_the_stub(model, tok, bench_files, tmp_path, judge, 
     # Run again: nothing is asked again.
     judge.requests.clear()
     again = evaluate_mt_bench(model, tok, out, config(bench_files, judge.url), model_id="m", progress=False,
-                              judge_options=FAST_JUDGE, expected={"mt_bench": 5.5})
+                              expected={"mt_bench": 5.5})
     assert judge.requests == [] and again["scores"] == m["scores"]
     assert KEY.encode() not in all_bytes(out)
 
@@ -259,7 +260,7 @@ def test_judged_scores_match_the_stub(model, tok, bench_files, tmp_path, judge, 
 def test_flaky_judge_completes_through_retries(model, tok, bench_files, tmp_path, judge, monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
     judge.fail_every = 2  # HTTP 500 on every second request
-    m = evaluate_mt_bench(model, tok, tmp_path, config(bench_files, judge.url), model_id="m", progress=False, judge_options=FAST_JUDGE)
+    m = evaluate_mt_bench(model, tok, tmp_path, config(bench_files, judge.url), model_id="m", progress=False)
     assert m["scores"]["judged_turns"] == 6 and m["scores"]["overall"] == pytest.approx(34 / 6, abs=1e-3)
     assert judge.count >= 11  # 6 answers and the failures in between
     assert KEY.encode() not in all_bytes(tmp_path)
@@ -269,7 +270,7 @@ def test_judge_down_keeps_judged_turns_and_resumes(model, tok, bench_files, tmp_
     monkeypatch.setenv(KEY_ENV, KEY)
     judge.down_after = 2
     with pytest.raises(UserError) as err:
-        evaluate_mt_bench(model, tok, tmp_path, config(bench_files, judge.url), model_id="m", progress=False, judge_options=FAST_JUDGE)
+        evaluate_mt_bench(model, tok, tmp_path, config(bench_files, judge.url), model_id="m", progress=False)
     msg = str(err.value)
     judgment_file = tmp_path / "model_judgment" / "stub-judge_single.jsonl"
     assert "2 of 6 turns are judged" in msg and str(judgment_file) in msg and "HTTP 503" in msg and "4 tries" in msg
@@ -280,7 +281,7 @@ def test_judge_down_keeps_judged_turns_and_resumes(model, tok, bench_files, tmp_
 
     judge.down_after = None
     judge.requests.clear()
-    m = evaluate_mt_bench(model, tok, tmp_path, config(bench_files, judge.url), model_id="m", progress=False, judge_options=FAST_JUDGE)
+    m = evaluate_mt_bench(model, tok, tmp_path, config(bench_files, judge.url), model_id="m", progress=False)
     assert len(judge.requests) == 4 and m["scores"]["judged_turns"] == 6
     assert KEY.encode() not in all_bytes(tmp_path)
 
@@ -307,6 +308,26 @@ def test_without_a_key_no_authorization_is_sent_whatever_openai_api_key_holds(ju
     monkeypatch.setenv("OPENAI_API_KEY", "sk-someone-elses-key-0123456789")
     assert JudgeClient(judge.url, "stub", None, **FAST_JUDGE).complete("s", "u") == "Good. Rating: [[8]]"
     assert judge.requests[-1]["auth"] == ""
+
+
+def test_a_judge_that_never_answers_is_given_up_after_the_recipes_timeout_and_retries(model, tok, bench_files, tmp_path,
+                                                                                       monkeypatch):
+    import socket
+    import time
+
+    silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    cfg = config(bench_files, f"http://127.0.0.1:{silent.getsockname()[1]}/v1").model_copy(
+        update={"judge_timeout": 0.5, "judge_max_retries": 1})
+    started = time.monotonic()
+    try:
+        with pytest.raises(UserError, match="judge"):
+            evaluate_mt_bench(model, tok, tmp_path / "out", cfg, model_id="m", progress=False)
+    finally:
+        silent.close()
+    assert time.monotonic() - started < 60  # the defaults (120 s x 9 tries) would wait 18 minutes
 
 
 def test_a_query_in_the_judge_url_goes_with_every_request_and_is_kept_out_of_messages(judge):
@@ -465,7 +486,7 @@ def test_no_key_for_a_judge_on_this_machine_calls_it_without_one_and_says_so(mod
                                                                             monkeypatch, capsys, host):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     cfg = config(bench_files, judge.url.replace("127.0.0.1", host)).model_copy(update={"judge_api_key_env": "OPENAI_API_KEY"})
-    m = evaluate_mt_bench(model, tok, tmp_path / "out", cfg, model_id="m", progress=False, judge_options=FAST_JUDGE)
+    m = evaluate_mt_bench(model, tok, tmp_path / "out", cfg, model_id="m", progress=False)
     assert m["scores"]["judged_turns"] == 6 and {r["auth"] for r in judge.requests} == {""}
     assert f"note: OPENAI_API_KEY is not set: the judge at http://{host}" in capsys.readouterr().err
 

@@ -209,14 +209,12 @@ def evaluate_mt_bench(
     expected: dict[str, float] | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    judge_options: dict | None = None,
 ) -> dict:
     """Answers (always) and judgments (when cfg.judge_url is set) for MT-Bench; writes metrics.json.
 
     `cfg` is a recipe's `eval.mt_bench` (MTBenchConfig). Judge prompts and reference answers default
     to the files beside the questions: judge_prompts.jsonl and reference_answer/gpt-4.jsonl.
-    `judge_options` go to JudgeClient (timeout, max_retries). `expected`: the
-    paper's number as {"mt_bench": 5.5}; the difference is overall score minus it.
+    `expected`: the paper's number as {"mt_bench": 5.5}; the difference is overall score minus it.
 
     out_dir/model_answer/<model_id>.jsonl             FastChat answers
     out_dir/model_judgment/<judge_model>_single.jsonl FastChat judgments, one line per turn
@@ -243,7 +241,8 @@ def evaluate_mt_bench(
         "judge": None, "scores": None, "expected": dict(expected or {}),
     }
     if judging:
-        client = JudgeClient(cfg.judge_url, cfg.judge_model, api_key, **(judge_options or {}))
+        client = JudgeClient(cfg.judge_url, cfg.judge_model, api_key, timeout=cfg.judge_timeout,
+                             max_retries=cfg.judge_max_retries)
         judgment_file = out / "model_judgment" / f"{_file_name(cfg.judge_model)}_single.jsonl"
         judgments = judge_answers(
             questions, answers, prompts, refs, client, judgment_file, model_id=model_id, progress=progress
