@@ -41,7 +41,7 @@ from dora_cli.files import (
 )
 from dora_cli.recipe import ModelConfig, Recipe, load_recipe, override_keys, recipe_from_dict
 
-READ_IN_EVAL = (("eval",), ("model",), ("data", "template"), ("expected",))
+READ_IN_EVAL = (("eval",), ("model",), ("data", "template"), ("data", "format"), ("expected",))
 """What `dora eval` reads of a recipe: an override of anything else (adapter.r, train.*) would change nothing."""
 
 

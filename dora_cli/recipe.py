@@ -16,7 +16,8 @@ Schema (pydantic, extra="forbid", so a typo is an error and never silently ignor
 
 Loading (`load_recipe`), in this order:
 
-1. The file is read with a `yaml.SafeLoader` (that also reads `1e-4` as a float); it must be a mapping.
+1. The file (a regular file of at most 1 MiB) is read with a `yaml.SafeLoader` whose plain scalars are
+   YAML 1.2's (`1e-4` is a float, `no` a string, `010` ten); it must be a mapping.
 2. `base: other.yaml` (relative to the file that names it) is loaded first, recursively, and the file
    is deep-merged over it: mappings merge key by key, lists and scalars (null included) replace.
 3. `${env:VAR}` in a string value is replaced by the environment variable (`${env:VAR,default}` when
@@ -182,11 +183,14 @@ RecipeLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 class RecipeDumper(yaml.SafeDumper):
-    """Writes what RecipeLoader reads back as written: a string it would read as a number or a boolean
-    (`0o17`, `1e5`, `true`) is quoted."""
+    """Writes what RecipeLoader reads back as written, and any YAML 1.1 reader too: a string that either would
+    read as a number, a boolean or a date (`0o17`, `1e5`, `no`, `2024-01-01`) is quoted."""
 
 
-RecipeDumper.yaml_implicit_resolvers = RecipeLoader.yaml_implicit_resolvers
+RecipeDumper.yaml_implicit_resolvers = {
+    first: yaml.SafeDumper.yaml_implicit_resolvers.get(first, []) + RecipeLoader.yaml_implicit_resolvers.get(first, [])
+    for first in {*yaml.SafeDumper.yaml_implicit_resolvers, *RecipeLoader.yaml_implicit_resolvers}
+}
 
 
 def safe_load(text: str):
@@ -713,10 +717,12 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         raise UserError("is a directory, not a recipe file", where=where)
     if not path.is_file():  # /dev/zero would be read until memory runs out, a named pipe until a writer comes
         raise UserError("is not a regular file (a device, a pipe or a socket), not a recipe file", where=where)
-    if path.stat().st_size > MAX_RECIPE_BYTES:
-        raise UserError(f"is {path.stat().st_size:,} bytes; a recipe file is at most {MAX_RECIPE_BYTES:,}", where=where)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:  # at most one byte past the limit, whatever the size says (/proc's say 0)
+            data = f.read(MAX_RECIPE_BYTES + 1)
+        if len(data) > MAX_RECIPE_BYTES:
+            raise UserError(f"is over {MAX_RECIPE_BYTES:,} bytes, the most a recipe file may have", where=where)
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError("not a UTF-8 text file", where=where) from None
     except OSError as err:

@@ -615,6 +615,8 @@ class RunDir:
                 f"{self.path}: holds a run of a different recipe ({key} differs); "
                 "choose another output_dir or pass --overwrite to replace it"
             )
+        if saved_recipe(self.path) is not None and not resume and self.finished():
+            raise UserError(f"{self.path}: holds a finished run of this recipe; pass --overwrite to start over")
         if saved_recipe(self.path) is not None and not resume and (checkpoints(self.path) or self.final.exists()):
             raise UserError(f"{self.path}: holds a run of this recipe; pass --resume to continue it or --overwrite to start over")
         if resume:

@@ -165,7 +165,8 @@ DUPLICATE_LAUNCH = "launch: {num_processes: 1}\nlaunch: {strategy: ddp}\n"
 BAD_MODEL_DIRS = {"empty": {}, "config-not-json": {"config.json": "{"}, "config-a-list": {"config.json": "[1, 2]"},
                   "no-model-type": {"config.json": "{}"}, "unknown-model-type": {"config.json": '{"model_type": "no_such_arch"}'}}
 BAD_JUDGE_URLS = {"port-not-a-number": "http://u:SECRET@127.0.0.1:notaport/v1", "port-too-large": "http://h:70000/v1",
-                  "no-scheme": "127.0.0.1:8000/v1", "ftp": "ftp://127.0.0.1/v1", "no-host": "http:///v1"}
+                  "no-scheme": "127.0.0.1:8000/v1", "ftp": "ftp://127.0.0.1/v1", "no-host": "http:///v1",
+                  "query-name-twice": "http://127.0.0.1:8000/v1?key=SECRETSECRET&key=OTHER"}
 
 
 def judge_url_case(url: str) -> Build:

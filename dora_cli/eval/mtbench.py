@@ -137,6 +137,10 @@ def check_judge_url(url: str) -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"{public_url(url)!r}: expected an http:// or https:// URL with a host (an OpenAI-compatible "
                         "endpoint, e.g. http://127.0.0.1:8000/v1)", where="eval.mt_bench.judge_url")
+    names = [name for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:  # the client sends a query as a mapping: one value per name
+        raise UserError(f"{public_url(url)!r}: its query names {twice!r} twice", where="eval.mt_bench.judge_url")
 
 
 def conversation_prompt(tokenizer, questions: list[str], answers: list[str]) -> tuple[str, bool]:

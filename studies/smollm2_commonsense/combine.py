@@ -27,7 +27,7 @@ from dora_cli.rundir import VOLATILE
 from dora_cli.sweep_report import chosen_at, document, label, plot, render_table
 
 SAME = ("recipe", "model", "seeds", "alpha_rule", "alpha", "eval", "paper_reference")
-NEUTRAL = VOLATILE - {"train.max_steps", "train.epochs", "train.skip_nonfinite"}
+NEUTRAL = VOLATILE - {"train.skip_nonfinite"}
 """Override keys (a section's name: any key in it) that may differ between pieces: where a piece writes, the
 evaluation (compared as settings.eval), how the same training runs (rundir.VOLATILE's, less the ones
 that change what is trained)."""
