@@ -68,7 +68,9 @@ def test_sigkill_of_one_rank_then_resume_is_bitwise(strategy, tmp_path):
 def test_a_signal_stops_every_rank_after_the_same_step_then_resume_is_bitwise(target, sig, code, tmp_path):
     """A signal to the command (a scheduler's SIGTERM, Ctrl-C) or to one rank alone: every rank finishes
     the step, the checkpoint is written once, the command exits 128 + signal without a traceback."""
-    overrides = [*RUN, "train.save_every=null", "train.max_steps=30", "--nproc", "2"]
+    changed = {"train.save_every": "null", "train.max_steps": "30"}  # a key is given once on a command line
+    overrides = [*(o for o in RUN if o.partition("=")[0] not in changed), *(f"{k}={v}" for k, v in changed.items()),
+                 "--nproc", "2"]
     reference = tmp_path / "uninterrupted"
     run_dora("train", SMOKE, f"output_dir={reference}", *overrides, timeout=1200)
 
