@@ -111,15 +111,8 @@ class Kit:
         return [f"model.name_or_path={path}", "model.config=null", "model.tokenizer=null"]
 
     def unreadable(self, path: Path) -> Path:
-        """`path` raises PermissionError when read (mode 000 is readable for root, who runs the tests)."""
-        real = Path.read_text
-
-        def read_text(self_, *args, **kwargs):
-            if Path(self_).resolve() == path.resolve():
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self_))
-            return real(self_, *args, **kwargs)
-
-        self.monkeypatch.setattr(Path, "read_text", read_text)
+        """`path` raises PermissionError when opened (mode 000 is readable for root, who runs the tests)."""
+        simulate_unreadable(self, path)
         return path
 
     def eval_out(self) -> list[str]:
