@@ -71,4 +71,4 @@ def test_output_dir_of_another_recipe_is_refused(smoke_run):
     assert proc.returncode == 2
     assert "different recipe (adapter.r differs)" in proc.stderr and "Traceback" not in proc.stderr
     proc = dora("train", SMOKE, f"output_dir={smoke_run}", check=False)
-    assert proc.returncode == 2 and "--resume" in proc.stderr
+    assert proc.returncode == 2 and "holds a finished run of this recipe; pass --overwrite" in proc.stderr
