@@ -615,10 +615,11 @@ class RunDir:
                 f"{self.path}: holds a run of a different recipe ({key} differs); "
                 "choose another output_dir or pass --overwrite to replace it"
             )
-        if saved_recipe(self.path) is not None and not resume and self.finished():
-            raise UserError(f"{self.path}: holds a finished run of this recipe; pass --overwrite to start over")
-        if saved_recipe(self.path) is not None and not resume and (checkpoints(self.path) or self.final.exists()):
-            raise UserError(f"{self.path}: holds a run of this recipe; pass --resume to continue it or --overwrite to start over")
+        if not resume and saved_recipe(self.path) is not None:
+            if self.finished():
+                raise UserError(f"{self.path}: holds a finished run of this recipe; pass --overwrite to start over")
+            if checkpoints(self.path) or self.final.exists():
+                raise UserError(f"{self.path}: holds a run of this recipe; pass --resume to continue it or --overwrite to start over")
         if resume:
             self.check_inputs(recipe)
 
