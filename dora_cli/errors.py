@@ -17,7 +17,7 @@ import errno
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -50,6 +50,11 @@ def one_of(choices: Iterable[str]) -> str:
     if len(items) <= 1:
         return "".join(items)
     return ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def first_repeat(values: Sequence) -> int | None:
+    """The index of the first value equal to an earlier one (values need not be hashable), or None."""
+    return next((i for i, value in enumerate(values) if value in values[:i]), None)
 
 
 def unicode_text(text: str, what: str, where: str | None = None) -> str:

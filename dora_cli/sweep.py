@@ -53,7 +53,7 @@ from typing import Any
 
 from dora_cli.adapters.variants import recipe_methods
 from dora_cli.console import say, stderr_is_terminal
-from dora_cli.errors import RunFailure, UserError, clip, did_you_mean, one_of
+from dora_cli.errors import RunFailure, UserError, clip, did_you_mean, first_repeat, one_of
 from dora_cli.eval.suites import same_evaluation, suite_of
 from dora_cli.files import (
     OutputKind,
@@ -166,9 +166,9 @@ def parse_methods(values: list[str]) -> list[str]:
 
 
 def _refuse_repeats(option: str, what: str, values: list) -> None:
-    repeated = [v for i, v in enumerate(values) if v in values[:i]]
-    if repeated:
-        raise UserError(f"{option}: {what} {repeated[0]} is listed twice")
+    i = first_repeat(values)
+    if i is not None:
+        raise UserError(f"{option}: {what} {values[i]} is listed twice")
 
 
 def parse_seeds(text: str | None, default: int) -> list[int]:
@@ -430,9 +430,10 @@ def plan_sweep(
                                  for values in grid_values})
     for values in grid_values:  # each value typed by the schema, named as the user gave it
         typed = [_typed(recipe_path, overrides, value) for value in values]
-        for i, value in enumerate(values):
-            if typed[i] in typed[:i]:
-                raise UserError(f"--grid {value.key}: {values[typed.index(typed[i])].text} and {value.text} are the same value")
+        i = first_repeat(typed)
+        if i is not None:
+            first = values[typed.index(typed[i])]
+            raise UserError(f"--grid {first.key}: {first.text} and {values[i].text} are the same value")
     settings = [tuple(v) for v in itertools.product(*grid_values)]
     if len(settings) > 1 and base.data.val_set_size == 0:
         raise UserError("--grid: each method's setting is chosen on the validation loss, and there is none: set "

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from dora_cli.console import progress_bar, say
-from dora_cli.errors import UserError, reading
+from dora_cli.errors import UserError, first_repeat, reading
 from dora_cli.eval.judge import (
     NEED_REF_CATS,
     JudgeClient,
@@ -138,9 +138,9 @@ def check_judge_url(url: str) -> None:
         raise UserError(f"{public_url(url)!r}: expected an http:// or https:// URL with a host (an OpenAI-compatible "
                         "endpoint, e.g. http://127.0.0.1:8000/v1)", where="eval.mt_bench.judge_url")
     names = [name for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
-    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    twice = first_repeat(names)
     if twice is not None:  # the client sends a query as a mapping: one value per name
-        raise UserError(f"{public_url(url)!r}: its query names {twice!r} twice", where="eval.mt_bench.judge_url")
+        raise UserError(f"{public_url(url)!r}: its query names {names[twice]!r} twice", where="eval.mt_bench.judge_url")
 
 
 def conversation_prompt(tokenizer, questions: list[str], answers: list[str]) -> tuple[str, bool]:
