@@ -415,9 +415,10 @@ def plan_sweep(
     shard_kn = parse_shard(shard)
     recipe_path = Path(recipe) if recipe is not None else default_recipe()
     overrides = list(overrides)
+    # The sweep's keys may not be overridden, except its root (output_dir) and, without --seeds, the seed.
     swept = {key: f"the sweep sets it ({option}); give it there, not as an override" for key, option in SWEPT.items()
-             if key != "output_dir" and (key != "train.seed" or seeds is not None)}  # the recipe's seed and root are
-    if rule == "2r":                                                                 # the user's to override
+             if key != "output_dir" and (key != "train.seed" or seeds is not None)}
+    if rule == "2r":
         swept["adapter.alpha"] = f"{ALPHA_IS_2R} to set it"
     refuse_set_twice(overrides, swept)
     base = load_recipe(recipe_path, overrides)
